@@ -1,0 +1,130 @@
+"""The in-process broker: the embedded default for one process, and the twin used by tests.
+
+It behaves like the JetStream-backed broker on a smaller scale: one history stream shared by
+all channels, positions assigned at publish, history bounded by count and age, a new random
+epoch each time the broker starts (its history dies with the process), and bounded feeds
+that announce what they had to drop. Positions are valid only inside this process.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from odin.broker.base import BrokerStatus, FeedItem, FeedStats, HistoryPage
+from odin.core.history import HistoryLog
+from odin.protocol.publication import Gap, Publication
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(6)
+
+
+@attrs.define(eq=False)
+class _Feed:
+    """One consumer's bounded feed; drops are remembered per channel and sent as a Gap."""
+
+    send: trio.MemorySendChannel[FeedItem]
+    stats: FeedStats
+    missed: dict[str, tuple[int, int]] = attrs.Factory(dict)
+
+    def push(self, publication: Publication) -> None:
+        try:
+            while self.missed:
+                channel, (first, last) = next(iter(self.missed.items()))
+                self.send.send_nowait(Gap(channel, first, last, "feed_overflow"))
+                del self.missed[channel]
+            self.send.send_nowait(publication)
+            self.stats.delivered += 1
+        except trio.WouldBlock:
+            self.stats.dropped += 1
+            first, _ = self.missed.get(publication.channel, (publication.seq, 0))
+            self.missed[publication.channel] = (first, publication.seq)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class MemoryBroker:
+    def __init__(
+        self,
+        *,
+        max_messages: int = 1000,
+        max_age: float = 300.0,
+        max_channels: int = 10_000,
+        feed_capacity: int = 10_000,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._history: HistoryLog[Publication] = HistoryLog(
+            max_messages=max_messages, max_age=max_age, max_channels=max_channels
+        )
+        self._feed_capacity = feed_capacity
+        self._wall_clock = wall_clock
+        self._epoch = new_epoch()
+        self._seq = 0
+        self._feeds: list[_Feed] = []
+        self.feed_stats = FeedStats()
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def last_seq(self) -> int:
+        """The newest position assigned."""
+        return self._seq
+
+    def status(self) -> BrokerStatus:
+        return BrokerStatus(connected=True, detail="in-process memory broker")
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        self.publish_nowait(channel, payload)
+        await trio.lowlevel.checkpoint()
+
+    def publish_nowait(self, channel: str, payload: bytes) -> Publication:
+        self._seq += 1
+        publication = Publication(
+            channel=channel,
+            seq=self._seq,
+            prev=self._history.last_seq(channel),
+            epoch=self._epoch,
+            ts=self._wall_clock(),
+            payload=payload,
+        )
+        self._history.append(channel, publication, trio.current_time())
+        for feed in self._feeds:
+            feed.push(publication)
+        return publication
+
+    @asynccontextmanager
+    async def open_feed(self) -> AsyncIterator[trio.MemoryReceiveChannel[FeedItem]]:
+        send, receive = trio.open_memory_channel[FeedItem](self._feed_capacity)
+        feed = _Feed(send, self.feed_stats)
+        self._feeds.append(feed)
+        try:
+            with send, receive:
+                yield receive
+        finally:
+            self._feeds.remove(feed)
+
+    async def read_after(self, channel: str, after: int, limit: int) -> HistoryPage:
+        await trio.lowlevel.checkpoint()
+        return HistoryPage(
+            epoch=self._epoch,
+            latest_seq=self._history.last_seq(channel),
+            messages=self._history.after(channel, after, limit, trio.current_time()),
+        )
+
+    async def latest(self, channel: str) -> Publication | None:
+        await trio.lowlevel.checkpoint()
+        return self._history.latest(channel, trio.current_time())
+
+    def lose_history(self) -> None:
+        """Drop the history, as a broker restart would: a new epoch begins."""
+        self._history.clear()
+        self._epoch = new_epoch()
+        self._seq = 0

@@ -1,0 +1,302 @@
+"""Server configuration: typed sections with defaults, loaded from a TOML file, the environment
+and command-line flags (flags win over ``ODIN_*`` variables, which win over the file).
+
+Every field has an environment name ``ODIN_<SECTION>_<FIELD>`` (``ODIN_SERVER_PORT``) and a
+flag form ``--set section.field=value``. Values from the environment and flags are strings and
+are parsed strictly: ``"false"`` is false, ``"maybe"`` is an error naming the field. Durations
+are seconds, or strings with a unit (``"500ms"``, ``"10s"``, ``"2m"``). A bad value raises
+``ConfigError``; the CLI prints it and exits with 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, TypeVar, get_args, get_origin
+
+import attrs
+import cattrs
+from attrs import validators as v
+from cattrs.dispatch import StructureHook, TargetType
+from cattrs.gen import make_dict_structure_fn
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; each line names the field at fault."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+@attrs.frozen
+class ServerSection:
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 for every interface (containers)."""
+    port: int = attrs.field(default=3002, validator=[v.ge(0), v.le(65535)])
+    """WebSocket and HTTP port (0: any free port, printed in the ``listening`` log)."""
+    ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
+    max_connections: int = attrs.field(default=10_000, validator=v.ge(1))
+    """Beyond this, upgrades get 503 with Retry-After."""
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    """Seconds a client has to complete the HTTP upgrade."""
+    allowed_origins: tuple[str, ...] = ()
+    """Exact Origin values allowed to connect; empty allows any (non-browser clients)."""
+    retry_after: int = attrs.field(default=5, validator=v.ge(1))
+    """Seconds suggested in Retry-After when at capacity or draining."""
+    max_message_size: int = attrs.field(default=16 * 1024, validator=v.ge(256))
+    """Largest inbound message in bytes; larger ones close the connection with 1009."""
+    max_request_head: int = attrs.field(default=16 * 1024, validator=v.ge(1024))
+    """Largest HTTP request head in bytes (request line and headers)."""
+    close_timeout: float = attrs.field(default=5.0, validator=_positive)
+    """Seconds to wait for a client to answer our close frame."""
+
+
+@attrs.frozen
+class ConnectionSection:
+    max_subscriptions: int = attrs.field(default=128, validator=v.ge(1))
+    ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    """Seconds without an inbound frame or pong before closing with 4000."""
+    queue_max_messages: int = attrs.field(default=1024, validator=v.ge(8))
+    queue_max_bytes: int = attrs.field(default=1024 * 1024, validator=v.ge(4096))
+    slow_consumer_policy: Literal["close", "conflate"] = "close"
+    """At a full queue: close with 1008, or keep the newest message per channel and send gaps."""
+    rate_limit_burst: int = attrs.field(default=100, validator=v.ge(1))
+    rate_limit_per_second: float = attrs.field(default=10.0, validator=_positive)
+    rate_limit_abuse_threshold: float = attrs.field(default=100.0, validator=_positive)
+    """Rejected frames, net of the refill rate, after which the connection is closed (1008)."""
+
+
+@attrs.frozen
+class HistorySection:
+    max_messages: int = attrs.field(default=1000, validator=v.ge(1))
+    """Messages kept per channel."""
+    max_age: float = attrs.field(default=300.0, validator=_positive)
+    """Seconds a message is kept."""
+    max_channels: int = attrs.field(default=10_000, validator=v.ge(1))
+    recovery_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
+    """More missed messages than this on a channel: recovered false (limit_exceeded)."""
+    replay_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
+    read_timeout: float = attrs.field(default=5.0, validator=_positive)
+    """Seconds a recovery or replay may wait for the broker's history."""
+
+
+@attrs.frozen
+class BrokerSection:
+    kind: Literal["memory"] = "memory"
+    feed_capacity: int = attrs.field(default=10_000, validator=v.ge(16))
+    """Publications buffered between the broker and the fan-out; overflow becomes gaps."""
+
+
+@attrs.frozen
+class ShutdownSection:
+    drain_timeout: float = attrs.field(default=10.0, validator=_positive)
+    """Seconds to flush queues and close clients after SIGTERM before cutting them off."""
+    reconnect_min_ms: int = attrs.field(default=500, validator=v.ge(0))
+    reconnect_max_ms: int = attrs.field(default=5000, validator=v.ge(0))
+    """Each client is told to reconnect after a random delay in this range."""
+
+
+@attrs.frozen
+class LogSection:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@attrs.frozen
+class SimulatorSection:
+    enabled: bool = False
+    rate: float = attrs.field(default=10.0, validator=_positive)
+    """Events per second, across all tokens, evenly paced."""
+    tokens: tuple[str, ...] = ("BTC", "ETH", "ODIN", "SOL", "DOGE")
+    events: tuple[str, ...] = ("trade",)
+    seed: int | None = None
+
+
+@attrs.frozen
+class Config:
+    server: ServerSection = ServerSection()
+    connection: ConnectionSection = ConnectionSection()
+    history: HistorySection = HistorySection()
+    broker: BrokerSection = BrokerSection()
+    shutdown: ShutdownSection = ShutdownSection()
+    log: LogSection = LogSection()
+    simulator: SimulatorSection = SimulatorSection()
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        if self.connection.idle_timeout <= self.connection.ping_interval:
+            problems.append("connection.idle_timeout must be greater than ping_interval")
+        if self.shutdown.reconnect_min_ms > self.shutdown.reconnect_max_ms:
+            problems.append("shutdown.reconnect_min_ms must not exceed reconnect_max_ms")
+        if problems:
+            raise ConfigError(problems)
+
+
+SECTIONS: dict[str, type[object]] = {
+    a.name: a.type for a in attrs.fields(attrs.resolve_types(Config)) if isinstance(a.type, type)
+}
+
+# ---- parsing ------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _to_bool(value: object, _: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _to_int(value: object, _: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _to_float(value: object, _: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"expected a number of seconds (or 500ms, 10s, 2m), got {value!r}")
+
+
+def _to_str(value: object, _: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {value!r}")
+
+
+def _to_str_tuple(value: object, _: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ValueError(f"expected a list of strings (or a comma-separated string), got {value!r}")
+
+
+def _to_literal(value: object, kind: object) -> object:
+    choices = get_args(kind)
+    if value in choices:
+        return value
+    raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _is_literal(kind: object) -> bool:
+    return get_origin(kind) is Literal
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook_func(_is_literal, _to_literal)
+    converter.register_structure_hook(bool, _to_bool)
+    converter.register_structure_hook(int, _to_int)
+    converter.register_structure_hook(float, _to_float)
+    converter.register_structure_hook(str, _to_str)
+    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_str_tuple)
+
+    def section_factory(cls: TargetType) -> StructureHook:
+        inner = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True)
+
+        def structure(value: object, kind: object) -> object:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"expected a table of settings, got {value!r}")
+            return inner(dict(value), kind)
+
+        return structure
+
+    converter.register_structure_hook_factory(attrs.has, section_factory)
+    return converter
+
+
+_CONVERTER = _make_converter()
+
+
+def env_name(section: str, field: str) -> str:
+    return f"ODIN_{section}_{field}".upper()
+
+
+def _format_error(exc: BaseException, _: object) -> str:
+    if isinstance(exc, KeyError):
+        return "required setting missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown setting(s) {', '.join(sorted(exc.extra_fields))}"
+    return str(exc)
+
+
+def _describe(exc: BaseException) -> list[str]:
+    if isinstance(exc, cattrs.BaseValidationError):
+        lines = []
+        for line in cattrs.transform_error(exc, path="$", format_exception=_format_error):
+            message, _, path = line.rpartition(" @ ")
+            lines.append(f"{path.removeprefix('$').lstrip('.') or 'config'}: {message}")
+        return lines
+    if isinstance(exc, ConfigError):
+        return exc.problems
+    return [str(exc)]
+
+
+def load_config(
+    *,
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> tuple[Config, list[str]]:
+    """Build the effective config; return it and the unknown ``ODIN_*`` variables seen."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, dict[str, object]] = {}
+    if file is not None:
+        try:
+            document = tomllib.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([f"config file {file}: {exc.strerror}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config file {file}: {exc}"]) from None
+        for section, values in document.items():
+            if not isinstance(values, dict):
+                raise ConfigError([f"{section}: expected a [{section}] table"])
+            tree[section] = dict(values)
+    known_env: set[str] = set()
+    for section, cls in SECTIONS.items():
+        for field in attrs.fields(cls):  # type: ignore[arg-type]
+            name = env_name(section, field.name)
+            known_env.add(name)
+            if name in environ:
+                tree.setdefault(section, {})[field.name] = environ[name]
+    for dotted, value in (overrides or {}).items():
+        section, _, field = dotted.partition(".")
+        if not field:
+            raise ConfigError([f"{dotted}: expected section.field"])
+        tree.setdefault(section, {})[field] = value
+    unknown_env = sorted(
+        name for name in environ if name.startswith("ODIN_") and name not in known_env
+    )
+    try:
+        config = _CONVERTER.structure(tree, Config)
+    except Exception as exc:  # every failure becomes a message naming the field
+        raise ConfigError(_describe(exc)) from None
+    return config, unknown_env
+
+
+def as_dict(config: Config) -> dict[str, object]:
+    """The effective configuration, for the start-up log and ``--check-config``."""
+    return attrs.asdict(config)

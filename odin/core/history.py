@@ -1,0 +1,145 @@
+"""Bounded per-channel history: the retained messages of every channel, newest last.
+
+One copy per message, shared by every connection (the original kept 100 copies per client).
+Each channel keeps at most ``max_messages`` entries and none older than ``max_age`` seconds;
+at most ``max_channels`` channels are tracked, the least recently published one is forgotten
+first. A channel remembers its last position even after its entries expire, so a client that
+is already current is still told so.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Generic, Protocol, TypeVar
+
+import attrs
+
+
+class Positioned(Protocol):
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def prev(self) -> int: ...
+
+
+E = TypeVar("E", bound=Positioned)
+
+
+@attrs.define
+class ChannelLog(Generic[E]):
+    entries: deque[tuple[float, E]] = attrs.Factory(deque)
+    """(stored at, entry), oldest first."""
+    last_seq: int = 0
+    """The newest position seen on the channel, kept after its entry expires."""
+
+
+@attrs.frozen
+class Appended:
+    """Outcome of ``HistoryLog.append``."""
+
+    duplicate: bool = False
+    """The position was not newer than the channel's last one; nothing was stored."""
+    missed_from: int = 0
+    missed_to: int = 0
+    """When non-zero: positions the log never saw before this entry (``prev`` skipped them)."""
+
+
+@attrs.define
+class HistoryStats:
+    channels_evicted: int = 0
+    messages_expired: int = 0
+    messages_trimmed: int = 0
+
+
+class HistoryLog(Generic[E]):
+    def __init__(self, *, max_messages: int, max_age: float, max_channels: int) -> None:
+        if max_messages < 1 or max_channels < 1 or max_age <= 0:
+            raise ValueError("history limits must be positive")
+        self.max_messages = max_messages
+        self.max_age = max_age
+        self.max_channels = max_channels
+        self.stats = HistoryStats()
+        self._logs: OrderedDict[str, ChannelLog[E]] = OrderedDict()
+
+    def append(self, channel: str, entry: E, now: float) -> Appended:
+        log = self._logs.get(channel)
+        if log is None:
+            log = self._logs[channel] = ChannelLog()
+            if len(self._logs) > self.max_channels:
+                self._logs.popitem(last=False)
+                self.stats.channels_evicted += 1
+        else:
+            self._logs.move_to_end(channel)
+        if entry.seq <= log.last_seq:
+            return Appended(duplicate=True)
+        result = Appended()
+        if log.last_seq and entry.prev > log.last_seq:
+            result = Appended(missed_from=log.last_seq + 1, missed_to=entry.prev)
+        log.last_seq = entry.seq
+        log.entries.append((now, entry))
+        if len(log.entries) > self.max_messages:
+            log.entries.popleft()
+            self.stats.messages_trimmed += 1
+        self._expire(log, now)
+        return result
+
+    def _expire(self, log: ChannelLog[E], now: float) -> None:
+        cutoff = now - self.max_age
+        entries = log.entries
+        while entries and entries[0][0] < cutoff:
+            entries.popleft()
+            self.stats.messages_expired += 1
+
+    def skip_to(self, channel: str, seq: int) -> None:
+        """Record that positions up to ``seq`` passed without an entry (already announced as a
+        gap), so the next entry is not reported as missing them again."""
+        log = self._logs.get(channel)
+        if log is not None and seq > log.last_seq:
+            log.last_seq = seq
+
+    def expire_all(self, now: float) -> None:
+        """Drop expired entries of every channel (reads and appends expire lazily too)."""
+        for log in self._logs.values():
+            self._expire(log, now)
+
+    def last_seq(self, channel: str) -> int:
+        log = self._logs.get(channel)
+        return log.last_seq if log else 0
+
+    def latest(self, channel: str, now: float) -> E | None:
+        log = self._logs.get(channel)
+        if log is None:
+            return None
+        self._expire(log, now)
+        return log.entries[-1][1] if log.entries else None
+
+    def after(self, channel: str, seq: int, limit: int, now: float) -> list[E]:
+        """Retained entries with position > ``seq``, oldest first; at most ``limit + 1`` of
+        the oldest such entries, so a caller can tell that more than ``limit`` exist."""
+        log = self._logs.get(channel)
+        if log is None:
+            return []
+        self._expire(log, now)
+        found: deque[E] = deque()
+        # Recoveries are usually near the end of the log: scan from the newest entry.
+        for _, entry in reversed(log.entries):
+            if entry.seq <= seq:
+                break
+            found.appendleft(entry)
+            if len(found) > limit + 1:
+                found.pop()
+        return list(found)
+
+    def knows(self, channel: str) -> bool:
+        return channel in self._logs
+
+    def channels(self) -> list[str]:
+        return list(self._logs)
+
+    def clear(self) -> None:
+        """Forget everything: the history these positions belonged to is gone."""
+        self._logs.clear()
+
+    def message_count(self) -> int:
+        return sum(len(log.entries) for log in self._logs.values())

@@ -1,0 +1,201 @@
+"""The server's Prometheus metrics, defined once, on a registry of their own.
+
+A registry per server (not the process-global one) lets tests run several servers in one
+process and read each one's numbers. Hot paths count once per broadcast, not once per
+delivery (an ``inc`` costs about 0.3 µs; a delivery about 5 µs), and labelled children are
+resolved once here rather than on every event.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+
+# Counters would also export a *_created series each; Prometheus does not need them.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+REJECT_REASONS = (
+    "at_capacity",
+    "draining",
+    "origin",
+    "handshake_timeout",
+    "bad_request",
+)
+GAP_REASONS = ("conflated", "missed", "feed_overflow", "recovery_overflow", "invalid_payload")
+CLOSE_REASONS = (
+    "client",
+    "slow_consumer",
+    "rate_limit",
+    "idle",
+    "message_too_big",
+    "shutdown",
+    "error",
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+
+        self.connections_active = Gauge(
+            "odin_connections_active", "Open WebSocket connections.", registry=r
+        )
+        self.connections = Counter(
+            "odin_connections", "WebSocket connections accepted.", registry=r
+        )
+        rejected = Counter(
+            "odin_connections_rejected",
+            "Connection attempts refused before or during the upgrade, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
+        closed = Counter(
+            "odin_connections_closed",
+            "Connections that ended, by why they ended.",
+            ["reason"],
+            registry=r,
+        )
+        self.closed = {reason: closed.labels(reason) for reason in CLOSE_REASONS}
+        self.connections_max = Gauge(
+            "odin_connections_max", "The configured connection limit.", registry=r
+        )
+
+        self.frames_received = Counter(
+            "odin_client_messages_received", "Data frames received from clients.", registry=r
+        )
+        self.bytes_received = Counter(
+            "odin_client_received_bytes", "Payload bytes received from clients.", registry=r
+        )
+        self.frames_sent = Counter(
+            "odin_client_messages_sent",
+            "Frames handed to client sockets (events, replays and replies).",
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "odin_client_sent_bytes", "Bytes handed to client sockets.", registry=r
+        )
+        self.publications = Counter(
+            "odin_publications_received",
+            "Publications received from the broker feed.",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "odin_deliveries",
+            "Event deliveries to subscribers (one publication to N subscribers counts N).",
+            registry=r,
+        )
+        dropped = Counter(
+            "odin_deliveries_dropped",
+            "Event deliveries not made, by reason (conflated: replaced by a newer message "
+            "of the same channel; slow_consumer: the connection was closed as slow).",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped_conflated = dropped.labels("conflated")
+        self.dropped_slow = dropped.labels("slow_consumer")
+        slow = Counter(
+            "odin_slow_consumers",
+            "Times a connection's outbound queue filled, by the action taken.",
+            ["action"],
+            registry=r,
+        )
+        self.slow_closed = slow.labels("closed")
+        self.slow_conflated = slow.labels("conflated")
+        self.rate_limited = Counter(
+            "odin_rate_limited_messages",
+            "Client frames dropped by the per-connection token bucket.",
+            registry=r,
+        )
+        self.bad_messages = Counter(
+            "odin_client_errors",
+            "Client frames refused with an error reply, by code.",
+            ["code"],
+            registry=r,
+        )
+        self.recoveries = Counter(
+            "odin_recoveries",
+            "Recovery attempts on subscribe, by outcome and reason.",
+            ["outcome", "reason"],
+            registry=r,
+        )
+        self.recovered_messages = Counter(
+            "odin_recovered_messages", "Messages replayed by successful recoveries.", registry=r
+        )
+        self.replays = Counter(
+            "odin_replays", "Replay requests, by outcome.", ["outcome"], registry=r
+        )
+        self.replayed_messages = Counter(
+            "odin_replayed_messages", "Messages sent in answer to replay requests.", registry=r
+        )
+        gaps = Counter(
+            "odin_gaps",
+            "Gap notices sent to clients, by reason (conflated: the slow-consumer policy "
+            "dropped messages; missed or feed_overflow: the server never received them; "
+            "recovery_overflow: too many arrived during a recovery).",
+            ["reason"],
+            registry=r,
+        )
+        self.gaps = {reason: gaps.labels(reason) for reason in GAP_REASONS}
+        self.invalid_payloads = Counter(
+            "odin_invalid_payloads",
+            "Publications dropped because their body is not JSON.",
+            registry=r,
+        )
+        self.history_reads = Counter(
+            "odin_history_reads",
+            "Reads of the broker's history for recovery and replay, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "odin_delivery_latency_seconds",
+            "From receiving a publication from the broker to handing it to the sockets of "
+            "every subscriber (the last one included).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.subscriptions = Gauge(
+            "odin_subscriptions_active", "Subscriptions held by open connections.", registry=r
+        )
+        self.channels = Gauge(
+            "odin_history_channels", "Channels in the server's history window.", registry=r
+        )
+        self.broker_connected = Gauge(
+            "odin_broker_connected", "1 while the broker is connected.", registry=r
+        )
+        self.duplicates = Counter(
+            "odin_duplicate_publications",
+            "Publications ignored because their position was already delivered.",
+            registry=r,
+        )
+
+    def render(self, accept_header: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for, and its content type."""
+        encoder, content_type = choose_encoder(accept_header or "")
+        return encoder(self.registry), content_type

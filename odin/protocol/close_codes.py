@@ -1,0 +1,32 @@
+"""WebSocket close codes Odin sends, and whether a client should reconnect after each.
+
+Every code here is a reconnect code except where noted: the server never closes a client for
+good, it only asks it to come back later, slower, or reading faster.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes and their meaning for clients."""
+
+    NORMAL = 1000
+    """The client asked to close."""
+    GOING_AWAY = 1001
+    """Server shutdown or drain; a ``reconnect`` message with ``after_ms`` came first."""
+    POLICY_VIOLATION = 1008
+    """Slow consumer (reason ``slow consumer``) or sustained rate-limit abuse."""
+    MESSAGE_TOO_BIG = 1009
+    """An inbound message exceeded the size limit."""
+    INTERNAL_ERROR = 1011
+    """A server bug ended this connection; reconnect with positions."""
+    IDLE_TIMEOUT = 4000
+    """Nothing arrived (no frame, no pong) within the idle timeout."""
+
+
+SLOW_CONSUMER_REASON = "slow consumer"
+RATE_LIMIT_REASON = "rate limit abuse"
+SHUTDOWN_REASON = "server shutting down"
+IDLE_REASON = "idle timeout"

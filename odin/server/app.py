@@ -1,0 +1,309 @@
+"""The server: listeners, the broker feed, the fan-out, connections, and a graceful stop.
+
+Nursery layout (hypercorn's, with one nursery per connection added)::
+
+    root
+    ├── feed pump (broker feed -> fan-out)
+    ├── housekeeping (gauges, history expiry)
+    └── connections
+        ├── accept loop (trio.serve_listeners)
+        └── one nursery per connection (see connection.py)
+
+``run`` reports the bound URLs through ``task_status`` once it is listening and the feed is
+open, so a caller that starts it with ``nursery.start`` can publish at once and lose nothing.
+``request_shutdown`` starts the drain: stop accepting, tell every client to reconnect after a
+jittered delay, close them with 1001, and cut off whoever is left at the deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+
+import attrs
+import structlog
+import trio
+
+from odin.broker.base import Broker
+from odin.config import Config
+from odin.logs import get_logger
+from odin.metrics import Metrics
+from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
+from odin.server.connection import Connection
+from odin.server.context import ServerContext
+from odin.server.endpoints import answer
+from odin.server.fanout import Fanout
+from odin.server.http import BadRequest, RequestHead, read_request_head, response
+from odin.server.websocket import wrap_server_stream
+from odin.server.writer import ConnectionWriter
+
+# trio-websocket hands messages to our reader through a queue of this many; the reader
+# drains it continuously, so it only needs to absorb a short burst.
+_WS_MESSAGE_QUEUE = 16
+
+
+@attrs.frozen
+class Listening:
+    """Where the server listens, as reported at start."""
+
+    websocket: list[str]
+    http: list[str]
+
+    @property
+    def port(self) -> int:
+        return int(self.websocket[0].rsplit(":", 1)[1].split("/", 1)[0])
+
+
+class OdinServer:
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        *,
+        metrics: Metrics | None = None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.context = ServerContext(
+            config=config,
+            broker=broker,
+            metrics=metrics or Metrics(),
+            log=log or get_logger(service="odin"),
+        )
+        self.fanout = Fanout(self.context)
+        self._numbers = itertools.count(1)
+        self._shutdown = trio.Event()
+        self.stopped = trio.Event()
+        """Set when ``run`` has returned (drained and closed, or cancelled)."""
+        self._last_capacity_log = -1e9
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        return self.context.log
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
+
+    async def run(
+        self,
+        *,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
+        task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await self._run(listeners, task_status)
+        finally:
+            self.stopped.set()
+
+    async def _run(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None,
+        task_status: trio.TaskStatus[Listening],
+    ) -> None:
+        context = self.context
+        config = context.config.server
+        context.epoch = context.broker.epoch
+        async with trio.open_nursery() as root:
+            await root.start(self._pump)
+            root.start_soon(self._housekeeping)
+            async with trio.open_nursery() as connections:
+                if listeners is None:
+                    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+                accepting = trio.CancelScope()
+                connections.start_soon(self._accept, listeners, connections, accepting)
+                listening = self._describe(listeners)
+                self.log.info("listening", websocket=listening.websocket, http=listening.http)
+                task_status.started(listening)
+                await self._shutdown.wait()
+                accepting.cancel()
+                await self._drain()
+                connections.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        self.log.info("stopped")
+
+    def _describe(self, listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> Listening:
+        ws_path = self.context.config.server.ws_path
+        websocket, http = [], []
+        for listener in listeners:
+            if isinstance(listener, trio.SocketListener):
+                host, port = listener.socket.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                websocket.append(f"ws://{host}:{port}{ws_path}")
+                http.append(f"http://{host}:{port}")
+            else:
+                websocket.append(f"ws://memory:0{ws_path}")
+                http.append("http://memory:0")
+        return Listening(websocket, http)
+
+    async def _accept(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        connections: trio.Nursery,
+        scope: trio.CancelScope,
+    ) -> None:
+        with scope:
+            await trio.serve_listeners(self._handle, list(listeners), handler_nursery=connections)
+
+    async def _pump(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.context.broker.open_feed() as feed:
+            task_status.started()
+            async for item in feed:
+                self.fanout.handle(item, trio.current_time())
+
+    async def _housekeeping(self) -> None:
+        context = self.context
+        metrics = context.metrics
+        while True:
+            metrics.subscriptions.set(context.hub.subscriptions)
+            metrics.channels.set(len(context.history.channels()))
+            metrics.broker_connected.set(1 if context.broker.status().connected else 0)
+            context.history.expire_all(trio.current_time())
+            await trio.sleep(1.0)
+
+    async def _drain(self) -> None:
+        context = self.context
+        shutdown = context.config.shutdown
+        context.draining = True
+        self.log.info(
+            "draining", connections=len(context.connections), timeout=shutdown.drain_timeout
+        )
+        for connection in list(context.connections.values()):
+            self._close_for_shutdown(connection)
+        with trio.move_on_after(shutdown.drain_timeout) as scope:
+            await self.wait_connections(lambda count: count == 0)
+        if scope.cancelled_caught:
+            self.log.warning("drain_timeout", remaining=len(context.connections))
+
+    async def wait_connections(self, condition: Callable[[int], bool]) -> None:
+        """Wait until ``condition(number of open connections)`` holds."""
+        context = self.context
+        while not condition(len(context.connections)):
+            await context.changed.park()
+
+    def _close_for_shutdown(self, connection: Connection) -> None:
+        shutdown = self.context.config.shutdown
+        connection.request_close(
+            CloseCode.GOING_AWAY,
+            SHUTDOWN_REASON,
+            "shutdown",
+            reconnect_after_ms=random.randint(shutdown.reconnect_min_ms, shutdown.reconnect_max_ms),
+            timeout=shutdown.drain_timeout,
+        )
+
+    # ---- one TCP connection --------------------------------------------------------------
+
+    async def _handle(self, transport: trio.abc.Stream) -> None:
+        # Whatever goes wrong with one client stays with that client: an exception escaping
+        # here would end serve_listeners and with it the whole server.
+        try:
+            async with trio.open_nursery() as nursery:
+                writer = ConnectionWriter(
+                    transport,
+                    max_messages=self.context.config.connection.queue_max_messages,
+                    max_bytes=self.context.config.connection.queue_max_bytes,
+                )
+                nursery.start_soon(writer.run)
+                try:
+                    await self._serve(transport, writer, nursery)
+                finally:
+                    writer.mark_closed()
+                    nursery.cancel_scope.cancel()
+        except Exception:
+            self.log.exception("conn_error", peer=_peer(transport))
+
+    async def _serve(
+        self, transport: trio.abc.Stream, writer: ConnectionWriter, nursery: trio.Nursery
+    ) -> None:
+        context = self.context
+        config = context.config.server
+        peer = _peer(transport)
+        admitted = False
+        origin: str | None = None
+        try:
+            with trio.move_on_after(config.handshake_timeout) as handshake:
+                try:
+                    head = await read_request_head(writer, config.max_request_head)
+                except BadRequest as exc:
+                    context.metrics.rejected["bad_request"].inc()
+                    await writer.send_all(response(exc.status, f"{exc}\n".encode()))
+                    return
+                if head is None:
+                    return
+                if head.path != config.ws_path:
+                    await writer.send_all(answer(context, head))
+                    return
+                refusal = self._refusal(head, peer)
+                if refusal is not None:
+                    await writer.send_all(refusal)
+                    return
+                origin = head.headers.get("origin")
+                context.admitted += 1
+                admitted = True
+                writer.replay_on_receive(head.raw)
+                request = await wrap_server_stream(
+                    nursery,
+                    writer,
+                    message_queue_size=_WS_MESSAGE_QUEUE,
+                    max_message_size=config.max_message_size,
+                )
+                websocket = await request.accept()
+            if handshake.cancelled_caught:
+                context.metrics.rejected["handshake_timeout"].inc()
+                self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
+                return
+            connection = Connection(
+                context,
+                websocket,
+                writer,
+                number=next(self._numbers),
+                peer=peer,
+                origin=origin,
+            )
+            if context.draining:
+                self._close_for_shutdown(connection)
+            admitted = False  # from here the connection gives its place back itself
+            await connection.run(nursery)
+        finally:
+            if admitted:
+                context.admitted -= 1
+
+    def _refusal(self, head: RequestHead, peer: str) -> bytes | None:
+        """The response refusing an upgrade, or None to accept it."""
+        context = self.context
+        config = context.config.server
+        metrics = context.metrics
+        retry = [(b"Retry-After", str(config.retry_after).encode())]
+        if not head.is_websocket_upgrade:
+            return response(
+                426, b"this endpoint speaks WebSocket\n", headers=[(b"Upgrade", b"websocket")]
+            )
+        origin = head.headers.get("origin")
+        if config.allowed_origins and origin not in config.allowed_origins:
+            metrics.rejected["origin"].inc()
+            self.log.warning("origin_rejected", peer=peer, origin=origin)
+            return response(403, b"origin not allowed\n")
+        if context.draining:
+            metrics.rejected["draining"].inc()
+            return response(503, b"server is shutting down\n", headers=retry)
+        if context.admitted >= config.max_connections:
+            metrics.rejected["at_capacity"].inc()
+            now = trio.current_time()
+            if now - self._last_capacity_log >= 1.0:  # at most one line a second under a storm
+                self._last_capacity_log = now
+                self.log.warning("at_capacity", peer=peer, limit=config.max_connections)
+            return response(503, b"server at capacity\n", headers=retry)
+        return None
+
+
+def _peer(transport: trio.abc.Stream) -> str:
+    if isinstance(transport, trio.SocketStream):
+        try:
+            host, port = transport.socket.getpeername()[:2]
+        except OSError:
+            return "unknown"
+        return f"{host}:{port}"
+    return "memory"

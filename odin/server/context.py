@@ -1,0 +1,63 @@
+"""State shared by the server's tasks: one object, passed down, never a module global."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+import attrs
+import structlog
+import trio
+
+from odin.broker.base import Broker
+from odin.config import Config
+from odin.core.history import HistoryLog
+from odin.core.hub import Hub
+from odin.metrics import Metrics
+from odin.protocol.channels import ChannelRules
+from odin.protocol.session import SessionLimits
+
+if TYPE_CHECKING:
+    from odin.server.connection import Connection
+    from odin.server.fanout import Event
+
+
+@attrs.define(eq=False)
+class ServerContext:
+    config: Config
+    broker: Broker
+    metrics: Metrics
+    log: structlog.typing.FilteringBoundLogger
+    hub: Hub[Connection] = attrs.Factory(Hub)
+    history: HistoryLog[Event] = attrs.field(init=False)
+    connections: dict[str, Connection] = attrs.Factory(dict)
+    """Open connections by id (registered after the upgrade, removed at close)."""
+    admitted: int = 0
+    """Connections counted against the limit: registered or past admission in the upgrade."""
+    instance: str = attrs.Factory(lambda: secrets.token_hex(3))
+    """Distinguishes this process's connection ids from other processes'."""
+    epoch: str = ""
+    """The epoch of the last publication the fan-out handled."""
+    draining: bool = False
+    changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    """Unparked whenever a connection opens or closes."""
+    rules: ChannelRules = attrs.field(init=False)
+    limits: SessionLimits = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        history = self.config.history
+        self.history = HistoryLog(
+            max_messages=history.max_messages,
+            max_age=history.max_age,
+            max_channels=history.max_channels,
+        )
+        self.rules = ChannelRules()
+        connection = self.config.connection
+        self.limits = SessionLimits(
+            max_subscriptions=connection.max_subscriptions,
+            rate_burst=connection.rate_limit_burst,
+            rate_per_second=connection.rate_limit_per_second,
+            abuse_threshold=connection.rate_limit_abuse_threshold,
+            idle_timeout=connection.idle_timeout,
+        )
+        self.metrics.connections_max.set(self.config.server.max_connections)

@@ -1,0 +1,143 @@
+"""The fan-out: each broker publication is encoded once and handed to every subscriber.
+
+The feed is consumed by one task, in history order. For each publication the envelope and
+its WebSocket frame are built once (``Event``), stored in the shared history window, and the
+same bytes object is offered to every matching connection. Nothing here awaits, so frames of
+one channel reach each connection in publication order, and a slow connection only ever
+costs a failed non-blocking write: its queue, not the fan-out, absorbs the delay.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from odin.broker.base import FeedItem
+from odin.core.history import HistoryLog
+from odin.protocol.codec import encode_event, encode_gap, event_type, text_frame
+from odin.protocol.publication import Gap, Publication
+
+if TYPE_CHECKING:
+    from odin.server.context import ServerContext
+
+
+class Event:
+    """A publication with its frame, encoded once and shared by every connection.
+
+    A publication whose body is not JSON cannot be delivered; its frame is then a ``gap``
+    notice for its own position, so history stays linked and clients are told plainly.
+    """
+
+    __slots__ = ("error", "frame", "publication")
+
+    def __init__(self, publication: Publication, frame: bytes, error: str | None = None) -> None:
+        self.publication = publication
+        self.frame = frame
+        self.error = error
+
+    @property
+    def seq(self) -> int:
+        return self.publication.seq
+
+    @property
+    def prev(self) -> int:
+        return self.publication.prev
+
+    @property
+    def channel(self) -> str:
+        return self.publication.channel
+
+
+INVALID_PAYLOAD = "invalid_payload"
+
+
+def make_event(publication: Publication) -> Event:
+    """Encode a publication once: its envelope frame, or a gap notice if it is not JSON."""
+    try:
+        document = orjson.loads(publication.payload)
+    except orjson.JSONDecodeError as exc:
+        seq = publication.seq
+        frame = gap_frame(publication.channel, seq, seq, INVALID_PAYLOAD)
+        return Event(publication, frame, error=str(exc))
+    envelope = encode_event(publication, event_type(publication.channel, document))
+    return Event(publication, text_frame(envelope))
+
+
+def gap_frame(channel: str, first: int, last: int, reason: str) -> bytes:
+    return text_frame(encode_gap(channel, first, last, reason))
+
+
+class Fanout:
+    def __init__(self, context: ServerContext) -> None:
+        self._context = context
+        self._logged_invalid: set[str] = set()
+        self.last_seq = 0
+        """Position of the last publication handled (for tests and the console)."""
+
+    @property
+    def history(self) -> HistoryLog[Event]:
+        return self._context.history
+
+    def handle(self, item: FeedItem, now: float) -> None:
+        if isinstance(item, Gap):
+            self._announce_gap(item.channel, item.from_seq, item.to_seq, item.reason)
+            self.history.skip_to(item.channel, item.to_seq)
+            return
+        self.publish(item, now)
+
+    def publish(self, publication: Publication, now: float) -> None:
+        context = self._context
+        metrics = context.metrics
+        metrics.publications.inc()
+        self.last_seq = publication.seq
+        if publication.epoch != context.epoch:
+            self._new_epoch(publication.epoch)
+        event = make_event(publication)
+        if event.error is not None:
+            self._invalid(event)
+        appended = self.history.append(publication.channel, event, now)
+        if appended.duplicate:
+            metrics.duplicates.inc()
+            return
+        if appended.missed_from:
+            self._announce_gap(
+                publication.channel, appended.missed_from, appended.missed_to, "missed"
+            )
+        delivered = 0
+        for connection in context.hub.match(publication.channel):
+            if connection.deliver(event):
+                delivered += 1
+        if delivered:
+            metrics.deliveries.inc(delivered)
+            metrics.frames_sent.inc(delivered)
+            metrics.bytes_sent.inc(delivered * len(event.frame))
+        metrics.latency.observe(max(0.0, time.time() - publication.ts))
+
+    def _invalid(self, event: Event) -> None:
+        context = self._context
+        context.metrics.invalid_payloads.inc()
+        context.metrics.gaps[INVALID_PAYLOAD].inc(context.hub.count_matching(event.channel))
+        # Logged once per channel (bounded), not once per message.
+        if event.channel not in self._logged_invalid and len(self._logged_invalid) < 1000:
+            self._logged_invalid.add(event.channel)
+            context.log.warning(
+                "invalid_payload", channel=event.channel, seq=event.seq, error=event.error
+            )
+
+    def _announce_gap(self, channel: str, first: int, last: int, reason: str) -> None:
+        frame = gap_frame(channel, first, last, reason)
+        told = 0
+        for connection in self._context.hub.match(channel):
+            if connection.send_gap(channel, frame):
+                told += 1
+        self._context.metrics.gaps[reason].inc(told)
+
+    def _new_epoch(self, epoch: str) -> None:
+        context = self._context
+        if context.epoch:
+            context.log.warning("epoch_changed", old=context.epoch, new=epoch)
+        # Positions of the old history mean nothing in the new one.
+        self.history.clear()
+        context.epoch = epoch

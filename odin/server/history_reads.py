@@ -1,0 +1,82 @@
+"""Reading history for recovery and replay: the server's window first, the broker beyond it.
+
+The window (``ServerContext.history``) answers most requests without awaiting, which also
+means without any live message slipping in between. When it cannot prove continuity (the
+position is older than the window, or the window has a hole from a feed gap) the broker's
+history is read, bounded by ``history.read_timeout``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from odin.broker.base import BrokerError
+from odin.core.recovery import linked
+from odin.server.fanout import Event, make_event
+
+if TYPE_CHECKING:
+    from odin.server.context import ServerContext
+
+
+class HistoryUnavailable(Exception):
+    """The broker's history could not be read in time."""
+
+
+@attrs.frozen
+class Slice:
+    """The oldest retained events of a channel after a position."""
+
+    epoch: str
+    latest_seq: int
+    events: list[Event]
+    source: str
+    """window or broker"""
+
+
+def current_epoch(context: ServerContext) -> str:
+    return context.epoch or context.broker.epoch
+
+
+def read_window(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
+    history = context.history
+    events = history.after(channel, after, limit, trio.current_time())
+    return Slice(current_epoch(context), history.last_seq(channel), events, "window")
+
+
+def window_proves(slice_: Slice, after: int) -> bool:
+    """True if the window alone shows everything after ``after`` (or that nothing came)."""
+    if after >= slice_.latest_seq and slice_.latest_seq:
+        return True
+    events = slice_.events
+    return bool(events) and events[0].prev <= after and linked(events)
+
+
+async def read_broker(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
+    metrics = context.metrics
+    try:
+        with trio.fail_after(context.config.history.read_timeout):
+            page = await context.broker.read_after(channel, after, limit)
+    except (trio.TooSlowError, BrokerError) as exc:
+        metrics.history_reads.labels("error").inc()
+        context.log.warning("history_read_failed", channel=channel, error=repr(exc))
+        raise HistoryUnavailable(str(exc)) from exc
+    metrics.history_reads.labels("ok").inc()
+    events = [make_event(publication) for publication in page.messages]
+    return Slice(page.epoch, page.latest_seq, events, "broker")
+
+
+async def latest_event(context: ServerContext, channel: str) -> Event | None:
+    """The channel's newest message, from the window if it has one."""
+    event = context.history.latest(channel, trio.current_time())
+    if event is not None:
+        return event
+    try:
+        with trio.fail_after(context.config.history.read_timeout):
+            publication = await context.broker.latest(channel)
+    except (trio.TooSlowError, BrokerError):
+        context.metrics.history_reads.labels("error").inc()
+        return None
+    return make_event(publication) if publication is not None else None

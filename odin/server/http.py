@@ -1,0 +1,111 @@
+"""HTTP on the WebSocket port: read a request head with h11, answer plain requests.
+
+Odin serves ``/ws`` (upgrade), ``/health``, ``/ready`` and ``/metrics`` on one port, as the
+original did, so one address is enough for clients, health checks and Prometheus. h11 parses
+and writes HTTP; this module only routes. A request head that is not an upgrade gets a
+complete response and the connection is closed (no keep-alive: these are rare requests).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import attrs
+import h11
+import trio
+
+# Headers every plain response carries.
+_COMMON_HEADERS = [(b"Connection", b"close"), (b"Cache-Control", b"no-store")]
+
+
+@attrs.frozen
+class RequestHead:
+    method: str
+    path: str
+    """The target without its query string."""
+    headers: dict[str, str]
+    """Lower-case names; repeated headers joined with ", "."""
+    raw: bytes
+    """Every byte read so far, to replay into the WebSocket handshake."""
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return self.method == "GET" and "websocket" in self.headers.get("upgrade", "").lower()
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_request_head(stream: trio.abc.ReceiveStream, max_size: int) -> RequestHead | None:
+    """Read up to the end of one request head; None if the peer went away first."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=max_size)
+    raw = bytearray()
+    while True:
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            raise BadRequest(status, str(exc) or "malformed request") from None
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            if not data:
+                return None
+            raw += data
+            if len(raw) > max_size:
+                # h11 enforces its limit only while the head is incomplete; a head that
+                # completes in the same read as it crosses the limit must be refused too.
+                raise BadRequest(431, "request head too large")
+            connection.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            headers: dict[str, str] = {}
+            for name, value in event.headers:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            target = event.target.decode("latin-1")
+            return RequestHead(
+                method=event.method.decode("ascii"),
+                path=target.split("?", 1)[0],
+                headers=headers,
+                raw=bytes(raw),
+            )
+        return None
+
+
+def response(
+    status: int,
+    body: bytes = b"",
+    content_type: str = "text/plain; charset=utf-8",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response, serialised by h11."""
+    writer = h11.Connection(h11.SERVER)
+    # h11 writes a response only after it has read the request it answers; the real request
+    # was read by another h11 connection, so show this one the same method.
+    method = b"HEAD" if head_only else b"GET"
+    writer.receive_data(method + b" / HTTP/1.1\r\nHost: odin\r\n\r\n")
+    writer.next_event()
+    all_headers = [
+        *_COMMON_HEADERS,
+        (b"Content-Type", content_type.encode()),
+        (b"Content-Length", str(len(body)).encode()),
+        *(headers or []),
+    ]
+    data = (
+        writer.send(
+            h11.Response(
+                status_code=status, headers=all_headers, reason=HTTPStatus(status).phrase.encode()
+            )
+        )
+        or b""
+    )
+    if body and not head_only:
+        data += writer.send(h11.Data(data=body)) or b""
+    data += writer.send(h11.EndOfMessage()) or b""
+    return data

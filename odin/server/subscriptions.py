@@ -1,0 +1,176 @@
+"""Subscribe (with recovery) and unsubscribe, as the Trio shell carries them out.
+
+Recovery without loss or duplicates at the seam: before the history is read, each channel
+to recover is routed into a per-connection buffer, so live messages published during the
+read are kept, not sent. After the read, without awaiting again, the server puts in order:
+the ack, the replayed messages (or the latest one when recovery is impossible), then the
+buffered live messages newer than the replay, then switches the channel to live delivery.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from odin.core.recovery import (
+    NotRecovered,
+    Reason,
+    Recovered,
+    Unknown,
+    assess_history,
+    assess_local,
+    join_live,
+)
+from odin.protocol.channels import is_pattern
+from odin.protocol.messages import RecoveryReport
+from odin.protocol.publication import Position, Publication
+from odin.protocol.session import SubscribeAction, UnsubscribeAction
+from odin.server.fanout import Event, gap_frame
+from odin.server.history_reads import (
+    HistoryUnavailable,
+    current_epoch,
+    latest_event,
+    read_broker,
+    read_window,
+)
+
+if TYPE_CHECKING:
+    from odin.server.connection import Connection
+    from odin.server.context import ServerContext
+
+
+@attrs.frozen
+class Outcome:
+    recovered: bool
+    events: list[Event]
+    """Replayed events, or the latest one when not recovered (possibly none)."""
+    reason: Reason | None
+    source: str
+
+
+async def recover(context: ServerContext, channel: str, position: Position) -> Outcome:
+    """Decide one channel's recovery: from the window if it can, else from the broker."""
+    limit = context.config.history.recovery_max_messages
+    window = read_window(context, channel, position.seq, limit)
+    local = assess_local(
+        position.seq, position.epoch, window.epoch, window.latest_seq, window.events, limit
+    )
+    if isinstance(local, Recovered):
+        return Outcome(True, list(local.messages), None, "window")
+    if isinstance(local, Unknown):
+        try:
+            page = await read_broker(context, channel, position.seq, limit)
+        except HistoryUnavailable:
+            decided: Recovered[Event] | NotRecovered = NotRecovered(Reason.BROKER_UNAVAILABLE)
+        else:
+            decided = assess_history(
+                position.seq, position.epoch, page.epoch, page.latest_seq, page.events, limit
+            )
+        if isinstance(decided, Recovered):
+            return Outcome(True, list(decided.messages), None, "broker")
+        reason, source = decided.reason, "broker"
+    else:
+        reason, source = local.reason, "window"
+    latest = await latest_event(context, channel)
+    return Outcome(False, [latest] if latest is not None else [], reason, source)
+
+
+def gap_event(channel: str, first: int, last: int, reason: str) -> Event:
+    """A gap notice that sits in a replay like the messages it stands for."""
+    marker = Publication(channel, seq=last, prev=first - 1, epoch="", ts=0.0, payload=b"")
+    return Event(marker, gap_frame(channel, first, last, reason), error=reason)
+
+
+async def subscribe(connection: Connection, action: SubscribeAction) -> None:
+    context = connection.context
+    hub = context.hub
+    temporary: list[str] = []
+    for channel in action.recover:
+        connection.recovering[channel] = []
+        if channel not in connection.session.subscriptions:
+            temporary.append(channel)
+        hub.add(channel, connection)
+    outcomes = {
+        channel: await recover(context, channel, position)
+        for channel, position in action.recover.items()
+    }
+
+    # From here on nothing awaits: the ack, the replays and the buffered live messages are
+    # queued in this order before any other message can reach the connection.
+    for key in temporary:
+        hub.remove(key, connection)
+    if connection.closing is not None:
+        return
+    for key in action.added:
+        hub.add(key, connection)
+    epoch = current_epoch(context)
+    positions: dict[str, Position] = {}
+    reports: dict[str, RecoveryReport] = {}
+    sends: list[Event] = []
+    for channel, outcome in outcomes.items():
+        events = list(outcome.events)
+        if events:
+            last = events[-1].seq
+        elif outcome.recovered:
+            last = action.recover[channel].seq
+        else:
+            # Nothing to hand over: the client starts from the newest position we know.
+            last = context.history.last_seq(channel)
+        seam = join_live(last, connection.recovering.pop(channel, []))
+        if seam.missed_from:
+            events.append(gap_event(channel, seam.missed_from, seam.missed_to, "missed"))
+        events.extend(seam.messages)
+        overflow = connection.recovery_overflow.pop(channel, None)
+        if overflow is not None:
+            events.append(gap_event(channel, overflow[0], overflow[1], "recovery_overflow"))
+        if events:
+            # The feed may still bring messages the broker's history already gave us.
+            connection.floors[channel] = max(event.seq for event in events)
+        sends.extend(events)
+        positions[channel] = Position(epoch, last)
+        reports[channel] = RecoveryReport(
+            recovered=outcome.recovered,
+            count=len(outcome.events) if outcome.recovered else 0,
+            reason=outcome.reason.value if outcome.reason else None,
+        )
+        _count(connection, channel, outcome)
+    for name in action.requested:
+        if not is_pattern(name) and name not in positions:
+            positions[name] = Position(epoch, context.history.last_seq(name))
+    connection.send_message(connection.session.subscription_ack(action, positions, reports))
+    for event in sends:
+        connection.send_frame(event.frame, force=True)
+    context.metrics.frames_sent.inc(len(sends))
+    connection.log.info(
+        "subscribe",
+        channels=action.requested,
+        added=len(action.added),
+        count=len(connection.session.subscriptions),
+    )
+
+
+def _count(connection: Connection, channel: str, outcome: Outcome) -> None:
+    metrics = connection.context.metrics
+    label = "recovered" if outcome.recovered else "not_recovered"
+    reason = outcome.reason.value if outcome.reason else "none"
+    metrics.recoveries.labels(label, reason).inc()
+    if outcome.recovered:
+        metrics.recovered_messages.inc(len(outcome.events))
+    connection.log.info(
+        "recover",
+        channel=channel,
+        outcome=label,
+        reason=reason,
+        count=len(outcome.events) if outcome.recovered else 0,
+        source=outcome.source,
+    )
+
+
+def unsubscribe(connection: Connection, action: UnsubscribeAction) -> None:
+    hub = connection.context.hub
+    for key in action.removed:
+        hub.remove(key, connection)
+        connection.floors.pop(key, None)
+    connection.send_message(connection.session.unsubscription_ack(action))
+    connection.log.info("unsubscribe", channels=action.requested, removed=len(action.removed))

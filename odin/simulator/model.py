@@ -1,0 +1,223 @@
+"""The market simulator's model: token state, the random walk, and event payloads.
+
+Pure and deterministic for a given ``random.Random`` and clock, so tests can pin it. It is
+the original publisher's simulator (seed prices, the walk with trend and volatility, the
+``price:update`` fields) with its quirks fixed: trends keep changing instead of locking in,
+and all eight event families have payloads. The server's ``--simulate`` mode and the
+publisher service share this one implementation.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from odin.protocol.channels import EVENT_TYPES
+
+# symbol: (price, volume24h, market cap), the original's seeds.
+SEEDS: dict[str, tuple[float, float, float]] = {
+    "BTC": (43250.00, 125_000_000, 850e9),
+    "ETH": (2580.50, 85_000_000, 310e9),
+    "ODIN": (0.125, 2_500_000, 125e6),
+    "SOL": (98.75, 15_000_000, 42e9),
+    "DOGE": (0.078, 8_500_000, 11e9),
+}
+DEFAULT_TOKENS = tuple(SEEDS)
+TRENDS = ("up", "down", "neutral")
+_BASE36 = string.digits + string.ascii_lowercase
+
+
+@attrs.define
+class Token:
+    symbol: str
+    price: float
+    volume24h: float
+    market_cap: float
+    volatility: float
+    trend: str = "neutral"
+    price_change_24h: float = 0.0
+    holders: int = 1000
+    btc_liquidity: float = 10.0
+    favorites: int = 100
+    comments: int = 0
+    history: list[float] = attrs.Factory(list)
+    """Recent prices, newest last, for the analytics deltas (bounded)."""
+
+
+class Market:
+    """Every token's state, and the next event of the evenly interleaved event stream."""
+
+    def __init__(
+        self,
+        tokens: Sequence[str] = DEFAULT_TOKENS,
+        events: Sequence[str] = ("trade",),
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        unknown = [event for event in events if event not in EVENT_TYPES]
+        if not tokens or not events or unknown:
+            raise ValueError(f"need tokens and known events (unknown: {unknown})")
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.tokens = [self._seed(symbol) for symbol in tokens]
+        self.events = list(events)
+        self._counter = 0
+
+    def _seed(self, symbol: str) -> Token:
+        rng = self._rng
+        price, volume, cap = SEEDS.get(
+            symbol, (rng.random() * 100, rng.random() * 1e6, rng.random() * 1e9)
+        )
+        return Token(symbol, price, volume, cap, volatility=rng.random() * 0.1 + 0.02)
+
+    def next_event(self) -> tuple[str, dict[str, object]]:
+        """The next (channel, payload): tokens take turns, then event families take turns."""
+        index = self._counter
+        self._counter += 1
+        token = self.tokens[index % len(self.tokens)]
+        event = self.events[(index // len(self.tokens)) % len(self.events)]
+        return f"{token.symbol}.{event}", self.payload(token, event)
+
+    # ---- the walk ------------------------------------------------------------------------
+
+    def step(self, token: Token) -> float:
+        """Move the price one tick; return the change in percent."""
+        rng = self._rng
+        old = token.price
+        change = (rng.random() - 0.5) * old * token.volatility
+        if token.trend == "up":
+            change += rng.random() * old * 0.001
+        elif token.trend == "down":
+            change -= rng.random() * old * 0.001
+        # The original chose a trend once and kept it forever; trends here keep turning.
+        if rng.random() < (0.05 if token.trend == "neutral" else 0.02):
+            roll = rng.random()
+            token.trend = "up" if roll < 0.4 else "down" if roll < 0.8 else "neutral"
+        token.price = max(0.0001, old + change)
+        percent = (token.price - old) / old * 100
+        token.price_change_24h = 0.9 * token.price_change_24h + 0.1 * percent
+        token.volume24h *= 0.95 + rng.random() * 0.1
+        token.market_cap = token.price * 1_000_000
+        token.history.append(token.price)
+        del token.history[:-1440]
+        return percent
+
+    def nonce(self, now_ms: int) -> str:
+        return f"{now_ms}_" + "".join(self._rng.choice(_BASE36) for _ in range(9))
+
+    def _delta(self, token: Token, ticks: int) -> float:
+        past = token.history[-ticks - 1] if len(token.history) > ticks else token.history[0]
+        return round((token.price - past) / past * 100, 2)
+
+    # ---- payloads ------------------------------------------------------------------------
+
+    def payload(self, token: Token, event: str) -> dict[str, object]:
+        now_ms = int(self._clock() * 1000)
+        rng = self._rng
+        body: dict[str, object]
+        if event == "trade":
+            self.step(token)
+            body = {
+                "type": "price:update",
+                "tokenId": token.symbol,
+                "price": round(token.price, 6),
+                "volume24h": int(token.volume24h),
+                "marketCap": int(token.market_cap),
+                "priceChange24h": round(token.price_change_24h, 2),
+            }
+        elif event == "liquidity":
+            token.btc_liquidity = max(0.0, token.btc_liquidity * (0.97 + rng.random() * 0.06))
+            body = {
+                "type": "liquidity:update",
+                "tokenId": token.symbol,
+                "btcLiquidity": round(token.btc_liquidity, 8),
+                "tokenLiquidity": round(token.btc_liquidity / max(token.price, 1e-9), 4),
+                "action": rng.choice(("add", "remove", "rebalance")),
+            }
+        elif event == "metadata":
+            body = {
+                "type": "metadata:update",
+                "tokenId": token.symbol,
+                "verified": rng.random() < 0.7,
+                "featured": rng.random() < 0.1,
+                "field": rng.choice(("description", "twitter", "website", "image")),
+            }
+        elif event == "social":
+            token.comments += 1
+            body = {
+                "type": "comment:added",
+                "tokenId": token.symbol,
+                "commentCount": token.comments,
+                "lastCommentTime": now_ms,
+            }
+        elif event == "favorites":
+            token.favorites = max(0, token.favorites + rng.choice((-1, 1, 1)))
+            body = {
+                "type": "favorites:update",
+                "tokenId": token.symbol,
+                "favoriteCount": token.favorites,
+            }
+        elif event == "creation":
+            body = {
+                "type": "token:created",
+                "tokenId": token.symbol,
+                "name": f"{token.symbol} token",
+                "price": round(token.price, 6),
+                "creator": f"user{rng.randrange(1, 10_000)}",
+            }
+        elif event == "analytics":
+            token.holders = max(1, token.holders + rng.randrange(-5, 8))
+            body = (
+                {
+                    "type": "analytics:update",
+                    "tokenId": token.symbol,
+                    "priceDelta5m": self._delta(token, 5),
+                    "priceDelta1h": self._delta(token, 60),
+                    "priceDelta1d": self._delta(token, 1440),
+                    "holderCount": token.holders,
+                    "trending": token.trend == "up",
+                }
+                if token.history
+                else {
+                    "type": "analytics:update",
+                    "tokenId": token.symbol,
+                    "holderCount": token.holders,
+                }
+            )
+        else:  # balances
+            body = {
+                "type": "balance:update",
+                "tokenId": token.symbol,
+                "userId": f"user{rng.randrange(1, 10_000)}",
+                "balance": round(rng.random() * 1000, 4),
+            }
+        body["timestamp"] = now_ms
+        body["source"] = "simulator"
+        body["nonce"] = self.nonce(now_ms)
+        return body
+
+    def statistics(self) -> dict[str, object]:
+        """The original's ``market:statistics`` payload."""
+        now_ms = int(self._clock() * 1000)
+        top = sorted(self.tokens, key=lambda t: t.market_cap, reverse=True)[:3]
+        return {
+            "type": "market:statistics",
+            "totalMarketCap": int(sum(t.market_cap for t in self.tokens)),
+            "totalVolume24h": int(sum(t.volume24h for t in self.tokens)),
+            "activeTokens": len(self.tokens),
+            "timestamp": now_ms,
+            "topTokens": [
+                {
+                    "tokenId": t.symbol,
+                    "price": round(t.price, 6),
+                    "marketCap": int(t.market_cap),
+                    "priceChange24h": round(t.price_change_24h, 2),
+                }
+                for t in top
+            ],
+            "nonce": self.nonce(now_ms),
+        }

@@ -1,0 +1,110 @@
+"""Subscribers get the events of their channels, in publish order, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.helpers import checkpoint_chain, running_server
+
+pytestmark = pytest.mark.trio
+
+
+async def test_events_arrive_in_publish_order_only_for_subscribed_channels() -> None:
+    async with running_server() as harness, harness.client() as btc, harness.client() as eth:
+        ack = await btc.subscribe(["BTC.trade"])
+        assert ack["subscribed"] == ["BTC.trade"]
+        assert ack["count"] == 1
+        await eth.subscribe(["ETH.trade"])
+        published: dict[str, list[int]] = {"BTC.trade": [], "ETH.trade": [], "SOL.trade": []}
+        for i in range(60):
+            channel = ("BTC.trade", "ETH.trade", "SOL.trade")[i % 3]
+            published[channel].append(harness.publish(channel, {"n": i, "channel": channel}))
+        btc_events = await btc.events(20)
+        eth_events = await eth.events(20)
+        assert [e["seq"] for e in btc_events] == published["BTC.trade"]
+        assert [e["seq"] for e in eth_events] == published["ETH.trade"]
+        assert {e["channel"] for e in btc_events} == {"BTC.trade"}
+        assert checkpoint_chain(btc_events, {}) == []
+        # Nothing else is pending for the BTC client: the next message is our pong.
+        assert (await btc.request({"type": "heartbeat"}, "pong"))["type"] == "pong"
+
+
+async def test_wildcards_deliver_each_matching_event_once() -> None:
+    async with running_server() as harness, harness.client() as client:
+        await client.subscribe(["BTC.*", "*.trade", "BTC.trade"])
+        seqs = [
+            harness.publish("BTC.trade", {"a": 1}),  # matches all three keys: delivered once
+            harness.publish("BTC.liquidity", {"a": 2}),
+            harness.publish("ETH.trade", {"a": 3}),
+            harness.publish("ETH.social", {"a": 4}),  # matches none
+            harness.publish("SOL.trade", {"a": 5}),
+        ]
+        events = await client.events(4)
+        assert [e["seq"] for e in events] == [seqs[0], seqs[1], seqs[2], seqs[4]]
+        assert [e["channel"] for e in events] == [
+            "BTC.trade",
+            "BTC.liquidity",
+            "ETH.trade",
+            "SOL.trade",
+        ]
+        assert (await client.request({"type": "heartbeat"}, "pong"))["type"] == "pong"
+
+
+async def test_envelope_carries_positions_and_the_payload_verbatim() -> None:
+    async with running_server() as harness, harness.client() as client:
+        await client.subscribe(["BTC.trade", "BTC.social"])
+        first = harness.publish("BTC.trade", {"type": "price:update", "price": 1.5})
+        second = harness.publish("BTC.social", {"commentCount": 3})
+        third = harness.publish("BTC.trade", {"type": "price:update", "price": 1.6})
+        events = await client.events(3)
+        epoch = harness.broker.epoch
+        assert events[0] == {
+            "type": "price:update",
+            "channel": "BTC.trade",
+            "seq": first,
+            "prev": 0,
+            "epoch": epoch,
+            "ts": events[0]["ts"],
+            "data": {"type": "price:update", "price": 1.5},
+        }
+        # A payload without its own type is typed by the channel's event.
+        assert events[1]["type"] == "social:update"
+        assert events[1]["prev"] == 0 and events[1]["seq"] == second
+        assert events[2]["prev"] == first and events[2]["seq"] == third
+
+
+async def test_unsubscribe_stops_delivery() -> None:
+    async with running_server() as harness, harness.client() as client:
+        await client.subscribe(["BTC.trade", "ETH.trade"])
+        ack = await client.request(
+            {"type": "unsubscribe", "data": {"channels": ["BTC.trade"]}}, "unsubscription_ack"
+        )
+        assert ack == {"type": "unsubscription_ack", "unsubscribed": ["BTC.trade"], "count": 1}
+        harness.publish("BTC.trade", {"a": 1})
+        eth = harness.publish("ETH.trade", {"a": 2})
+        assert [e["seq"] for e in await client.events(1)] == [eth]
+
+
+async def test_many_subscribers_all_receive_everything() -> None:
+    async with running_server() as harness:
+        async with trio.open_nursery() as nursery:
+            received: dict[int, list[int]] = {}
+            ready = trio.Semaphore(0)
+            go = trio.Event()
+
+            async def subscriber(index: int) -> None:
+                async with harness.client() as client:
+                    await client.subscribe(["*.trade"])
+                    ready.release()
+                    await go.wait()
+                    received[index] = [e["seq"] for e in await client.events(200, timeout=20)]
+
+            for index in range(20):
+                nursery.start_soon(subscriber, index)
+            for _ in range(20):
+                await ready.acquire()
+            published = [harness.publish(f"T{i % 7}.trade", {"i": i}) for i in range(200)]
+            go.set()
+        assert all(seqs == published for seqs in received.values())
+        assert len(received) == 20

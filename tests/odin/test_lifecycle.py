@@ -1,0 +1,202 @@
+"""Connections own everything they hold: when they end, or the server is cancelled, nothing
+is left behind; liveness is judged by any inbound frame or pong; shutdown drains politely."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+
+from odin.server.app import OdinServer
+from tests.helpers import make_broker, make_config, running_server
+
+pytestmark = pytest.mark.trio
+
+
+def task_names() -> list[str]:
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        names.append(task.name)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    return names
+
+
+def count_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
+
+
+def assert_nothing_left(server: OdinServer) -> None:
+    context = server.context
+    assert context.connections == {}
+    assert context.admitted == 0
+    assert context.hub.keys == 0
+    assert context.hub.subscriptions == 0
+    assert context.metrics.connections_active._value.get() == 0
+
+
+async def test_nothing_is_left_after_many_clients_come_and_go() -> None:
+    refs: list[weakref.ref] = []
+    config = make_config(
+        **{"connection.rate_limit_burst": 3, "connection.rate_limit_abuse_threshold": 3}
+    )
+    async with running_server(config) as harness:
+        await trio.testing.wait_all_tasks_blocked()
+        baseline = count_tasks()
+
+        async def session(index: int) -> None:
+            async with harness.client() as client:
+                await client.subscribe(["BTC.trade", f"S{index}.*", "*.social"])
+                refs.extend(weakref.ref(c) for c in harness.context.connections.values())
+                if index % 3 == 0:
+                    # Leave without a close frame: drop the TCP connection.
+                    await client.stream.aclose()
+                elif index % 3 == 1:
+                    # Get closed for abusing the rate limit.
+                    try:
+                        for _ in range(20):
+                            await client.send({"type": "heartbeat"})
+                    except Exception:  # the server may close first
+                        pass
+                    await client.until_closed()
+
+        for _ in range(3):
+            async with trio.open_nursery() as nursery:
+                for index in range(20):
+                    nursery.start_soon(session, index)
+            harness.publish("BTC.trade", {"n": 1})
+        await harness.wait_connections(0)
+        assert_nothing_left(harness.server)
+        with trio.move_on_after(5):
+            while count_tasks() != baseline:  # the connections' nurseries have exited
+                await trio.sleep(0.01)
+        assert count_tasks() == baseline, task_names()
+        gc.collect()
+        assert refs and all(ref() is None for ref in refs)
+        assert harness.context.metrics.connections._value.get() == 60
+
+
+async def test_cancelling_the_server_cleans_up_every_connection() -> None:
+    config = make_config()
+    broker = make_broker(config)
+    server = OdinServer(config, broker)
+    closed: list[int | None] = []
+    async with trio.open_nursery() as outer:
+        await trio.testing.wait_all_tasks_blocked()
+        baseline = count_tasks()
+        async with trio.open_nursery() as server_scope:
+            listening = await server_scope.start(lambda task_status: server.run(
+                task_status=task_status))  # fmt: skip
+            from tests.helpers import Harness
+
+            harness = Harness(server, broker, listening, server_scope)
+
+            subscribed = trio.Semaphore(0)
+
+            async def hold() -> None:
+                async with harness.client() as client:
+                    await client.subscribe(["BTC.trade"])
+                    subscribed.release()
+                    _, code, _ = await client.until_closed(timeout=10)
+                    closed.append(code)
+
+            for _ in range(10):
+                outer.start_soon(hold)
+            with trio.fail_after(5):
+                for _ in range(10):
+                    await subscribed.acquire()
+            server_scope.cancel_scope.cancel()
+        assert_nothing_left(server)
+    assert len(closed) == 10
+    await trio.testing.wait_all_tasks_blocked()
+    assert count_tasks() == baseline
+
+
+async def test_idle_client_that_answers_no_ping_is_closed(autojump_clock) -> None:
+    config = make_config(**{"connection.ping_interval": 10, "connection.idle_timeout": 30})
+    async with running_server(config, memory=True) as harness:
+        stream = await harness.open_stream()
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="odin", target="/ws")))
+        events: list = []
+        while not any(isinstance(e, AcceptConnection) for e in events):
+            ws.receive_data(bytes(await stream.receive_some()))
+            events.extend(ws.events())
+        await harness.wait_connections(1)
+        start = trio.current_time()
+        # The client now goes silent: it reads nothing and answers no ping.
+        await harness.wait_connections(0, timeout=100)
+        assert 30 <= trio.current_time() - start <= 45
+        assert harness.context.metrics.closed["idle"]._value.get() == 1
+        await stream.aclose()
+
+
+async def test_a_client_that_only_answers_pings_stays_connected(autojump_clock) -> None:
+    config = make_config(**{"connection.ping_interval": 10, "connection.idle_timeout": 30})
+    async with running_server(config, memory=True) as harness, harness.client() as client:
+        await client.subscribe(["BTC.trade"])
+        await trio.sleep(300)  # ten idle timeouts, answering only the server's pings
+        assert len(harness.context.connections) == 1
+        seq = harness.publish("BTC.trade", {"n": 1})
+        assert [e["seq"] for e in await client.events(1)] == [seq]
+
+
+async def test_shutdown_tells_clients_to_reconnect_then_closes_with_1001() -> None:
+    config = make_config(**{"shutdown.reconnect_min_ms": 100, "shutdown.reconnect_max_ms": 900})
+    async with running_server(config) as harness:
+        results: list = []
+        subscribed = trio.Semaphore(0)
+
+        async def hold() -> None:
+            async with harness.client() as client:
+                await client.subscribe(["BTC.trade"])
+                subscribed.release()
+                results.append(await client.until_closed(timeout=10))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(hold)
+            with trio.fail_after(5):
+                for _ in range(5):
+                    await subscribed.acquire()
+            harness.server.request_shutdown()
+            with trio.fail_after(10):
+                await harness.server.stopped.wait()
+        assert_nothing_left(harness.server)
+    assert len(results) == 5
+    for messages, code, reason in results:
+        assert (code, reason) == (1001, "server shutting down")
+        (hint,) = [m for m in messages if m["type"] == "reconnect"]
+        assert 100 <= hint["after_ms"] <= 900
+
+
+async def test_draining_server_refuses_new_upgrades() -> None:
+    from tests.helpers import http_exchange, upgrade_request
+
+    config = make_config(**{"shutdown.drain_timeout": 5})
+    async with running_server(config) as harness, harness.client() as client:
+        harness.server.request_shutdown()
+        with trio.fail_after(5):
+            while not harness.context.draining:
+                await trio.sleep(0.001)
+        # The listener is closed by now; the old client is told to go.
+        with pytest.raises(OSError):
+            await http_exchange(harness.port, upgrade_request())
+        _, code, _ = await client.until_closed()
+        assert code == 1001

@@ -98,11 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("config", version=__version__, **as_dict(config))
     if unknown_env:
         log.warning("config_unknown_environment", names=unknown_env)
+    failures: list[BaseException] = []
     try:
         return trio.run(serve, config, log)
-    except OSError as exc:
-        log.error("start_failed", error=str(exc))
-        return 1
+    except* OSError as group:  # e.g. the port is taken: one line, no traceback
+        failures.extend(group.exceptions)
+    log.error("start_failed", error="; ".join(str(exc) for exc in failures))
+    return 1
 
 
 async def serve(config: Config, log: structlog.typing.FilteringBoundLogger) -> int:

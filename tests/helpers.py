@@ -4,8 +4,8 @@ small WebSocket client that owns its socket (so it always closes it)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -116,25 +116,10 @@ class Harness:
             return await self.memory.connect()
         return await trio.open_tcp_stream("127.0.0.1", self.port)
 
-    @asynccontextmanager
-    async def client(
+    def client(
         self, *, headers: Sequence[tuple[bytes, bytes]] = (), read_hello: bool = True
-    ) -> AsyncIterator[Client]:
-        async with trio.open_nursery() as nursery:
-            stream = await self.open_stream()
-            try:
-                ws = await wrap_client_stream(
-                    nursery, stream, "127.0.0.1", "/ws", extra_headers=list(headers)
-                )
-                client = Client(ws, stream)
-                if read_hello:
-                    client.hello = await client.expect("hello")
-                yield client
-                with trio.move_on_after(2):
-                    await ws.aclose()
-            finally:
-                await stream.aclose()
-                nursery.cancel_scope.cancel()
+    ) -> AbstractAsyncContextManager[Client]:
+        return open_client(self.open_stream, headers=headers, read_hello=read_hello)
 
     async def settle(self, timeout: float = 5) -> None:
         """Wait until the fan-out has handled everything published so far."""
@@ -146,6 +131,34 @@ class Harness:
     async def wait_connections(self, count: int, timeout: float = 5) -> None:
         with trio.fail_after(timeout):
             await self.server.wait_connections(lambda n: n == count)
+
+
+@asynccontextmanager
+async def open_client(
+    open_stream: Callable[[], Awaitable[trio.abc.Stream]] | int,
+    *,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    read_hello: bool = True,
+) -> AsyncIterator[Client]:
+    """A WebSocket client on a stream it owns (and always closes); an int is a loopback port."""
+    async with trio.open_nursery() as nursery:
+        if isinstance(open_stream, int):
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", open_stream)
+        else:
+            stream = await open_stream()
+        try:
+            ws = await wrap_client_stream(
+                nursery, stream, "127.0.0.1", "/ws", extra_headers=list(headers)
+            )
+            client = Client(ws, stream)
+            if read_hello:
+                client.hello = await client.expect("hello")
+            yield client
+            with trio.move_on_after(2):
+                await ws.aclose()
+        finally:
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager

@@ -107,12 +107,12 @@ class OdinServer:
         context = self.context
         config = context.config.server
         context.epoch = context.broker.epoch
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         async with trio.open_nursery() as root:
             await root.start(self._pump)
             root.start_soon(self._housekeeping)
             async with trio.open_nursery() as connections:
-                if listeners is None:
-                    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
                 listening = self._describe(listeners)
@@ -212,8 +212,10 @@ class OdinServer:
                 finally:
                     writer.mark_closed()
                     nursery.cancel_scope.cancel()
-        except Exception:
-            self.log.exception("conn_error", peer=_peer(transport))
+        except* Exception as group:
+            # except*: a failure in one of the connection's tasks arrives grouped with the
+            # Cancelled of its siblings; log the failure, let the cancellation go on.
+            self.log.error("conn_error", peer=_peer(transport), exc_info=group)
 
     async def _serve(
         self, transport: trio.abc.Stream, writer: ConnectionWriter, nursery: trio.Nursery

@@ -200,3 +200,55 @@ async def test_draining_server_refuses_new_upgrades() -> None:
             await http_exchange(harness.port, upgrade_request())
         _, code, _ = await client.until_closed()
         assert code == 1001
+
+
+async def test_a_ping_racing_our_close_frame_is_not_an_error() -> None:
+    from structlog.testing import capture_logs
+    from wsproto.events import CloseConnection
+
+    from tests.helpers import RawClient
+
+    with capture_logs() as logs:
+        async with running_server() as harness:
+            client = await RawClient.connect(harness.port)
+            await client.send_json({"type": "subscribe", "data": {"channels": ["BTC.trade"]}})
+            await client.read_messages(lambda ms: any(m["type"] == "subscription_ack" for m in ms))
+            harness.server.request_shutdown()
+            events = await client.read_events(
+                lambda events: any(isinstance(e, CloseConnection) for e in events)
+            )
+            (close,) = [e for e in events if isinstance(e, CloseConnection)]
+            assert close.code == 1001
+            # The server has sent its close frame; our ping reaches it before our close reply.
+            # (Built by hand: wsproto refuses to ping after receiving a close.)
+            mask = b"\x01\x02\x03\x04"
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"late"))
+            await client.sock.send(b"\x89\x84" + mask + payload)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.sock.send(client.ws.send(close.response()))
+            with trio.fail_after(5):
+                await harness.server.stopped.wait()
+            client.close()
+    assert [entry for entry in logs if entry["event"] == "conn_error"] == []
+    assert any(entry["event"] == "conn_close" and entry["code"] == 1001 for entry in logs)
+
+
+async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from odin.server import replay
+
+    async def broken(connection: object, action: object) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(replay, "replay", broken)
+    async with running_server() as harness:
+        async with harness.client() as victim, harness.client() as bystander:
+            await bystander.subscribe(["BTC.trade"])
+            await victim.send({"type": "replay", "data": {"since": 0}})
+            _, code, reason = await victim.until_closed()
+            assert (code, reason) == (1011, "internal error")
+            seq = harness.publish("BTC.trade", {"n": 1})
+            assert [e["seq"] for e in await bystander.events(1)] == [seq]
+        await harness.wait_connections(0)
+        assert harness.context.metrics.closed["error"]._value.get() == 1

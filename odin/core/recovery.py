@@ -80,6 +80,9 @@ def assess_history(
         return NotRecovered(Reason.HISTORY_EXPIRED)
     if len(messages) > limit:
         return NotRecovered(Reason.LIMIT_EXCEEDED)
+    if messages[-1].seq != latest_seq:
+        # The channel's newest messages are gone (for example expired) while older ones stay.
+        return NotRecovered(Reason.HISTORY_EXPIRED)
     return Recovered(messages)
 
 
@@ -100,6 +103,9 @@ def assess_local(
         return Unknown()
     if len(messages) > limit:
         return NotRecovered(Reason.LIMIT_EXCEEDED)
+    if messages[-1].seq != last_seq:
+        # The window skipped its newest positions (a feed gap): only the broker can tell.
+        return Unknown()
     return Recovered(messages)
 
 
@@ -162,7 +168,10 @@ def plan_replay(
         reason = Reason.HISTORY_EXPIRED
     if len(wanted) > limit:
         wanted = wanted[:limit]
-        resume = wanted[-1].seq + 1 if wanted else after + 1
+        if wanted:
+            resume = wanted[-1].seq + 1
+        else:  # nothing fits: the rest starts after any range already missing
+            resume = missing[-1][1] + 1 if missing else after + 1
         missing.append((resume, top))
         reason = reason or Reason.LIMIT_EXCEEDED
     return ReplayPlan(wanted, missing, reason)

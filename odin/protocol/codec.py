@@ -105,9 +105,17 @@ def _format_error(exc: BaseException, _: object) -> str:
     return str(exc)
 
 
+# Python names of renamed fields, as they appear in error paths, and their wire names.
+_WIRE_PATHS = ((".from_seq", ".from"), (".to_seq", ".to"))
+
+
 def _describe(exc: Exception) -> str:
     if isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
-        return "; ".join(cattrs.transform_error(exc, format_exception=_format_error))
+        lines = cattrs.transform_error(exc, format_exception=_format_error)
+        # cattrs reports attribute names; the client knows the names it sent.
+        for python, wire in _WIRE_PATHS:
+            lines = [line.replace(python, wire) for line in lines]
+        return "; ".join(lines)
     return str(exc)
 
 

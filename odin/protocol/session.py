@@ -253,7 +253,7 @@ class Session:
             raise refuse(ErrorCode.INVALID_MESSAGE, "replay needs both 'from' and 'to'")
         names: list[str] | None = None
         if data.channel is not None or data.channels is not None:
-            names = [*([data.channel] if data.channel else []), *(data.channels or [])]
+            names = [*([data.channel] if data.channel is not None else []), *(data.channels or [])]
             for name in names:
                 try:
                     self.rules.check(name, allow_pattern=False)

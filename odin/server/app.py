@@ -35,7 +35,7 @@ from odin.server.context import ServerContext
 from odin.server.endpoints import answer
 from odin.server.fanout import Fanout
 from odin.server.http import BadRequest, RequestHead, read_request_head, response
-from odin.server.websocket import wrap_server_stream
+from odin.server.websocket import accept, wrap_server_stream
 from odin.server.writer import ConnectionWriter
 
 # trio-websocket hands messages to our reader through a queue of this many; the reader
@@ -252,7 +252,7 @@ class OdinServer:
                     message_queue_size=_WS_MESSAGE_QUEUE,
                     max_message_size=config.max_message_size,
                 )
-                websocket = await request.accept()
+                websocket = await accept(request)
             if handshake.cancelled_caught:
                 context.metrics.rejected["handshake_timeout"].inc()
                 self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from odin.protocol.close_codes import (
     IDLE_REASON,
@@ -37,6 +37,7 @@ from odin.protocol.session import (
     UnsubscribeAction,
 )
 from odin.server.fanout import Event, gap_frame
+from odin.server.websocket import OdinWebSocket
 from odin.server.writer import ConnectionWriter, Offer
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class Connection:
     def __init__(
         self,
         context: ServerContext,
-        websocket: WebSocketConnection,
+        websocket: OdinWebSocket,
         writer: ConnectionWriter,
         *,
         number: int,
@@ -78,6 +79,7 @@ class Connection:
         self.opened_at = trio.current_time()
         self.session = Session(context.limits, context.rules, last_activity=self.opened_at)
         self.log = context.log.bind(conn=self.id, peer=peer)
+        websocket.on_control_frame = self._control_frame
         self.recovering: dict[str, list[Event]] = {}
         """Channels being recovered: live events wait here until the replay is sent."""
         self.recovery_overflow: dict[str, tuple[int, int]] = {}
@@ -197,6 +199,9 @@ class Connection:
             hint = Reconnect(after_ms=reconnect_after_ms, reason=reason)
             self.writer.offer(text_frame(encode(hint)), force=True)
         self._close_requested.set()
+
+    def _control_frame(self) -> None:
+        self.session.note_activity(trio.current_time())
 
     async def _closer(self) -> None:
         await self._close_requested.wait()

@@ -46,12 +46,18 @@ def read_window(context: ServerContext, channel: str, after: int, limit: int) ->
     return Slice(current_epoch(context), history.last_seq(channel), events, "window")
 
 
-def window_proves(slice_: Slice, after: int) -> bool:
-    """True if the window alone shows everything after ``after`` (or that nothing came)."""
+def window_proves(slice_: Slice, after: int, limit: int) -> bool:
+    """True if the window alone shows everything after ``after`` (or that nothing came):
+    linked from the position to the newest one, or to beyond ``limit`` messages."""
     if after >= slice_.latest_seq and slice_.latest_seq:
         return True
     events = slice_.events
-    return bool(events) and events[0].prev <= after and linked(events)
+    return (
+        bool(events)
+        and events[0].prev <= after
+        and linked(events)
+        and (len(events) > limit or events[-1].seq == slice_.latest_seq)
+    )
 
 
 async def read_broker(context: ServerContext, channel: str, after: int, limit: int) -> Slice:

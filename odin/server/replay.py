@@ -88,7 +88,7 @@ async def _replay_channel(
 async def _read(connection: Connection, channel: str, after: int, limit: int) -> Slice:
     context = connection.context
     window = read_window(context, channel, after, limit)
-    if window_proves(window, after):
+    if window_proves(window, after, limit):
         return window
     return await read_broker(context, channel, after, limit)
 

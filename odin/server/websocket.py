@@ -1,6 +1,9 @@
-"""trio-websocket's server connection, with one fix: no pong after our close frame.
+"""trio-websocket's server connection, with a hook and a fix.
 
-When our side has sent its close frame (wsproto state LOCAL_CLOSING) and the peer's ping
+The hook: every ping or pong from the peer is reported, so liveness counts control frames too
+(trio-websocket handles them internally and tells the application nothing).
+
+The fix: when our side has sent its close frame (wsproto state LOCAL_CLOSING) and the peer's ping
 arrives before its close reply, trio-websocket answers the ping, wsproto refuses to send a
 pong in that state, and the ``LocalProtocolError`` ends the connection's nursery with a
 traceback (python-trio/trio-websocket#184; the fix in PR #198 is not released). A ping that
@@ -12,17 +15,29 @@ using this class. It touches private members, so trio-websocket is pinned below 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import Ping
+from wsproto.events import Ping, Pong
 
 
 class OdinWebSocket(WebSocketConnection):
+    on_control_frame: Callable[[], None] | None = None
+    """Called for every ping or pong from the peer: they prove it alive, like data frames."""
+
     async def _handle_ping_event(self, event: Ping) -> None:
+        if self.on_control_frame is not None:
+            self.on_control_frame()
         if self._wsproto.state is ConnectionState.OPEN:
             await super()._handle_ping_event(event)
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        if self.on_control_frame is not None:
+            self.on_control_frame()
+        await super()._handle_pong_event(event)
 
 
 async def wrap_server_stream(
@@ -32,6 +47,7 @@ async def wrap_server_stream(
     message_queue_size: int,
     max_message_size: int,
 ) -> WebSocketRequest:
+    """trio-websocket's ``wrap_server_stream``, building an ``OdinWebSocket``."""
     connection = OdinWebSocket(
         stream,
         WSConnection(ConnectionType.SERVER),
@@ -40,3 +56,10 @@ async def wrap_server_stream(
     )
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()
+
+
+async def accept(request: WebSocketRequest) -> OdinWebSocket:
+    """Complete the handshake of a request made by ``wrap_server_stream``."""
+    connection = await request.accept()
+    assert isinstance(connection, OdinWebSocket)
+    return connection

@@ -108,3 +108,46 @@ async def test_many_subscribers_all_receive_everything() -> None:
             go.set()
         assert all(seqs == published for seqs in received.values())
         assert len(received) == 20
+
+
+async def test_a_payload_that_is_not_json_becomes_a_gap_notice() -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        async with running_server() as harness, harness.client() as client:
+            await client.subscribe(["BTC.trade"])
+            good = harness.publish("BTC.trade", {"n": 1})
+            bad = [harness.publish("BTC.trade", b"not json {") for _ in range(3)]
+            after = harness.publish("BTC.trade", {"n": 2})
+            received = [await client.recv() for _ in range(5)]
+    assert [m["type"] for m in received] == ["trade:update", "gap", "gap", "gap", "trade:update"]
+    assert received[0]["seq"] == good
+    assert [(m["from"], m["to"], m["reason"]) for m in received[1:4]] == [
+        (seq, seq, "invalid_payload") for seq in bad
+    ]
+    assert (received[4]["seq"], received[4]["prev"]) == (after, bad[-1])
+    assert [entry["event"] for entry in logs].count("invalid_payload") == 1
+
+
+async def test_feed_overflow_is_announced_as_a_gap_and_the_stream_stays_linked() -> None:
+    from tests.helpers import make_broker, make_config
+
+    config = make_config(**{"broker.feed_capacity": 16})
+    async with running_server(config, make_broker(config)) as harness, harness.client() as client:
+        await client.subscribe(["BTC.trade"])
+        # Published without yielding: the fan-out cannot take more than the feed holds.
+        seqs = [harness.publish("BTC.trade", {"n": n}) for n in range(100)]
+        # The feed holds 16 (plus one handed straight to a waiting fan-out).
+        taken = 100 - harness.broker.feed_stats.dropped
+        assert taken in (16, 17)
+        await harness.settle(upto=seqs[taken - 1])
+        last = harness.publish("BTC.trade", {"n": 100})
+        received = []
+        while not received or received[-1].get("seq") != last:
+            received.append(await client.recv())
+    events = [m for m in received if "seq" in m]
+    (gap,) = [m for m in received if m["type"] == "gap"]
+    assert [e["seq"] for e in events] == [*seqs[:taken], last]
+    assert (gap["from"], gap["to"], gap["reason"]) == (seqs[taken], seqs[-1], "feed_overflow")
+    assert events[-1]["prev"] == gap["to"]
+    assert harness.context.metrics.gaps["feed_overflow"]._value.get() == 1

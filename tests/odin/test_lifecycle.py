@@ -252,3 +252,24 @@ async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest(
             assert [e["seq"] for e in await bystander.events(1)] == [seq]
         await harness.wait_connections(0)
         assert harness.context.metrics.closed["error"]._value.get() == 1
+
+
+async def test_client_pings_count_as_activity(autojump_clock) -> None:
+    """A client that sends only pings (and answers none of ours) is alive."""
+    from wsproto.events import Ping
+
+    config = make_config(**{"connection.ping_interval": 10, "connection.idle_timeout": 30})
+    async with running_server(config, memory=True) as harness:
+        stream = await harness.open_stream()
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="odin", target="/ws")))
+        events: list = []
+        while not any(isinstance(e, AcceptConnection) for e in events):
+            ws.receive_data(bytes(await stream.receive_some()))
+            events.extend(ws.events())
+        await harness.wait_connections(1)
+        for _ in range(12):  # 240 s, eight idle timeouts
+            await trio.sleep(20)
+            await stream.send_all(ws.send(Ping(payload=b"alive")))
+        assert len(harness.context.connections) == 1
+        await stream.aclose()

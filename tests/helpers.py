@@ -121,9 +121,9 @@ class Harness:
     ) -> AbstractAsyncContextManager[Client]:
         return open_client(self.open_stream, headers=headers, read_hello=read_hello)
 
-    async def settle(self, timeout: float = 5) -> None:
-        """Wait until the fan-out has handled everything published so far."""
-        target = self.broker.last_seq
+    async def settle(self, timeout: float = 5, upto: int | None = None) -> None:
+        """Wait until the fan-out has handled everything published so far (or ``upto``)."""
+        target = self.broker.last_seq if upto is None else upto
         with trio.fail_after(timeout):
             while self.server.fanout.last_seq < target:
                 await trio.sleep(0.001)

@@ -142,7 +142,7 @@ async def test_feed_overflow_is_announced_as_a_gap_and_the_stream_stays_linked()
         assert taken in (16, 17)
         await harness.settle(upto=seqs[taken - 1])
         last = harness.publish("BTC.trade", {"n": 100})
-        received = []
+        received: list[dict[str, object]] = []
         while not received or received[-1].get("seq") != last:
             received.append(await client.recv())
     events = [m for m in received if "seq" in m]

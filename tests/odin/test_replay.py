@@ -33,7 +33,9 @@ async def replay(client: Client, data: Message) -> tuple[list[Message], list[Mes
 async def test_replay_since_a_position_for_every_subscribed_channel() -> None:
     async with running_server() as harness, harness.client() as client:
         await client.subscribe(["BTC.*", "ETH.trade"])
-        seqs = {ch: [] for ch in ("BTC.trade", "BTC.social", "ETH.trade", "SOL.trade")}
+        seqs: dict[str, list[int]] = {
+            ch: [] for ch in ("BTC.trade", "BTC.social", "ETH.trade", "SOL.trade")
+        }
         for n in range(12):
             channel = list(seqs)[n % 4]
             seqs[channel].append(harness.publish(channel, {"n": n}))

@@ -23,6 +23,8 @@ from attrs import validators as v
 from cattrs.dispatch import StructureHook, TargetType
 from cattrs.gen import make_dict_structure_fn
 
+from odin.protocol.channels import EVENT_TYPES, ChannelError, ChannelRules
+
 T = TypeVar("T")
 
 
@@ -46,6 +48,7 @@ class ServerSection:
     port: int = attrs.field(default=3002, validator=[v.ge(0), v.le(65535)])
     """WebSocket and HTTP port (0: any free port, printed in the ``listening`` log)."""
     ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
+    """The WebSocket endpoint's path."""
     max_connections: int = attrs.field(default=10_000, validator=v.ge(1))
     """Beyond this, upgrades get 503 with Retry-After."""
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
@@ -65,15 +68,21 @@ class ServerSection:
 @attrs.frozen
 class ConnectionSection:
     max_subscriptions: int = attrs.field(default=128, validator=v.ge(1))
+    """Channels and patterns one connection may hold."""
     ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    """Seconds between the server's pings."""
     idle_timeout: float = attrs.field(default=60.0, validator=_positive)
     """Seconds without an inbound frame or pong before closing with 4000."""
     queue_max_messages: int = attrs.field(default=1024, validator=v.ge(8))
+    """Frames a connection's outbound queue holds before the slow-consumer policy applies."""
     queue_max_bytes: int = attrs.field(default=1024 * 1024, validator=v.ge(4096))
+    """Bytes a connection's outbound queue holds before the slow-consumer policy applies."""
     slow_consumer_policy: Literal["close", "conflate"] = "close"
     """At a full queue: close with 1008, or keep the newest message per channel and send gaps."""
     rate_limit_burst: int = attrs.field(default=100, validator=v.ge(1))
+    """Frames a client may send at once (the token bucket's size)."""
     rate_limit_per_second: float = attrs.field(default=10.0, validator=_positive)
+    """Frames per second a client may send in the long run (the bucket's refill rate)."""
     rate_limit_abuse_threshold: float = attrs.field(default=100.0, validator=_positive)
     """Rejected frames, net of the refill rate, after which the connection is closed (1008)."""
 
@@ -85,9 +94,11 @@ class HistorySection:
     max_age: float = attrs.field(default=300.0, validator=_positive)
     """Seconds a message is kept."""
     max_channels: int = attrs.field(default=10_000, validator=v.ge(1))
+    """Channels whose history is kept; the least recently published one is forgotten first."""
     recovery_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
     """More missed messages than this on a channel: recovered false (limit_exceeded)."""
     replay_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
+    """Messages one replay request may send (replay_incomplete says where to resume)."""
     read_timeout: float = attrs.field(default=5.0, validator=_positive)
     """Seconds a recovery or replay may wait for the broker's history."""
 
@@ -95,6 +106,7 @@ class HistorySection:
 @attrs.frozen
 class BrokerSection:
     kind: Literal["memory"] = "memory"
+    """Which broker carries and keeps publications: the in-process memory broker."""
     feed_capacity: int = attrs.field(default=10_000, validator=v.ge(16))
     """Publications buffered between the broker and the fan-out; overflow becomes gaps."""
 
@@ -104,6 +116,7 @@ class ShutdownSection:
     drain_timeout: float = attrs.field(default=10.0, validator=_positive)
     """Seconds to flush queues and close clients after SIGTERM before cutting them off."""
     reconnect_min_ms: int = attrs.field(default=500, validator=v.ge(0))
+    """Shortest delay a client is told to wait before reconnecting after a shutdown."""
     reconnect_max_ms: int = attrs.field(default=5000, validator=v.ge(0))
     """Each client is told to reconnect after a random delay in this range."""
 
@@ -111,17 +124,47 @@ class ShutdownSection:
 @attrs.frozen
 class LogSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
     format: Literal["json", "console"] = "json"
+    """json: one object per line (for Loki); console: for a human at a terminal."""
+
+
+def _event_types(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    unknown = [event for event in value if event not in EVENT_TYPES]
+    if unknown or not value:
+        raise ValueError(f"{attribute.name} must be some of {', '.join(EVENT_TYPES)}")
+
+
+def _symbols(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    rules = ChannelRules()
+    try:
+        for symbol in value:
+            rules.check(f"{symbol}.trade", allow_pattern=False)
+    except ChannelError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
+    if not value:
+        raise ValueError(f"{attribute.name} must name at least one token")
 
 
 @attrs.frozen
 class SimulatorSection:
     enabled: bool = False
+    """Publish simulated market events into the broker (``--simulate``)."""
     rate: float = attrs.field(default=10.0, validator=_positive)
     """Events per second, across all tokens, evenly paced."""
-    tokens: tuple[str, ...] = ("BTC", "ETH", "ODIN", "SOL", "DOGE")
-    events: tuple[str, ...] = ("trade",)
+    tokens: tuple[str, ...] = attrs.field(
+        default=("BTC", "ETH", "ODIN", "SOL", "DOGE"), validator=_symbols
+    )
+    """Symbols to simulate; the original's five have seed prices, others start at random."""
+    events: tuple[str, ...] = attrs.field(default=("trade",), validator=_event_types)
+    """Event families to publish, taking turns: trade, liquidity, metadata, social,
+    favorites, creation, analytics, balances."""
     seed: int | None = None
+    """Random seed, for a reproducible stream."""
 
 
 @attrs.frozen

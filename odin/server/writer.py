@@ -137,9 +137,15 @@ class ConnectionWriter(trio.abc.Stream):
             item.started = written > 0
             self._append(item)
             return Offer.QUEUED
-        if not force and (
-            len(self._queue) >= self.max_messages
-            or self._queued_bytes + len(frame) > self.max_bytes
+        # An empty queue takes any frame, so a single frame larger than the byte limit is
+        # delivered (slowly) rather than refused forever; the bound is the limit plus one frame.
+        if (
+            not force
+            and self._queue
+            and (
+                len(self._queue) >= self.max_messages
+                or self._queued_bytes + len(frame) > self.max_bytes
+            )
         ):
             return Offer.FULL
         self._append(_Item(frame, channel, seq, trio.current_time()))

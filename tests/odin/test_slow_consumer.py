@@ -125,3 +125,14 @@ async def test_conflate_policy_keeps_the_newest_per_channel_and_announces_gaps()
         replies = await slow.read_messages(lambda ms: any(m["type"] == "pong" for m in ms))
         assert replies[-1]["type"] == "pong"
         slow.close()
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["socket", "memory-stream"])
+async def test_an_event_larger_than_the_queue_limit_is_still_delivered(memory: bool) -> None:
+    config = make_config(**{"connection.queue_max_bytes": 4096})
+    async with running_server(config, memory=memory) as harness, harness.client() as client:
+        await client.subscribe(["BTC.trade"])
+        for n in range(3):  # one at a time: each alone is over the queue's byte limit
+            seq = harness.publish("BTC.trade", {"n": n, "pad": "y" * 50_000})
+            assert [e["seq"] for e in await client.events(1)] == [seq]
+        assert harness.context.metrics.slow_closed._value.get() == 0

@@ -1,0 +1,69 @@
+"""The documents stay true to the code: every setting, metric, log event, error code and
+close code the server has is described where operators and client developers look."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import attrs
+import pytest
+
+from odin.config import SECTIONS, env_name
+from odin.metrics import Metrics
+from odin.protocol.close_codes import CloseCode
+from odin.protocol.errors import ErrorCode
+
+ROOT = Path(__file__).resolve().parents[1]
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
+PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
+
+
+def test_every_setting_is_documented_with_its_environment_name() -> None:
+    missing = [
+        env_name(section, field.name)
+        for section, cls in SECTIONS.items()
+        for field in attrs.fields(cls)  # type: ignore[arg-type]
+        if f"`{env_name(section, field.name)}`" not in OPERATIONS
+    ]
+    assert missing == []
+
+
+def test_every_metric_is_documented() -> None:
+    names = {
+        metric.name for metric in Metrics().registry.collect() if metric.name.startswith("odin_")
+    }
+    assert names
+    missing = sorted(name for name in names if name not in OPERATIONS)
+    assert missing == []
+
+
+def test_every_log_event_is_documented() -> None:
+    pattern = re.compile(r"\.(?:debug|info|warning|error|exception)\(\s*\"([a-z_]+)\"")
+    events = {
+        match
+        for path in (ROOT / "odin").rglob("*.py")
+        for match in pattern.findall(path.read_text())
+    }
+    assert {"conn_open", "conn_close", "listening", "recover"} <= events
+    missing = sorted(event for event in events if f"`{event}`" not in OPERATIONS)
+    assert missing == []
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_error_code_is_in_the_protocol_doc(code: ErrorCode) -> None:
+    assert f"`{code.value}`" in PROTOCOL
+
+
+@pytest.mark.parametrize("code", list(CloseCode))
+def test_every_close_code_is_in_the_protocol_doc(code: CloseCode) -> None:
+    assert f"| {int(code)} |" in PROTOCOL
+
+
+def test_readme_starts_with_the_two_setup_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```\n(.+?)\n```", readme, re.DOTALL)
+    assert commands[0].endswith("odin serve --simulate")
+    assert "tox" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
-import structlog
 import trio
 
 from odin import __version__, logs
@@ -107,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-async def serve(config: Config, log: structlog.typing.FilteringBoundLogger) -> int:
+async def serve(config: Config, log: logs.Log) -> int:
     history = config.history
     broker = MemoryBroker(
         max_messages=history.max_messages,

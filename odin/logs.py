@@ -1,18 +1,23 @@
 """Structured logs: one JSON object per line on stderr, with stable event names.
 
-Every line has ``event``, ``level`` and ``timestamp`` (UTC, ISO 8601); connection events add
-``conn`` and ``peer``. Libraries that log through the standard library (trio-websocket) are
-routed through the same renderer, so a log shipper never sees a line that is not JSON.
+Every line has ``event``, ``level``, ``timestamp`` (UTC, ISO 8601) and ``service``; connection
+events add ``conn`` and ``peer``. ``Log`` is a small bound logger over the standard library's
+``logging`` (``log.info("conn_open", peer=...)``, ``log.bind(conn=...)``) and
+python-json-logger writes the lines, so libraries that log through ``logging``
+(trio-websocket) come out as JSON too. (structlog would do the binding, but it imports
+asyncio, and the server must load no asyncio outside the NATS bridge.)
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
-import structlog
+from pythonjsonlogger.json import JsonFormatter
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -20,44 +25,94 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+# The LogRecord attribute that carries a Log's fields to the formatter.
+_FIELDS = "odin_fields"
 
 
-def _orjson_dumps(value: Any, **_: Any) -> str:
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class _JsonLines(JsonFormatter):
+    def add_fields(
+        self, log_record: dict[str, Any], record: logging.LogRecord, _: dict[str, Any]
+    ) -> None:
+        log_record["event"] = record.getMessage()
+        log_record["level"] = record.levelname.lower()
+        log_record["timestamp"] = _timestamp(record)
+        fields = getattr(record, _FIELDS, None)
+        if fields is None:
+            log_record["logger"] = record.name  # a library's record
+        else:
+            log_record.update(fields)
+        if record.exc_info:
+            log_record["exception"] = self.formatException(record.exc_info)
+
+
+class _Console(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, _FIELDS, {})
+        text = " ".join(f"{key}={value}" for key, value in fields.items() if key != "service")
+        line = f"{_timestamp(record)} {record.levelname.lower():7} {record.getMessage():20} {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _dumps(value: object, **_: object) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Configure structlog and the standard library for the whole process."""
-    stream = stream or sys.stderr
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    shared: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
-    )
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-        )
-    )
+    """Send every log record of the process to ``stream`` (stderr), formatted."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonLines(json_serializer=_dumps) if fmt == "json" else _Console())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    # trio-websocket logs every frame at debug level; its warnings are still worth a line.
-    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    root.setLevel(logging.WARNING)
+    # Odin's own events at the configured level; libraries (trio-websocket logs every frame
+    # at debug level) only from warnings up.
+    logging.getLogger("odin").setLevel(_LEVELS[level])
 
 
-def get_logger(**context: Any) -> structlog.typing.FilteringBoundLogger:
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**context)
-    return logger
+class Log:
+    """A logger with bound context; each call logs one event with its fields."""
+
+    __slots__ = ("_context", "_logger")
+
+    def __init__(self, logger: logging.Logger, context: Mapping[str, object]) -> None:
+        self._logger = logger
+        self._context = dict(context)
+
+    def bind(self, **context: object) -> Log:
+        return Log(self._logger, {**self._context, **context})
+
+    def _log(self, level: int, event: str, exc_info: object, fields: dict[str, object]) -> None:
+        if self._logger.isEnabledFor(level):
+            self._logger.log(
+                level,
+                event,
+                exc_info=exc_info,  # type: ignore[arg-type]
+                extra={_FIELDS: {**self._context, **fields}},
+            )
+
+    def debug(self, event: str, **fields: object) -> None:
+        self._log(logging.DEBUG, event, None, fields)
+
+    def info(self, event: str, **fields: object) -> None:
+        self._log(logging.INFO, event, None, fields)
+
+    def warning(self, event: str, **fields: object) -> None:
+        self._log(logging.WARNING, event, None, fields)
+
+    def error(self, event: str, *, exc_info: BaseException | None = None, **fields: object) -> None:
+        self._log(logging.ERROR, event, exc_info, fields)
+
+    def exception(self, event: str, **fields: object) -> None:
+        """An error with the exception being handled."""
+        self._log(logging.ERROR, event, True, fields)
+
+
+def get_logger(name: str = "odin", **context: object) -> Log:
+    return Log(logging.getLogger(name), context)

@@ -4,12 +4,11 @@ small WebSocket client that owns its socket (so it always closes it)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
-import structlog
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -17,6 +16,7 @@ from wsproto import ConnectionType, WSConnection
 
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, load_config
+from odin.logs import get_logger
 from odin.server.app import Listening, OdinServer
 from odin.server.websocket import OdinWebSocket
 
@@ -171,7 +171,7 @@ async def running_server(
 ) -> AsyncIterator[Harness]:
     config = config or make_config()
     broker = broker or make_broker(config)
-    server = OdinServer(config, broker, log=log or structlog.get_logger(service="odin-test"))
+    server = OdinServer(config, broker, log=log or get_logger(service="odin-test"))
     listener = MemoryListener.create() if memory else None
     async with trio.open_nursery() as nursery:
         listening = await nursery.start(
@@ -391,3 +391,29 @@ async def http_exchange(
 async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     return await http_exchange(port, request)
+
+
+@contextmanager
+def capture_logs() -> Iterator[list[dict[str, Any]]]:
+    """Every event Odin logs inside the block, as dicts: event, level and fields."""
+    import logging
+
+    captured: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields = getattr(record, "odin_fields", {})
+            captured.append(
+                {"event": record.getMessage(), "level": record.levelname.lower(), **fields}
+            )
+
+    logger = logging.getLogger("odin")
+    handler = Collect(logging.DEBUG)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield captured
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)

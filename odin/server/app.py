@@ -22,12 +22,11 @@ import random
 from collections.abc import Callable, Sequence
 
 import attrs
-import structlog
 import trio
 
 from odin.broker.base import Broker
 from odin.config import Config
-from odin.logs import get_logger
+from odin.logs import Log, get_logger
 from odin.metrics import Metrics
 from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
 from odin.server.connection import Connection
@@ -62,7 +61,7 @@ class OdinServer:
         broker: Broker,
         *,
         metrics: Metrics | None = None,
-        log: structlog.typing.FilteringBoundLogger | None = None,
+        log: Log | None = None,
     ) -> None:
         self.context = ServerContext(
             config=config,
@@ -78,7 +77,7 @@ class OdinServer:
         self._last_capacity_log = -1e9
 
     @property
-    def log(self) -> structlog.typing.FilteringBoundLogger:
+    def log(self) -> Log:
         return self.context.log
 
     def request_shutdown(self) -> None:

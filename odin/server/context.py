@@ -6,13 +6,13 @@ import secrets
 from typing import TYPE_CHECKING
 
 import attrs
-import structlog
 import trio
 
 from odin.broker.base import Broker
 from odin.config import Config
 from odin.core.history import HistoryLog
 from odin.core.hub import Hub
+from odin.logs import Log
 from odin.metrics import Metrics
 from odin.protocol.channels import ChannelRules
 from odin.protocol.session import SessionLimits
@@ -27,7 +27,7 @@ class ServerContext:
     config: Config
     broker: Broker
     metrics: Metrics
-    log: structlog.typing.FilteringBoundLogger
+    log: Log
     hub: Hub[Connection] = attrs.Factory(Hub)
     history: HistoryLog[Event] = attrs.field(init=False)
     connections: dict[str, Connection] = attrs.Factory(dict)

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 import orjson
-import structlog
 import trio
 
 from odin.broker.base import BrokerError
+from odin.logs import Log
 from odin.simulator.model import Market
 
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -35,7 +35,7 @@ async def run_simulator(
     market: Market,
     rate: float,
     *,
-    log: structlog.typing.FilteringBoundLogger,
+    log: Log,
     stats: SimulatorStats | None = None,
     max_burst: int = 1000,
     task_status: trio.TaskStatus[SimulatorStats] = trio.TASK_STATUS_IGNORED,

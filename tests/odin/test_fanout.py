@@ -111,7 +111,7 @@ async def test_many_subscribers_all_receive_everything() -> None:
 
 
 async def test_a_payload_that_is_not_json_becomes_a_gap_notice() -> None:
-    from structlog.testing import capture_logs
+    from tests.helpers import capture_logs
 
     with capture_logs() as logs:
         async with running_server() as harness, harness.client() as client:

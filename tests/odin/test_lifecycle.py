@@ -203,10 +203,9 @@ async def test_draining_server_refuses_new_upgrades() -> None:
 
 
 async def test_a_ping_racing_our_close_frame_is_not_an_error() -> None:
-    from structlog.testing import capture_logs
     from wsproto.events import CloseConnection
 
-    from tests.helpers import RawClient
+    from tests.helpers import RawClient, capture_logs
 
     with capture_logs() as logs:
         async with running_server() as harness:

@@ -9,7 +9,7 @@ The run passes when no case is FAILED (NON-STRICT and INFORMATIONAL are accepted
 wsproto's own CI), every close behaviour is OK or INFORMATIONAL, and the echo server is still
 up at the end.
 
-wstest is Python 2.7 only. It is found through ``ODIN_WSTEST`` or at
+wstest is Python 2.7 only. It is found through ``AUTOBAHN_WSTEST`` or at
 ``.ci/cache/autobahn/py2env/bin/wstest``, which ``.ci/autobahn-setup.sh`` installs; without
 it the test skips.
 """
@@ -42,7 +42,7 @@ STOP_TIMEOUT = 10.0
 
 
 def _find_wstest() -> Path | None:
-    configured = os.environ.get("ODIN_WSTEST")
+    configured = os.environ.get("AUTOBAHN_WSTEST")
     candidate = Path(configured) if configured else DEFAULT_WSTEST
     if candidate.is_file() and os.access(candidate, os.X_OK):
         return candidate
@@ -133,10 +133,10 @@ def _case_key(case_id: str) -> tuple[int, ...]:
 def test_autobahn_fuzzingclient_cases_1_to_10(tmp_path: Path) -> None:
     wstest = _find_wstest()
     if wstest is None:
-        where = os.environ.get("ODIN_WSTEST") or str(DEFAULT_WSTEST.relative_to(REPO_ROOT))
+        where = os.environ.get("AUTOBAHN_WSTEST") or str(DEFAULT_WSTEST.relative_to(REPO_ROOT))
         pytest.skip(
             f"Autobahn|Testsuite (wstest) not found at {where}: run .ci/autobahn-setup.sh (it "
-            "needs Python 2.7, e.g. pyenv 2.7.18) or set ODIN_WSTEST to a wstest executable"
+            "needs Python 2.7, e.g. pyenv 2.7.18) or set AUTOBAHN_WSTEST to a wstest executable"
         )
 
     server_log = tmp_path / "echo-server.log"

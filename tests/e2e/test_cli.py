@@ -102,4 +102,4 @@ def test_start_logs_the_effective_config_and_every_url() -> None:
         config = next(r for r in odin.records() if r["event"] == "config")
         assert config["server"]["port"] == 0
         warning = odin.wait_for("config_unknown_environment")
-        assert warning["names"] == ["ODIN_TYPO_SETTING"]
+        assert "ODIN_TYPO_SETTING" in warning["names"]

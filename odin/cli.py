@@ -106,14 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-async def serve(config: Config, log: logs.Log) -> int:
+def build_broker(config: Config) -> MemoryBroker:
+    """The broker the configuration names, sized by its history and broker sections."""
     history = config.history
-    broker = MemoryBroker(
+    return MemoryBroker(
         max_messages=history.max_messages,
         max_age=history.max_age,
         max_channels=history.max_channels,
         feed_capacity=config.broker.feed_capacity,
     )
+
+
+async def serve(config: Config, log: logs.Log) -> int:
+    broker = build_broker(config)
     server = OdinServer(config, broker, log=log)
     forced = False
     async with trio.open_nursery() as nursery:

@@ -27,6 +27,7 @@ _LEVELS = {
 }
 # The LogRecord attribute that carries a Log's fields to the formatter.
 _FIELDS = "odin_fields"
+LIFECYCLE = "odin.lifecycle"
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -72,8 +73,10 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     # Odin's own events at the configured level; libraries (trio-websocket logs every frame
-    # at debug level) only from warnings up.
+    # at debug level) only from warnings up. Lifecycle events (listening, draining, stopped)
+    # are always written: scripts wait for them.
     logging.getLogger("odin").setLevel(_LEVELS[level])
+    logging.getLogger(LIFECYCLE).setLevel(logging.INFO)
 
 
 class Log:
@@ -87,6 +90,10 @@ class Log:
 
     def bind(self, **context: object) -> Log:
         return Log(self._logger, {**self._context, **context})
+
+    def lifecycle(self) -> Log:
+        """The same context on the lifecycle logger, which the log level never silences."""
+        return Log(logging.getLogger(LIFECYCLE), self._context)
 
     def _log(self, level: int, event: str, exc_info: object, fields: dict[str, object]) -> None:
         if self._logger.isEnabledFor(level):

@@ -115,14 +115,16 @@ class OdinServer:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
                 listening = self._describe(listeners)
-                self.log.info("listening", websocket=listening.websocket, http=listening.http)
+                self.log.lifecycle().info(
+                    "listening", websocket=listening.websocket, http=listening.http
+                )
                 task_status.started(listening)
                 await self._shutdown.wait()
                 accepting.cancel()
                 await self._drain()
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
-        self.log.info("stopped")
+        self.log.lifecycle().info("stopped")
 
     def _describe(self, listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> Listening:
         ws_path = self.context.config.server.ws_path
@@ -167,7 +169,7 @@ class OdinServer:
         context = self.context
         shutdown = context.config.shutdown
         context.draining = True
-        self.log.info(
+        self.log.lifecycle().info(
             "draining", connections=len(context.connections), timeout=shutdown.drain_timeout
         )
         for connection in list(context.connections.values()):

@@ -103,3 +103,9 @@ def test_start_logs_the_effective_config_and_every_url() -> None:
         assert config["server"]["port"] == 0
         warning = odin.wait_for("config_unknown_environment")
         assert "ODIN_TYPO_SETTING" in warning["names"]
+
+
+def test_lifecycle_events_are_logged_at_any_level() -> None:
+    with odin_process(["serve", "--port", "0", "--log-level", "error"]) as odin:
+        assert odin.wait_for("listening")["websocket"]
+        assert not [r for r in odin.records() if r["event"] == "config"]  # info: filtered

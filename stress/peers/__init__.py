@@ -1,0 +1,7 @@
+"""Servers under test, each a separate process started by ``stress.bench_fanout``.
+
+Every one speaks the same tiny protocol with the driver: it prints a JSON line
+``{"event": "listening", "port": P}`` on stdout, publishes ``round(rate * duration)``
+messages at a fixed rate when it reads ``start`` on stdin, prints ``{"event": "done", ...}``
+when it has published them all, and exits on end of input on stdin or after ``--max-seconds``.
+"""

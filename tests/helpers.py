@@ -417,3 +417,52 @@ def capture_logs() -> Iterator[list[dict[str, Any]]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
+
+
+Closed = tuple[list[Message], int | None, str]
+
+
+async def hold_clients(
+    nursery: trio.Nursery,
+    connect: Callable[[], AbstractAsyncContextManager[Client]],
+    count: int,
+    channels: list[str],
+    *,
+    events: int = 0,
+    timeout: float = 15,
+) -> list[Closed]:
+    """Start ``count`` clients that subscribe (and read ``events`` events), then read until the
+    server closes them. Returns once all are subscribed; the list fills as they are closed."""
+    results: list[Closed] = []
+    ready = trio.Semaphore(0)
+
+    async def hold() -> None:
+        async with connect() as client:
+            await client.subscribe(channels)
+            if events:
+                await client.events(events)
+            ready.release()
+            results.append(await client.until_closed(timeout=timeout))
+
+    for _ in range(count):
+        nursery.start_soon(hold)
+    with trio.fail_after(timeout):
+        for _ in range(count):
+            await ready.acquire()
+    return results
+
+
+async def raw_memory_client(harness: Harness) -> tuple[trio.abc.Stream, WSConnection]:
+    """A wsproto client on a memory stream, past the handshake, that does nothing by itself
+    (it answers no ping): for virtual-time liveness tests."""
+    from wsproto.events import AcceptConnection, Request
+
+    stream = await harness.open_stream()
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="odin", target="/ws")))
+    events: list[Any] = []
+    while not any(isinstance(event, AcceptConnection) for event in events):
+        ws.receive_data(bytes(await stream.receive_some()))
+        events.extend(ws.events())
+    await harness.wait_connections(1)
+    return stream, ws

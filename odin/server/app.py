@@ -216,14 +216,14 @@ class OdinServer:
         except* Exception as group:
             # except*: a failure in one of the connection's tasks arrives grouped with the
             # Cancelled of its siblings; log the failure, let the cancellation go on.
-            self.log.error("conn_error", peer=_peer(transport), exc_info=group)
+            self.log.error("conn_error", peer=peer_address(transport), exc_info=group)
 
     async def _serve(
         self, transport: trio.abc.Stream, writer: ConnectionWriter, nursery: trio.Nursery
     ) -> None:
         context = self.context
         config = context.config.server
-        peer = _peer(transport)
+        peer = peer_address(transport)
         admitted = False
         origin: str | None = None
         try:
@@ -302,7 +302,7 @@ class OdinServer:
         return None
 
 
-def _peer(transport: trio.abc.Stream) -> str:
+def peer_address(transport: trio.abc.Stream) -> str:
     if isinstance(transport, trio.SocketStream):
         try:
             host, port = transport.socket.getpeername()[:2]

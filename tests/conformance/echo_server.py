@@ -28,6 +28,7 @@ from functools import partial
 import trio
 from trio_websocket import ConnectionClosed
 
+from odin.server.app import peer_address
 from odin.server.http import BadRequest, read_request_head, response
 from odin.server.websocket import wrap_server_stream
 from odin.server.writer import ConnectionWriter
@@ -50,19 +51,9 @@ def _log(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
 
 
-def _peer(transport: trio.abc.Stream) -> str:
-    if isinstance(transport, trio.SocketStream):
-        try:
-            host, port = transport.socket.getpeername()[:2]
-        except OSError:
-            return "unknown"
-        return f"{host}:{port}"
-    return "memory"
-
-
 async def handle_connection(transport: trio.abc.Stream, *, max_message_size: int) -> None:
     """Serve one TCP connection; never raises (trio.serve_listeners closes ``transport``)."""
-    peer = _peer(transport)
+    peer = peer_address(transport)
     try:
         async with trio.open_nursery() as nursery:
             writer = ConnectionWriter(

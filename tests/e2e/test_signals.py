@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.e2e.process import odin_process, port_of
-from tests.helpers import RawClient, open_client
+from tests.helpers import RawClient, hold_clients, open_client
 
 pytestmark = [pytest.mark.trio, pytest.mark.slow]
 
@@ -21,22 +21,10 @@ async def test_sigterm_sends_reconnect_hints_closes_1001_and_exits_0() -> None:
     ]  # fmt: skip
     with odin_process(args) as odin:
         port = port_of(odin.wait_for("listening"))
-        results: list = []
-        subscribed = trio.Semaphore(0)
-
-        async def hold() -> None:
-            async with open_client(port) as client:
-                await client.subscribe(["*.trade"])
-                await client.events(3)
-                subscribed.release()
-                results.append(await client.until_closed(timeout=15))
-
         async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(hold)
-            with trio.fail_after(10):
-                for _ in range(3):
-                    await subscribed.acquire()
+            results = await hold_clients(
+                nursery, lambda: open_client(port), 3, ["*.trade"], events=3
+            )
             odin.signal(signal.SIGTERM)
         assert odin.wait(timeout=15) == 0
     after = set()

@@ -9,11 +9,15 @@ import weakref
 import pytest
 import trio
 import trio.testing
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request
 
 from odin.server.app import OdinServer
-from tests.helpers import make_broker, make_config, running_server
+from tests.helpers import (
+    hold_clients,
+    make_broker,
+    make_config,
+    raw_memory_client,
+    running_server,
+)
 
 pytestmark = pytest.mark.trio
 
@@ -96,7 +100,6 @@ async def test_cancelling_the_server_cleans_up_every_connection() -> None:
     config = make_config()
     broker = make_broker(config)
     server = OdinServer(config, broker)
-    closed: list[int | None] = []
     async with trio.open_nursery() as outer:
         await trio.testing.wait_all_tasks_blocked()
         baseline = count_tasks()
@@ -107,20 +110,7 @@ async def test_cancelling_the_server_cleans_up_every_connection() -> None:
 
             harness = Harness(server, broker, listening, server_scope)
 
-            subscribed = trio.Semaphore(0)
-
-            async def hold() -> None:
-                async with harness.client() as client:
-                    await client.subscribe(["BTC.trade"])
-                    subscribed.release()
-                    _, code, _ = await client.until_closed(timeout=10)
-                    closed.append(code)
-
-            for _ in range(10):
-                outer.start_soon(hold)
-            with trio.fail_after(5):
-                for _ in range(10):
-                    await subscribed.acquire()
+            closed = await hold_clients(outer, harness.client, 10, ["BTC.trade"])
             server_scope.cancel_scope.cancel()
         assert_nothing_left(server)
     assert len(closed) == 10
@@ -131,14 +121,7 @@ async def test_cancelling_the_server_cleans_up_every_connection() -> None:
 async def test_idle_client_that_answers_no_ping_is_closed(autojump_clock) -> None:
     config = make_config(**{"connection.ping_interval": 10, "connection.idle_timeout": 30})
     async with running_server(config, memory=True) as harness:
-        stream = await harness.open_stream()
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host="odin", target="/ws")))
-        events: list = []
-        while not any(isinstance(e, AcceptConnection) for e in events):
-            ws.receive_data(bytes(await stream.receive_some()))
-            events.extend(ws.events())
-        await harness.wait_connections(1)
+        stream, _ = await raw_memory_client(harness)
         start = trio.current_time()
         # The client now goes silent: it reads nothing and answers no ping.
         await harness.wait_connections(0, timeout=100)
@@ -160,21 +143,8 @@ async def test_a_client_that_only_answers_pings_stays_connected(autojump_clock) 
 async def test_shutdown_tells_clients_to_reconnect_then_closes_with_1001() -> None:
     config = make_config(**{"shutdown.reconnect_min_ms": 100, "shutdown.reconnect_max_ms": 900})
     async with running_server(config) as harness:
-        results: list = []
-        subscribed = trio.Semaphore(0)
-
-        async def hold() -> None:
-            async with harness.client() as client:
-                await client.subscribe(["BTC.trade"])
-                subscribed.release()
-                results.append(await client.until_closed(timeout=10))
-
         async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(hold)
-            with trio.fail_after(5):
-                for _ in range(5):
-                    await subscribed.acquire()
+            results = await hold_clients(nursery, harness.client, 5, ["BTC.trade"])
             harness.server.request_shutdown()
             with trio.fail_after(10):
                 await harness.server.stopped.wait()
@@ -259,14 +229,7 @@ async def test_client_pings_count_as_activity(autojump_clock) -> None:
 
     config = make_config(**{"connection.ping_interval": 10, "connection.idle_timeout": 30})
     async with running_server(config, memory=True) as harness:
-        stream = await harness.open_stream()
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host="odin", target="/ws")))
-        events: list = []
-        while not any(isinstance(e, AcceptConnection) for e in events):
-            ws.receive_data(bytes(await stream.receive_some()))
-            events.extend(ws.events())
-        await harness.wait_connections(1)
+        stream, ws = await raw_memory_client(harness)
         for _ in range(12):  # 240 s, eight idle timeouts
             await trio.sleep(20)
             await stream.send_all(ws.send(Ping(payload=b"alive")))

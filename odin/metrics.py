@@ -8,6 +8,8 @@ resolved once here rather than on every event.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +19,10 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from odin.broker.base import BrokerStats
 
 # Counters would also export a *_created series each; Prometheus does not need them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -44,7 +50,14 @@ REJECT_REASONS = (
     "handshake_timeout",
     "bad_request",
 )
-GAP_REASONS = ("conflated", "missed", "feed_overflow", "recovery_overflow", "invalid_payload")
+GAP_REASONS = (
+    "conflated",
+    "missed",
+    "feed_overflow",
+    "recovery_overflow",
+    "invalid_payload",
+    "payload_too_large",
+)
 CLOSE_REASONS = (
     "client",
     "slow_consumer",
@@ -162,9 +175,11 @@ class Metrics:
             registry=r,
         )
         self.gaps = {reason: gaps.labels(reason) for reason in GAP_REASONS}
-        self.invalid_payloads = Counter(
-            "odin_invalid_payloads",
-            "Publications dropped because their body is not JSON.",
+        self.refused_publications = Counter(
+            "odin_refused_publications",
+            "Publications not delivered, by reason (invalid_payload: not JSON; "
+            "payload_too_large: over broker.max_payload); clients get a gap notice instead.",
+            ["reason"],
             registry=r,
         )
         self.history_reads = Counter(
@@ -186,16 +201,61 @@ class Metrics:
         self.channels = Gauge(
             "odin_history_channels", "Channels in the server's history window.", registry=r
         )
-        self.broker_connected = Gauge(
-            "odin_broker_connected", "1 while the broker is connected.", registry=r
-        )
         self.duplicates = Counter(
             "odin_duplicate_publications",
             "Publications ignored because their position was already delivered.",
             registry=r,
         )
 
+    def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
+        """Export the broker's own counters, read from it at each scrape."""
+        self.registry.register(_BrokerCollector(stats))
+
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for, and its content type."""
         encoder, content_type = choose_encoder(accept_header or "")
         return encoder(self.registry), content_type
+
+
+# (metric name, BrokerStats field, help): counters the broker keeps and Prometheus reads.
+_BROKER_COUNTERS = (
+    ("odin_broker_reconnects", "reconnects", "Reconnections to the broker."),
+    ("odin_broker_disconnects", "disconnects", "Connections to the broker lost."),
+    ("odin_broker_ingested", "ingested", "Publications received from the broker."),
+    (
+        "odin_broker_ingest_dropped",
+        "ingest_dropped",
+        "Publications the feed dropped because the fan-out fell behind (announced as gaps).",
+    ),
+    (
+        "odin_broker_bad_subjects",
+        "bad_subjects",
+        "Messages on subjects that are not odin.token.SYMBOL.event.",
+    ),
+    (
+        "odin_broker_discontinuities",
+        "discontinuities",
+        "Times messages left the broker's history before this process read them.",
+    ),
+    ("odin_broker_history_reads", "history_reads", "Reads of the broker's history."),
+    ("odin_broker_published", "published", "Publications the broker acknowledged."),
+    ("odin_broker_publish_failed", "publish_failed", "Publications that failed."),
+)
+
+
+class _BrokerCollector(Collector):
+    def __init__(self, stats: Callable[[], BrokerStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily(
+            "odin_broker_connected", "1 while the broker is connected.", int(stats.connected)
+        )
+        yield GaugeMetricFamily(
+            "odin_broker_pending_messages",
+            "Messages in the broker's history not yet delivered to this process (ingest lag).",
+            stats.pending,
+        )
+        for name, field, text in _BROKER_COUNTERS:
+            yield CounterMetricFamily(name, text, getattr(stats, field))

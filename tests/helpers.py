@@ -14,6 +14,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 
+from odin.broker.base import Broker
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, load_config
 from odin.logs import get_logger
@@ -94,7 +95,7 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 @attrs.define(eq=False)
 class Harness:
     server: OdinServer
-    broker: MemoryBroker
+    broker: Any
     listening: Listening
     nursery: trio.Nursery
     memory: MemoryListener | None = None
@@ -108,6 +109,8 @@ class Harness:
         return self.server.context
 
     def publish(self, channel: str, payload: Message | bytes) -> int:
+        """Publish through the memory broker; the position assigned."""
+        assert isinstance(self.broker, MemoryBroker)
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self.broker.publish_nowait(channel, body).seq
 
@@ -164,7 +167,7 @@ async def open_client(
 @asynccontextmanager
 async def running_server(
     config: Config | None = None,
-    broker: MemoryBroker | None = None,
+    broker: Broker | None = None,
     *,
     memory: bool = False,
     log: Any = None,

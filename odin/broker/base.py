@@ -45,10 +45,57 @@ class BrokerStatus:
 
 
 @attrs.define
+class BrokerStats:
+    """What a broker has done, for metrics (read at scrape time)."""
+
+    connected: bool = False
+    reconnects: int = 0
+    disconnects: int = 0
+    ingested: int = 0
+    """Publications received from the bus."""
+    ingest_dropped: int = 0
+    """Publications the feed had to drop (announced to clients as gaps)."""
+    bad_subjects: int = 0
+    """Messages on subjects that are not ``odin.token.SYMBOL.event``."""
+    discontinuities: int = 0
+    """Times messages left the history before this process could read them."""
+    pending: int = 0
+    """Messages in the history not yet delivered to this process."""
+    history_reads: int = 0
+    published: int = 0
+    publish_failed: int = 0
+
+
+@attrs.define
 class FeedStats:
     delivered: int = 0
     dropped: int = 0
     """Publications the feed could not take (the server fell behind); announced as gaps."""
+
+
+@attrs.define(eq=False)
+class BoundedFeed:
+    """One consumer's bounded feed. A publication that does not fit is dropped and remembered
+    per channel; the next time there is room, a ``Gap`` naming the dropped positions goes first."""
+
+    send: trio.MemorySendChannel[FeedItem]
+    stats: FeedStats
+    missed: dict[str, tuple[int, int]] = attrs.Factory(dict)
+
+    def push(self, publication: Publication) -> None:
+        try:
+            while self.missed:
+                channel, (first, last) = next(iter(self.missed.items()))
+                self.send.send_nowait(Gap(channel, first, last, "feed_overflow"))
+                del self.missed[channel]
+            self.send.send_nowait(publication)
+            self.stats.delivered += 1
+        except trio.WouldBlock:
+            self.stats.dropped += 1
+            first, _ = self.missed.get(publication.channel, (publication.seq, 0))
+            self.missed[publication.channel] = (first, publication.seq)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 class Broker(Protocol):
@@ -59,8 +106,15 @@ class Broker(Protocol):
 
     def status(self) -> BrokerStatus: ...
 
-    async def publish(self, channel: str, payload: bytes) -> None:
-        """Publish a JSON payload on a channel; raise BrokerError if it cannot be taken."""
+    def stats(self) -> BrokerStats: ...
+
+    async def wait_ready(self) -> None:
+        """Return once the broker has connected and knows its history (at least once)."""
+        ...
+
+    async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> None:
+        """Publish a JSON payload on a channel; raise BrokerError if it cannot be taken.
+        ``msg_id`` lets the broker store a retried publish once."""
         ...
 
     def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:

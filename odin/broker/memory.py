@@ -13,40 +13,22 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import attrs
 import trio
 
-from odin.broker.base import BrokerStatus, FeedItem, FeedStats, HistoryPage
+from odin.broker.base import (
+    BoundedFeed,
+    BrokerStats,
+    BrokerStatus,
+    FeedItem,
+    FeedStats,
+    HistoryPage,
+)
 from odin.core.history import HistoryLog
-from odin.protocol.publication import Gap, Publication
+from odin.protocol.publication import Publication
 
 
 def new_epoch() -> str:
     return secrets.token_hex(6)
-
-
-@attrs.define(eq=False)
-class _Feed:
-    """One consumer's bounded feed; drops are remembered per channel and sent as a Gap."""
-
-    send: trio.MemorySendChannel[FeedItem]
-    stats: FeedStats
-    missed: dict[str, tuple[int, int]] = attrs.Factory(dict)
-
-    def push(self, publication: Publication) -> None:
-        try:
-            while self.missed:
-                channel, (first, last) = next(iter(self.missed.items()))
-                self.send.send_nowait(Gap(channel, first, last, "feed_overflow"))
-                del self.missed[channel]
-            self.send.send_nowait(publication)
-            self.stats.delivered += 1
-        except trio.WouldBlock:
-            self.stats.dropped += 1
-            first, _ = self.missed.get(publication.channel, (publication.seq, 0))
-            self.missed[publication.channel] = (first, publication.seq)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 class MemoryBroker:
@@ -66,8 +48,9 @@ class MemoryBroker:
         self._wall_clock = wall_clock
         self._epoch = new_epoch()
         self._seq = 0
-        self._feeds: list[_Feed] = []
+        self._feeds: list[BoundedFeed] = []
         self.feed_stats = FeedStats()
+        self._stats = BrokerStats(connected=True)
 
     @property
     def epoch(self) -> str:
@@ -81,7 +64,18 @@ class MemoryBroker:
     def status(self) -> BrokerStatus:
         return BrokerStatus(connected=True, detail="in-process memory broker")
 
-    async def publish(self, channel: str, payload: bytes) -> None:
+    def stats(self) -> BrokerStats:
+        self._stats.ingested = self._seq
+        self._stats.published = self._seq
+        self._stats.ingest_dropped = self.feed_stats.dropped
+        return self._stats
+
+    async def wait_ready(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> None:
+        """Publish; ``msg_id`` is not needed: one process never publishes a message twice."""
+        del msg_id
         self.publish_nowait(channel, payload)
         await trio.lowlevel.checkpoint()
 
@@ -103,7 +97,7 @@ class MemoryBroker:
     @asynccontextmanager
     async def open_feed(self) -> AsyncIterator[trio.MemoryReceiveChannel[FeedItem]]:
         send, receive = trio.open_memory_channel[FeedItem](self._feed_capacity)
-        feed = _Feed(send, self.feed_stats)
+        feed = BoundedFeed(send, self.feed_stats)
         self._feeds.append(feed)
         try:
             with send, receive:

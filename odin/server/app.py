@@ -161,7 +161,6 @@ class OdinServer:
         while True:
             metrics.subscriptions.set(context.hub.subscriptions)
             metrics.channels.set(len(context.history.channels()))
-            metrics.broker_connected.set(1 if context.broker.status().connected else 0)
             context.history.expire_all(trio.current_time())
             await trio.sleep(1.0)
 

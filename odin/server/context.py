@@ -20,6 +20,7 @@ from odin.protocol.session import SessionLimits
 if TYPE_CHECKING:
     from odin.server.connection import Connection
     from odin.server.fanout import Event
+    from odin.server.history_reads import SharedRead
 
 
 @attrs.define(eq=False)
@@ -41,6 +42,8 @@ class ServerContext:
     draining: bool = False
     changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     """Unparked whenever a connection opens or closes."""
+    reads: dict[tuple[str, int, int], SharedRead] = attrs.Factory(dict)
+    """History reads in flight, by (channel, after, limit), shared by identical requests."""
     rules: ChannelRules = attrs.field(init=False)
     limits: SessionLimits = attrs.field(init=False)
 
@@ -61,3 +64,4 @@ class ServerContext:
             idle_timeout=connection.idle_timeout,
         )
         self.metrics.connections_max.set(self.config.server.max_connections)
+        self.metrics.watch_broker(self.broker.stats)

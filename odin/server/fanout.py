@@ -26,16 +26,24 @@ if TYPE_CHECKING:
 class Event:
     """A publication with its frame, encoded once and shared by every connection.
 
-    A publication whose body is not JSON cannot be delivered; its frame is then a ``gap``
-    notice for its own position, so history stays linked and clients are told plainly.
+    A publication that cannot be delivered (its body is not JSON, or too large) keeps its
+    place in history, but its frame is a ``gap`` notice for its own position: ``refused``
+    says why, and ``detail`` adds what the operator needs.
     """
 
-    __slots__ = ("error", "frame", "publication")
+    __slots__ = ("detail", "frame", "publication", "refused")
 
-    def __init__(self, publication: Publication, frame: bytes, error: str | None = None) -> None:
+    def __init__(
+        self,
+        publication: Publication,
+        frame: bytes,
+        refused: str | None = None,
+        detail: str = "",
+    ) -> None:
         self.publication = publication
         self.frame = frame
-        self.error = error
+        self.refused = refused
+        self.detail = detail
 
     @property
     def seq(self) -> int:
@@ -51,16 +59,22 @@ class Event:
 
 
 INVALID_PAYLOAD = "invalid_payload"
+PAYLOAD_TOO_LARGE = "payload_too_large"
 
 
-def make_event(publication: Publication) -> Event:
-    """Encode a publication once: its envelope frame, or a gap notice if it is not JSON."""
+def make_event(publication: Publication, max_payload: int) -> Event:
+    """Encode a publication once: its envelope frame, or a gap notice for its position if its
+    body is not JSON or larger than ``max_payload`` bytes."""
+    seq = publication.seq
+    if len(publication.payload) > max_payload:
+        frame = gap_frame(publication.channel, seq, seq, PAYLOAD_TOO_LARGE)
+        detail = f"{len(publication.payload)} bytes, limit {max_payload}"
+        return Event(publication, frame, PAYLOAD_TOO_LARGE, detail)
     try:
         document = orjson.loads(publication.payload)
     except orjson.JSONDecodeError as exc:
-        seq = publication.seq
         frame = gap_frame(publication.channel, seq, seq, INVALID_PAYLOAD)
-        return Event(publication, frame, error=str(exc))
+        return Event(publication, frame, INVALID_PAYLOAD, str(exc))
     envelope = encode_event(publication, event_type(publication.channel, document))
     return Event(publication, text_frame(envelope))
 
@@ -72,7 +86,7 @@ def gap_frame(channel: str, first: int, last: int, reason: str) -> bytes:
 class Fanout:
     def __init__(self, context: ServerContext) -> None:
         self._context = context
-        self._logged_invalid: set[str] = set()
+        self._logged_refusals: set[tuple[str, str]] = set()
         self.last_seq = 0
         """Position of the last publication handled (for tests and the console)."""
 
@@ -94,9 +108,9 @@ class Fanout:
         self.last_seq = publication.seq
         if publication.epoch != context.epoch:
             self._new_epoch(publication.epoch)
-        event = make_event(publication)
-        if event.error is not None:
-            self._invalid(event)
+        event = make_event(publication, context.config.broker.max_payload)
+        if event.refused is not None:
+            self._refused(event)
         appended = self.history.append(publication.channel, event, now)
         if appended.duplicate:
             metrics.duplicates.inc()
@@ -115,16 +129,17 @@ class Fanout:
             metrics.bytes_sent.inc(delivered * len(event.frame))
         metrics.latency.observe(max(0.0, time.time() - publication.ts))
 
-    def _invalid(self, event: Event) -> None:
+    def _refused(self, event: Event) -> None:
         context = self._context
-        context.metrics.invalid_payloads.inc()
-        context.metrics.gaps[INVALID_PAYLOAD].inc(context.hub.count_matching(event.channel))
-        # Logged once per channel (bounded), not once per message.
-        if event.channel not in self._logged_invalid and len(self._logged_invalid) < 1000:
-            self._logged_invalid.add(event.channel)
-            context.log.warning(
-                "invalid_payload", channel=event.channel, seq=event.seq, error=event.error
-            )
+        reason = event.refused
+        assert reason is not None
+        context.metrics.refused_publications.labels(reason).inc()
+        context.metrics.gaps[reason].inc(context.hub.count_matching(event.channel))
+        # Logged once per channel and reason (bounded), not once per message.
+        key = (event.channel, reason)
+        if key not in self._logged_refusals and len(self._logged_refusals) < 1000:
+            self._logged_refusals.add(key)
+            context.log.warning(reason, channel=event.channel, seq=event.seq, error=event.detail)
 
     def _announce_gap(self, channel: str, first: int, last: int, reason: str) -> None:
         frame = gap_frame(channel, first, last, reason)

@@ -60,7 +60,40 @@ def window_proves(slice_: Slice, after: int, limit: int) -> bool:
     )
 
 
+@attrs.define(eq=False)
+class SharedRead:
+    """A history read in progress that other readers of the same range wait for."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: Slice | None = None
+    failed: bool = False
+
+
 async def read_broker(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
+    """Read the broker's history. Identical reads in flight at once (clients of one channel
+    reconnecting together after an outage) share one broker read."""
+    key = (channel, after, limit)
+    while (flight := context.reads.get(key)) is not None:
+        context.metrics.history_reads.labels("shared").inc()
+        await flight.done.wait()
+        if flight.result is not None:
+            return flight.result
+        if flight.failed:
+            raise HistoryUnavailable("the shared read failed")
+        # The reader was cancelled (its client left): read again.
+    flight = context.reads[key] = SharedRead()
+    try:
+        flight.result = await _read_broker(context, channel, after, limit)
+        return flight.result
+    except HistoryUnavailable:
+        flight.failed = True
+        raise
+    finally:
+        del context.reads[key]
+        flight.done.set()
+
+
+async def _read_broker(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
     metrics = context.metrics
     try:
         with trio.fail_after(context.config.history.read_timeout):
@@ -70,7 +103,8 @@ async def read_broker(context: ServerContext, channel: str, after: int, limit: i
         context.log.warning("history_read_failed", channel=channel, error=repr(exc))
         raise HistoryUnavailable(str(exc)) from exc
     metrics.history_reads.labels("ok").inc()
-    events = [make_event(publication) for publication in page.messages]
+    max_payload = context.config.broker.max_payload
+    events = [make_event(publication, max_payload) for publication in page.messages]
     return Slice(page.epoch, page.latest_seq, events, "broker")
 
 
@@ -85,4 +119,6 @@ async def latest_event(context: ServerContext, channel: str) -> Event | None:
     except (trio.TooSlowError, BrokerError):
         context.metrics.history_reads.labels("error").inc()
         return None
-    return make_event(publication) if publication is not None else None
+    if publication is None:
+        return None
+    return make_event(publication, context.config.broker.max_payload)

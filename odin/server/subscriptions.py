@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import attrs
+import trio
 
+from odin.broker.base import BrokerError
 from odin.core.recovery import (
     NotRecovered,
     Reason,
@@ -51,6 +53,8 @@ class Outcome:
 
 async def recover(context: ServerContext, channel: str, position: Position) -> Outcome:
     """Decide one channel's recovery: from the window if it can, else from the broker."""
+    if not current_epoch(context):  # the broker has not told us its history yet
+        return Outcome(False, [], Reason.BROKER_UNAVAILABLE, "broker")
     limit = context.config.history.recovery_max_messages
     window = read_window(context, channel, position.seq, limit)
     local = assess_local(
@@ -79,14 +83,53 @@ async def recover(context: ServerContext, channel: str, position: Position) -> O
 def gap_event(channel: str, first: int, last: int, reason: str) -> Event:
     """A gap notice that sits in a replay like the messages it stands for."""
     marker = Publication(channel, seq=last, prev=first - 1, epoch="", ts=0.0, payload=b"")
-    return Event(marker, gap_frame(channel, first, last, reason), error=reason)
+    return Event(marker, gap_frame(channel, first, last, reason), refused=reason)
+
+
+async def latest_position(context: ServerContext, channel: str) -> int | None:
+    """The channel's newest position: from the window if it has seen the channel, else from
+    the broker (0: no message yet); None if the broker cannot say."""
+    if context.history.knows(channel):
+        return context.history.last_seq(channel)
+    try:
+        with trio.fail_after(context.config.history.read_timeout):
+            latest = await context.broker.latest(channel)
+    except (trio.TooSlowError, BrokerError):
+        context.metrics.history_reads.labels("error").inc()
+        return None
+    context.metrics.history_reads.labels("ok").inc()
+    return latest.seq if latest is not None else 0
+
+
+def _hand_over(connection: Connection, channel: str, last: int, events: list[Event]) -> list[Event]:
+    """``events`` (replayed, or the latest one), then the live messages held while the history
+    was read that come after ``last``, with a gap notice where positions went missing."""
+    seam = join_live(last, connection.recovering.pop(channel, []))
+    if seam.missed_from:
+        events.append(gap_event(channel, seam.missed_from, seam.missed_to, "missed"))
+    events.extend(seam.messages)
+    overflow = connection.recovery_overflow.pop(channel, None)
+    if overflow is not None:
+        events.append(gap_event(channel, overflow[0], overflow[1], "recovery_overflow"))
+    if events:
+        # The feed may still bring messages the broker's history already gave us.
+        connection.floors[channel] = max(event.seq for event in events)
+    return events
 
 
 async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     context = connection.context
     hub = context.hub
+    history = context.history
+    # Live messages wait for the channels being recovered, and for new concrete channels this
+    # process has not seen yet (their position comes from the broker).
+    unknown = [
+        name
+        for name in action.added
+        if not is_pattern(name) and name not in action.recover and not history.knows(name)
+    ]
     temporary: list[str] = []
-    for channel in action.recover:
+    for channel in (*action.recover, *unknown):
         connection.recovering[channel] = []
         if channel not in connection.session.subscriptions:
             temporary.append(channel)
@@ -95,8 +138,9 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         channel: await recover(context, channel, position)
         for channel, position in action.recover.items()
     }
+    starts = {channel: await latest_position(context, channel) for channel in unknown}
 
-    # From here on nothing awaits: the ack, the replays and the buffered live messages are
+    # From here on nothing awaits: the ack, the replays and the held live messages are
     # queued in this order before any other message can reach the connection.
     for key in temporary:
         hub.remove(key, connection)
@@ -116,18 +160,8 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
             last = action.recover[channel].seq
         else:
             # Nothing to hand over: the client starts from the newest position we know.
-            last = context.history.last_seq(channel)
-        seam = join_live(last, connection.recovering.pop(channel, []))
-        if seam.missed_from:
-            events.append(gap_event(channel, seam.missed_from, seam.missed_to, "missed"))
-        events.extend(seam.messages)
-        overflow = connection.recovery_overflow.pop(channel, None)
-        if overflow is not None:
-            events.append(gap_event(channel, overflow[0], overflow[1], "recovery_overflow"))
-        if events:
-            # The feed may still bring messages the broker's history already gave us.
-            connection.floors[channel] = max(event.seq for event in events)
-        sends.extend(events)
+            last = history.last_seq(channel)
+        sends.extend(_hand_over(connection, channel, last, events))
         positions[channel] = Position(epoch, last)
         reports[channel] = RecoveryReport(
             recovered=outcome.recovered,
@@ -135,9 +169,15 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
             reason=outcome.reason.value if outcome.reason else None,
         )
         _count(connection, channel, outcome)
+    for channel, start in starts.items():
+        if start is None:  # the broker could not say: no position, live messages as they come
+            sends.extend(connection.recovering.pop(channel, []))
+            continue
+        sends.extend(_hand_over(connection, channel, start, []))
+        positions[channel] = Position(epoch, start)
     for name in action.requested:
-        if not is_pattern(name) and name not in positions:
-            positions[name] = Position(epoch, context.history.last_seq(name))
+        if not is_pattern(name) and name not in positions and history.knows(name):
+            positions[name] = Position(epoch, history.last_seq(name))
     connection.send_message(connection.session.subscription_ack(action, positions, reports))
     for event in sends:
         connection.send_frame(event.frame, force=True)

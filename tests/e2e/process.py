@@ -8,6 +8,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -85,8 +86,10 @@ def odin_command(*args: str) -> list[str]:
 
 @contextmanager
 def odin_process(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator[OdinProcess]:
-    """Start odin; on exit, stop it (SIGTERM, then SIGKILL) and close its pipes."""
-    environment = {**os.environ, **(env or {})}
+    """Start odin; on exit, stop it (SIGTERM, then SIGKILL) and close its pipes. An embedded
+    nats-server keeps its store in a directory of this run only."""
+    state = tempfile.TemporaryDirectory(prefix="odin-state-")
+    environment = {**os.environ, "XDG_STATE_HOME": state.name, **(env or {})}
     process = subprocess.Popen(
         odin_command(*args),
         cwd=ROOT,
@@ -107,6 +110,7 @@ def odin_process(args: Sequence[str], env: dict[str, str] | None = None) -> Iter
                 process.wait()
         assert process.stderr is not None
         process.stderr.close()
+        state.cleanup()
 
 
 def port_of(listening: dict[str, Any]) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,16 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        odin_command(*args),
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="odin-state-") as state:
+        return subprocess.run(
+            odin_command(*args),
+            cwd=ROOT,
+            env={**os.environ, "XDG_STATE_HOME": state, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
 
 def test_check_config_prints_the_effective_config_with_precedence(tmp_path: Path) -> None:
@@ -89,7 +91,7 @@ def test_port_in_use_is_a_clean_failure() -> None:
         result = run("serve", "--port", str(port))
     assert result.returncode == 1
     records = [json.loads(line) for line in result.stderr.splitlines()]
-    assert records[-1]["event"] == "start_failed"
+    assert [r["event"] for r in records[-2:]] == ["start_failed", "exited"]
     assert "Traceback" not in result.stderr
 
 

@@ -63,4 +63,5 @@ async def test_every_log_line_is_one_json_object() -> None:
         assert odin.wait() == 0
     records = odin.records()  # raises if any line is not JSON
     assert all({"event", "level", "timestamp"} <= record.keys() for record in records)
-    assert records[-1]["event"] == "stopped"
+    assert [r["event"] for r in records[-1:]] == ["exited"]
+    assert records[-1]["code"] == 0

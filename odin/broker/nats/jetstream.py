@@ -1,0 +1,170 @@
+"""JetStream on the asyncio side: the stream Odin keeps its history in, and reads from it.
+
+These are plain nats-py coroutines, run from Trio by the bridge through one ``aio_as_trio``
+call each. History reads use JetStream's direct get API (``allow_direct`` on the stream):
+``next_by_subj`` with a batch reads a channel after a position, ``multi_last`` with
+``up_to_seq`` finds the message of a channel just before a position, ``last_by_subj`` its
+newest one. None of them creates a consumer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+import attrs
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig, StreamInfo
+from nats.js.errors import NotFoundError
+
+from odin.config import NatsSection
+
+SUBJECTS = "odin.token.>"
+SUBJECT_PREFIX = "odin.token."
+
+
+class ReadFailed(Exception):
+    """JetStream answered a read with an error status."""
+
+
+@attrs.frozen
+class Stored:
+    """A message as the stream keeps it."""
+
+    seq: int
+    ts: float
+    subject: str
+    data: bytes
+
+
+def stream_config(settings: NatsSection) -> StreamConfig:
+    return StreamConfig(
+        name=settings.stream,
+        subjects=[SUBJECTS],
+        storage=StorageType.FILE if settings.storage == "file" else StorageType.MEMORY,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.max_age,
+        max_msgs=settings.max_msgs,
+        max_bytes=settings.max_bytes,
+        max_msgs_per_subject=settings.max_msgs_per_subject,
+        duplicate_window=settings.duplicate_window,
+        allow_direct=True,
+        num_replicas=1,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, settings: NatsSection) -> StreamInfo:
+    """The stream's info, creating it (or updating its limits) when Odin manages it."""
+    wanted = stream_config(settings)
+    try:
+        info = await js.stream_info(settings.stream)
+    except NotFoundError:
+        if not settings.manage_stream:
+            raise
+        return await js.add_stream(wanted)
+    if settings.manage_stream and _limits(info.config) != _limits(wanted):
+        info = await js.update_stream(wanted)
+    return info
+
+
+def _limits(config: StreamConfig) -> tuple[object, ...]:
+    return (
+        config.subjects,
+        config.max_age,
+        config.max_msgs,
+        config.max_bytes,
+        config.max_msgs_per_subject,
+        config.duplicate_window,
+        config.allow_direct,
+    )
+
+
+def epoch_of(info: StreamInfo) -> str:
+    """The history's name: a recreated stream (a new creation time) is a new history."""
+    created = info.created or datetime.fromtimestamp(0)
+    digest = hashlib.sha256(f"{info.config.name}|{created.isoformat()}".encode()).hexdigest()
+    return digest[:12]
+
+
+def lossless(info: StreamInfo) -> bool:
+    """True if the stream never removed a message: a channel's first retained message is then
+    its first message ever."""
+    state = info.state
+    return state.first_seq <= 1 and not state.num_deleted
+
+
+def parse_time(stamp: str) -> float:
+    """RFC 3339 with up to nanoseconds (``2026-11-27T13:44:22.815048559Z``) as Unix seconds."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(whole + "+00:00").timestamp()
+    return seconds + (float("0." + fraction) if fraction else 0.0)
+
+
+def _stored(message: Msg) -> Stored:
+    headers = message.headers or {}
+    return Stored(
+        seq=int(headers["Nats-Sequence"]),
+        ts=parse_time(headers["Nats-Time-Stamp"]),
+        subject=headers["Nats-Subject"],
+        data=message.data,
+    )
+
+
+async def _batch(
+    nc: Client, stream: str, request: dict[str, object], reply_timeout: float
+) -> list[Msg]:
+    """Send a direct-get batch request; collect replies until its end (status 204 or 404)."""
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox)
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request), reply=inbox)
+        replies = []
+        while True:
+            reply = await subscription.next_msg(timeout=reply_timeout)
+            status = (reply.headers or {}).get("Status")
+            if status is None:
+                replies.append(reply)
+            elif status in ("204", "404"):
+                return replies
+            else:
+                description = (reply.headers or {}).get("Description", "")
+                raise ReadFailed(f"direct get: {status} {description}")
+    finally:
+        await subscription.unsubscribe()
+
+
+async def read_after(
+    nc: Client, stream: str, subject: str, after: int, limit: int, reply_timeout: float
+) -> list[Stored]:
+    """The oldest messages of ``subject`` after position ``after``, at most ``limit``."""
+    request = {"seq": after + 1, "next_by_subj": subject, "batch": limit}
+    return [_stored(reply) for reply in await _batch(nc, stream, request, reply_timeout)]
+
+
+async def last_before(
+    nc: Client, stream: str, subject: str, seq: int, reply_timeout: float
+) -> Stored | None:
+    """The retained message of ``subject`` just before position ``seq``, if any."""
+    if seq <= 1:
+        return None  # up_to_seq 0 would mean "no limit" to the server
+    request = {"multi_last": [subject], "up_to_seq": seq - 1}
+    replies = await _batch(nc, stream, request, reply_timeout)
+    return _stored(replies[-1]) if replies else None
+
+
+async def last_of(nc: Client, stream: str, subject: str, reply_timeout: float) -> Stored | None:
+    """The newest retained message of ``subject``, if any."""
+    reply = await nc.request(
+        f"$JS.API.DIRECT.GET.{stream}",
+        orjson.dumps({"last_by_subj": subject}),
+        timeout=reply_timeout,
+    )
+    status = (reply.headers or {}).get("Status")
+    if status == "404":
+        return None
+    if status is not None:
+        raise ReadFailed(f"direct get: {status}")
+    return _stored(reply)

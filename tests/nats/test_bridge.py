@@ -1,0 +1,130 @@
+"""The NATS broker against a real nats-server: plain publishes reach subscribers, positions
+come from JetStream, and bad input never stops the bridge."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.helpers import capture_logs, checkpoint_chain
+from tests.nats.support import NatsServer, RawPublisher, nats_config, odin_on_nats, wait_until
+
+pytestmark = [pytest.mark.trio, pytest.mark.slow]
+
+
+async def test_plain_nats_publishes_reach_subscribers_in_order(nats_server: NatsServer) -> None:
+    async with odin_on_nats(nats_config(nats_server.url)) as (harness, broker):
+        await broker.wait_ready()
+        publisher = await RawPublisher.connect(nats_server.port)
+        async with harness.client() as client:
+            ack = await client.subscribe(["BTC.trade", "ETH.*"])
+            # Nothing published yet: the channel's position is 0 (from the stream).
+            assert ack["positions"]["BTC.trade"]["seq"] == 0
+            assert ack["positions"]["BTC.trade"]["epoch"] == broker.epoch
+            for n in range(30):
+                symbol = ("BTC", "ETH", "SOL")[n % 3]
+                await publisher.publish(f"odin.token.{symbol}.trade", {"n": n})
+            await publisher.publish("odin.token.ETH.liquidity", {"n": 30})
+            await publisher.flush()
+            events = await client.events(21)
+        await publisher.aclose()
+    assert [e["channel"] for e in events[:3]] == ["BTC.trade", "ETH.trade", "BTC.trade"]
+    assert {e["channel"] for e in events} == {"BTC.trade", "ETH.trade", "ETH.liquidity"}
+    # Positions are the stream's sequence: subject n of 31 published is at n + 1.
+    assert [e["data"]["n"] + 1 for e in events] == [e["seq"] for e in events]
+    assert checkpoint_chain(events, {"BTC.trade": 0}) == []
+    assert events[0]["prev"] == 0  # the channel's first message ever
+    assert {e["epoch"] for e in events} == {broker.epoch}
+
+
+async def test_a_position_from_before_this_process_is_linked_from_the_stream(
+    nats_server: NatsServer,
+) -> None:
+    publisher = await RawPublisher.connect(nats_server.port)
+    config = nats_config(nats_server.url)
+    async with odin_on_nats(config) as (_, broker):
+        await broker.wait_ready()  # the stream exists now
+    for n in range(3):
+        await publisher.publish("odin.token.BTC.trade", {"n": n})
+    await publisher.flush()
+    # A new Odin process: it never saw those three, but the fourth links to the third.
+    async with odin_on_nats(config) as (harness, broker):
+        await broker.wait_ready()
+        async with harness.client() as client:
+            ack = await client.subscribe(["BTC.trade"])
+            assert ack["positions"]["BTC.trade"]["seq"] == 3
+            await publisher.publish("odin.token.BTC.trade", {"n": 3})
+            await publisher.flush()
+            (event,) = await client.events(1)
+    await publisher.aclose()
+    assert (event["seq"], event["prev"]) == (4, 3)
+
+
+async def test_bad_payloads_and_subjects_are_counted_and_never_stop_the_bridge(
+    nats_server: NatsServer,
+) -> None:
+    config = nats_config(nats_server.url, **{"broker.max_payload": 1024})
+    with capture_logs() as logs:
+        async with odin_on_nats(config) as (harness, broker):
+            await broker.wait_ready()
+            publisher = await RawPublisher.connect(nats_server.port)
+            async with harness.client() as client:
+                await client.subscribe(["BTC.*"])
+                # Captured by the stream (odin.token.>) but not SYMBOL.event:
+                for subject in ("odin.token.BTC", "odin.token.BTC.trade.extra"):
+                    await publisher.publish(subject, {"n": 0})
+                await publisher.publish("odin.token.ETH", {"n": 1})  # same shape: logged once
+                await publisher.publish("odin.token.BTC.trade", b"not json")
+                await publisher.publish("odin.token.BTC.trade", {"pad": "x" * 2000})
+                await publisher.publish("odin.token.BTC.trade", {"n": "good"})
+                await publisher.flush()
+                received = [await client.recv() for _ in range(3)]
+            await publisher.aclose()
+            await wait_until(lambda: broker.stats().bad_subjects == 3)
+    assert [(m["type"], m.get("reason")) for m in received] == [
+        ("gap", "invalid_payload"), ("gap", "payload_too_large"), ("trade:update", None)
+    ]  # fmt: skip
+    assert received[2]["data"] == {"n": "good"}
+    assert received[2]["prev"] == received[1]["to"]
+    events = [entry["event"] for entry in logs]
+    assert events.count("bad_subject") == 2  # once per subject shape
+    assert events.count("invalid_payload") == 1
+    assert events.count("payload_too_large") == 1
+    assert harness.context.metrics.refused_publications.labels("invalid_payload")._value.get() == 1
+
+
+async def test_unreachable_nats_at_start_is_retried_and_served_once_it_appears(
+    tmp_path: trio.Path,
+) -> None:
+    from pathlib import Path
+
+    from tests.helpers import http_get
+
+    server = NatsServer(Path(tmp_path) / "nats")
+    port = server.port
+    server.stop()  # the port is known and nothing listens on it
+    try:
+        async with odin_on_nats(nats_config(f"nats://127.0.0.1:{port}")) as (harness, broker):
+            status, _, _ = await http_get(harness.port, "/ready")
+            assert status == 503
+            status, _, body = await http_get(harness.port, "/health")
+            assert status == 503
+            assert b'"unhealthy"' in body
+            async with harness.client() as client:  # clients are served meanwhile
+                ack = await client.subscribe(
+                    ["BTC.trade"], recover={"BTC.trade": {"epoch": "e", "seq": 1}}
+                )
+                assert ack["recovery"]["BTC.trade"]["reason"] == "broker_unavailable"
+                await trio.to_thread.run_sync(server.start)
+                with trio.fail_after(15):
+                    await broker.wait_ready()
+                status, _, _ = await http_get(harness.port, "/ready")
+                assert status == 200
+                publisher = await RawPublisher.connect(port)
+                await publisher.publish("odin.token.BTC.trade", {"n": 1})
+                await publisher.flush()
+                await publisher.aclose()
+                (event,) = await client.events(1)
+                assert event["data"] == {"n": 1}
+    finally:
+        server.stop()

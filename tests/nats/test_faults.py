@@ -1,0 +1,168 @@
+"""Faults between Odin and NATS: the server killed and restarted, a silent partition. Odin
+stays up, clients stay connected, each channel's stream stays linked with nothing duplicated,
+and everything JetStream kept reaches the clients."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from tests.helpers import Client, Message, http_get
+from tests.nats.support import (
+    NatsServer,
+    Proxy,
+    RawPublisher,
+    nats_config,
+    odin_on_nats,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.trio, pytest.mark.slow]
+
+CHANNELS = ("BTC.trade", "ETH.trade", "SOL.trade")
+
+
+class Publishing:
+    """Publishes round-robin on the channels at a steady pace, reconnecting when NATS goes."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sent = 0
+        self.failed = 0
+        self.stop = trio.Event()
+
+    async def run(self) -> None:
+        publisher: RawPublisher | None = None
+        while not self.stop.is_set():
+            try:
+                if publisher is None:
+                    publisher = await RawPublisher.connect(self.port)
+                channel = CHANNELS[self.sent % len(CHANNELS)]
+                await publisher.publish(f"odin.token.{channel}", {"n": self.sent})
+                if self.sent % 10 == 0:
+                    await publisher.flush()
+                self.sent += 1
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, RuntimeError):
+                self.failed += 1
+                if publisher is not None:
+                    await trio.aclose_forcefully(publisher.stream)
+                publisher = None
+            await trio.sleep(0.004)
+        if publisher is not None:
+            await publisher.aclose()
+
+
+async def read_until_done(client: Client, into: list[Message], done: trio.Event) -> None:
+    """Collect events and gap notices until every channel's end marker arrived."""
+    ended: set[str] = set()
+    while ended != set(CHANNELS):
+        message = await client.recv(timeout=30)
+        into.append(message)
+        if message.get("data") == {"end": True}:
+            ended.add(message["channel"])
+    done.set()
+
+
+def check_stream(received: list[Message], start: dict[str, int]) -> list[int]:
+    """Per channel: no duplicate, no reordering, every event linked to the one before or to
+    an announced gap. Returns the positions received."""
+    last = dict(start)
+    seqs = []
+    for message in received:
+        channel = message["channel"]
+        if message["type"] == "gap":
+            assert message["from"] > last[channel]
+            last[channel] = message["to"]
+            continue
+        assert message["seq"] > last[channel], f"duplicate or reordered: {message}"
+        assert message["prev"] == last[channel], f"silent gap before {message}"
+        last[channel] = message["seq"]
+        seqs.append(message["seq"])
+    return seqs
+
+
+async def replayed_positions(client: Client, start: dict[str, int]) -> list[int]:
+    """Everything the history holds after the client's starting positions, per replay."""
+    positions = []
+    for channel in CHANNELS:
+        await client.send({"type": "replay", "data": {"channel": channel, "since": start[channel]}})
+        while True:
+            message = await client.recv(timeout=10)
+            if message["type"] == "replay_complete":
+                break
+            assert message["type"] != "replay_incomplete", message
+            if "seq" in message and message["channel"] == channel:
+                positions.append(message["seq"])
+    return positions
+
+
+async def run_fault(nats_url: str, publish_port: int, fault: object) -> int:
+    """Run the scenario; returns how many times Odin reconnected to NATS."""
+    config = nats_config(nats_url)
+    async with odin_on_nats(config) as (harness, broker):
+        await broker.wait_ready()
+        async with harness.client() as client:
+            ack = await client.subscribe(list(CHANNELS))
+            start = {ch: ack["positions"][ch]["seq"] for ch in CHANNELS}
+            received: list[Message] = []
+            done = trio.Event()
+            publishing = Publishing(publish_port)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_until_done, client, received, done)
+                nursery.start_soon(publishing.run)
+                await trio.sleep(0.5)
+                await fault(harness, broker)  # type: ignore[operator]
+                await trio.sleep(0.5)
+                publishing.stop.set()
+                await wait_until(lambda: broker.status().connected, timeout=20)
+                ender = await RawPublisher.connect(publish_port)
+                for channel in CHANNELS:
+                    await ender.publish(f"odin.token.{channel}", {"end": True})
+                await ender.flush()
+                await ender.aclose()
+                with trio.fail_after(30):
+                    await done.wait()
+            got = check_stream(received, start)
+            assert len(got) == len(set(got))
+            # Everything JetStream kept after the start reached the client, once.
+            kept = await replayed_positions(client, start)
+            assert sorted(got) == sorted(kept)
+            assert publishing.sent > 100
+        return broker.stats().reconnects
+
+
+async def test_nats_killed_and_restarted_under_publishing(nats_server: NatsServer) -> None:
+    async def kill_and_restart(harness: object, broker: object) -> None:
+        await trio.to_thread.run_sync(nats_server.kill)
+        await trio.sleep(1.0)
+        await trio.to_thread.run_sync(nats_server.start)
+
+    assert await run_fault(nats_server.url, nats_server.port, kill_and_restart) >= 1
+
+
+async def test_a_silent_partition_is_detected_and_healed(nats_server: NatsServer) -> None:
+    proxy = Proxy(nats_server.port)
+    async with trio.open_nursery() as proxy_tasks:
+        await proxy_tasks.start(proxy.serve)
+        detected: list[float] = []
+
+        async def partition(harness: object, broker: object) -> None:
+            from odin.broker.nats import NatsBroker
+
+            assert isinstance(broker, NatsBroker)
+            proxy.set("blackhole")
+            cut = time.monotonic()
+            await wait_until(lambda: not broker.status().connected, timeout=10)
+            detected.append(time.monotonic() - cut)
+            status, _, _ = await http_get(harness.port, "/ready")  # type: ignore[attr-defined]
+            assert status == 503
+            await trio.sleep(1.0)  # publishing goes on, straight to NATS
+            proxy.set("pass")
+
+        reconnects = await run_fault(f"nats://127.0.0.1:{proxy.port}", nats_server.port, partition)
+        proxy_tasks.cancel_scope.cancel()
+    # ping_interval 0.5 s x (2 outstanding + 1): noticed within about 1.5 s, bounded here at 4.
+    assert detected[0] < 4.0
+    assert reconnects >= 1

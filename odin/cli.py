@@ -32,14 +32,33 @@ EX_CONFIG = 78
 EX_FORCED = 130
 
 
+def _add_common(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    command.add_argument("--host", help="address to listen on (server.host)")
+    command.add_argument("--port", type=int, help="port, 0 for any free one (server.port)")
+    command.add_argument("--rate", type=float, help="simulated events per second (simulator.rate)")
+    command.add_argument("--tokens", help="comma-separated symbols (simulator.tokens)")
+    command.add_argument("--events", help="comma-separated event types (simulator.events)")
+    command.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    command.add_argument("--log-format", choices=["json", "console"])
+    command.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="set any configuration field, e.g. --set connection.idle_timeout=30s",
+    )
+    command.add_argument(
+        "--check-config", action="store_true", help="print the effective configuration and exit"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odin", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"odin {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the WebSocket fan-out server")
-    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
-    serve.add_argument("--host", help="address to listen on (server.host)")
-    serve.add_argument("--port", type=int, help="port, 0 for any free one (server.port)")
+    _add_common(serve)
     serve.add_argument(
         "--broker", choices=["nats", "memory"], help="broker to use (broker.kind; default nats)"
     )
@@ -47,21 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--simulate", action="store_true", help="publish simulated market events (simulator)"
     )
-    serve.add_argument("--rate", type=float, help="simulated events per second (simulator.rate)")
-    serve.add_argument("--tokens", help="comma-separated symbols (simulator.tokens)")
-    serve.add_argument("--events", help="comma-separated event types (simulator.events)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", choices=["json", "console"])
-    serve.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="set any configuration field, e.g. --set connection.idle_timeout=30s",
+    demo = commands.add_parser(
+        "demo",
+        help="an embedded NATS, the price simulator publishing into it, and the server",
     )
-    serve.add_argument(
-        "--check-config", action="store_true", help="print the effective configuration and exit"
-    )
+    _add_common(demo)
+    demo.set_defaults(broker="nats", nats_url=None, simulate=True, demo=True)
     return parser
 
 
@@ -86,6 +96,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.simulate:
         overrides["simulator.enabled"] = True
+    if getattr(args, "demo", False):
+        overrides["nats.url"] = ""  # always the embedded server
+        overrides.setdefault("log.level", "warning")  # the terminal is for the banner
     return overrides
 
 
@@ -106,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown_env:
         log.warning("config_unknown_environment", names=unknown_env)
     failures: list[BaseException] = []
+    announce = _banner if getattr(args, "demo", False) else None
     try:
-        code = trio.run(serve, config, log)
+        code = trio.run(serve, config, log, announce)
     except* (OSError, EmbeddedNatsError) as group:  # e.g. the port is taken: one line
         failures.extend(group.exceptions)
     if failures:
@@ -162,6 +176,23 @@ async def _simulate(config: Config, broker: Broker, log: logs.Log) -> None:
         simulator.tokens, simulator.events, rng=random.Random(simulator.seed), clock=wall_clock
     )
     await run_simulator(broker.publish, market, simulator.rate, log=log)
+
+
+def _banner(listening: Listening, broker: Broker) -> None:
+    """What ``odin demo`` prints: where to look."""
+    websocket = listening.websocket[0]
+    http = listening.http[0]
+    subscribe = """'{"type":"subscribe","data":{"channels":["BTC.*"]}}'"""
+    lines = [
+        "Odin demo: simulated market events through an embedded NATS JetStream.",
+        f"  WebSocket  {websocket}",
+        f"  Health     {http}/health",
+        f"  Metrics    {http}/metrics",
+        f"  History    {broker.status().location}",
+        f"Watch:  echo {subscribe} | websocat -n {websocket}",
+        "Stop with Ctrl-C.",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 @attrs.define

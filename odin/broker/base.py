@@ -42,6 +42,8 @@ class BrokerStatus:
     connected: bool
     detail: str
     """Human-readable state, for /health."""
+    location: str = ""
+    """Where the history is (server URLs and stream), for /health and people."""
 
 
 @attrs.define

@@ -8,12 +8,14 @@ lives in a directory that outlives Odin, so positions stay valid across restarts
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -78,6 +80,8 @@ async def run_embedded_nats(
     except OSError as exc:
         raise EmbeddedNatsError(f"cannot create {directory}: {exc.strerror}") from None
     config = directory / "odin-nats.conf"
+    pidfile = directory / "nats.pid"
+    _stop_orphan(pidfile, config, log)
     config.write_text(_config_text(port, directory / "jetstream"))
     executable = find_binary(binary)
     async with trio.open_nursery() as nursery:
@@ -86,7 +90,11 @@ async def run_embedded_nats(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Its own session: a Ctrl-C meant for Odin must not stop NATS under the drain;
+            # Odin stops it after the drain.
+            start_new_session=True,
         )
+        pidfile.write_text(str(process.pid))
         log = log.bind(nats_pid=process.pid)
         try:
             assert process.stderr is not None
@@ -97,8 +105,28 @@ async def run_embedded_nats(
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(process)
+            pidfile.unlink(missing_ok=True)
             log.info("nats_embedded_stopped", returncode=process.returncode)
             nursery.cancel_scope.cancel()
+
+
+def _stop_orphan(pidfile: Path, config: Path, log: Log) -> None:
+    """Stop a nats-server a previous Odin left running on this store (Odin was killed before
+    it could stop it): it would hold the store's lock."""
+    try:
+        pid = int(pidfile.read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if str(config).encode() not in command:
+        return  # the pid now belongs to something else
+    log.warning("nats_embedded_orphan", pid=pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
 
 
 async def _wait_ready(process: trio.Process, stderr: trio.abc.ReceiveStream) -> str:

@@ -62,7 +62,7 @@ class MemoryBroker:
         return self._seq
 
     def status(self) -> BrokerStatus:
-        return BrokerStatus(connected=True, detail="in-process memory broker")
+        return BrokerStatus(connected=True, detail="in-process memory broker", location="memory")
 
     def stats(self) -> BrokerStats:
         self._stats.ingested = self._seq

@@ -62,6 +62,7 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
                 "status": "connected" if broker.connected else "disconnected",
                 "healthy": broker.connected,
                 "detail": broker.detail,
+                "location": broker.location,
                 "epoch": context.epoch or context.broker.epoch,
             },
             "capacity": {

@@ -178,6 +178,8 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     for name in action.requested:
         if not is_pattern(name) and name not in positions and history.knows(name):
             positions[name] = Position(epoch, history.last_seq(name))
+    if not epoch:  # the broker has not said which history this is: positions mean nothing
+        positions.clear()
     connection.send_message(connection.session.subscription_ack(action, positions, reports))
     for event in sends:
         connection.send_frame(event.frame, force=True)

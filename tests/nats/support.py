@@ -136,6 +136,26 @@ class RawPublisher:
             elif line.startswith(b"-ERR"):
                 raise RuntimeError(line.decode())
 
+    async def request(self, subject: str, payload: bytes = b"") -> bytes:
+        """NATS request-reply over the text protocol (for JetStream API calls)."""
+        inbox = f"_INBOX.odin_test_{id(self)}"
+        await self.stream.send_all(
+            f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode()
+            + payload
+            + b"\r\n"
+        )
+        while True:
+            line = await self._line()
+            if line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                with trio.fail_after(10):
+                    while len(self.buffer) < size + 2:
+                        self.buffer += await self.stream.receive_some(65536)
+                body, self.buffer = self.buffer[:size], self.buffer[size + 2 :]
+                return body
+            if line == b"PING":
+                await self.stream.send_all(b"PONG\r\n")
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 

@@ -115,6 +115,7 @@ async def test_unreachable_nats_at_start_is_retried_and_served_once_it_appears(
                     ["BTC.trade"], recover={"BTC.trade": {"epoch": "e", "seq": 1}}
                 )
                 assert ack["recovery"]["BTC.trade"]["reason"] == "broker_unavailable"
+                assert "positions" not in ack  # no history known yet: no position to give
                 await trio.to_thread.run_sync(server.start)
                 with trio.fail_after(15):
                     await broker.wait_ready()
@@ -128,3 +129,32 @@ async def test_unreachable_nats_at_start_is_retried_and_served_once_it_appears(
                 assert event["data"] == {"n": 1}
     finally:
         server.stop()
+
+
+async def test_a_recreated_stream_is_a_new_epoch(nats_server: NatsServer) -> None:
+    async with odin_on_nats(nats_config(nats_server.url)) as (harness, broker):
+        await broker.wait_ready()
+        old_epoch = broker.epoch
+        publisher = await RawPublisher.connect(nats_server.port)
+        async with harness.client() as client:
+            await client.subscribe(["BTC.trade"])
+            await publisher.publish("odin.token.BTC.trade", {"n": 1})
+            await publisher.flush()
+            (before,) = await client.events(1)
+            # The history is lost: the stream is deleted (Odin recreates it).
+            reply = await publisher.request("$JS.API.STREAM.DELETE.ODIN_TOKENS")
+            assert b'"success":true' in reply
+            await wait_until(lambda: broker.epoch != old_epoch)
+            await publisher.publish("odin.token.BTC.trade", {"n": 2})
+            await publisher.flush()
+            (after,) = await client.events(1)
+        position = {"epoch": before["epoch"], "seq": before["seq"]}
+        async with harness.client() as client:
+            ack = await client.subscribe(["BTC.trade"], recover={"BTC.trade": position})
+            latest = (await client.events(1))[0]
+        await publisher.aclose()
+    assert before["epoch"] == old_epoch
+    assert (after["epoch"], after["seq"], after["prev"]) == (broker.epoch, 1, 0)
+    assert ack["recovery"]["BTC.trade"]["reason"] == "epoch_changed"
+    assert ack["positions"]["BTC.trade"] == {"epoch": broker.epoch, "seq": 1}
+    assert latest["data"] == {"n": 2}

@@ -86,6 +86,7 @@ class NatsBroker:
         self._feed_capacity = feed_capacity
         self._log = log.bind(broker="nats")
         self._servers = [url.strip() for url in settings.url.split(",") if url.strip()]
+        self._location = f"{', '.join(self._servers)} (stream {settings.stream})"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._epoch = ""
@@ -112,7 +113,7 @@ class NatsBroker:
     def status(self) -> BrokerStatus:
         nc = self._nc
         connected = nc is not None and nc.is_connected and bool(self._epoch)
-        return BrokerStatus(connected=connected, detail=self._detail)
+        return BrokerStatus(connected, self._detail, self._location)
 
     def stats(self) -> BrokerStats:
         self._stats.connected = self.status().connected

@@ -46,18 +46,21 @@ async def test_positions_survive_an_odin_that_was_killed(tmp_path: Path) -> None
 
 
 async def test_demo_prints_where_to_look_and_streams(tmp_path: Path) -> None:
-    process = subprocess.Popen(
+    process = await trio.lowlevel.open_process(
         odin_command("demo", "--port", "0", "--rate", "50"),
         cwd=ROOT,
         env={**os.environ, "XDG_STATE_HOME": str(tmp_path)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
     )
     try:
         assert process.stdout is not None
-        banner = [await trio.to_thread.run_sync(process.stdout.readline) for _ in range(7)]
+        output = b""
+        with trio.fail_after(20):
+            while output.count(b"\n") < 7:
+                output += await process.stdout.receive_some(4096)
+        banner = output.decode().splitlines()
         assert banner[0].startswith("Odin demo")
         url = banner[1].split()[-1]
         assert url.startswith("ws://127.0.0.1:")
@@ -68,10 +71,11 @@ async def test_demo_prints_where_to_look_and_streams(tmp_path: Path) -> None:
             events = await client.events(5, timeout=15)
         assert {e["type"] for e in events} == {"price:update"}
         process.send_signal(signal.SIGINT)
-        assert await trio.to_thread.run_sync(lambda: process.wait(timeout=15)) == 0
+        with trio.fail_after(15):
+            assert await process.wait() == 0
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait()
+            await process.wait()
         assert process.stdout is not None
-        process.stdout.close()
+        await process.stdout.aclose()

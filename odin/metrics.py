@@ -72,6 +72,7 @@ CLOSE_REASONS = (
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._before_scrape: list[Callable[[], None]] = []
         ProcessCollector(registry=self.registry)
         r = self.registry
 
@@ -207,12 +208,18 @@ class Metrics:
             registry=r,
         )
 
+    def before_scrape(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` before each exposition (to bring counts kept elsewhere up to date)."""
+        self._before_scrape.append(callback)
+
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         """Export the broker's own counters, read from it at each scrape."""
         self.registry.register(_BrokerCollector(stats))
 
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for, and its content type."""
+        for callback in self._before_scrape:
+            callback()
         encoder, content_type = choose_encoder(accept_header or "")
         return encoder(self.registry), content_type
 
@@ -236,6 +243,11 @@ _BROKER_COUNTERS = (
         "odin_broker_discontinuities",
         "discontinuities",
         "Times messages left the broker's history before this process read them.",
+    ),
+    (
+        "odin_broker_resumes",
+        "resumes",
+        "Times delivery of the broker's history restarted after the last message read.",
     ),
     ("odin_broker_history_reads", "history_reads", "Reads of the broker's history."),
     ("odin_broker_published", "published", "Publications the broker acknowledged."),

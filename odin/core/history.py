@@ -45,6 +45,10 @@ class Appended:
     """When non-zero: positions the log never saw before this entry (``prev`` skipped them)."""
 
 
+APPENDED = Appended()
+DUPLICATE = Appended(duplicate=True)
+
+
 @attrs.define
 class HistoryStats:
     channels_evicted: int = 0
@@ -63,25 +67,32 @@ class HistoryLog(Generic[E]):
         self._logs: OrderedDict[str, ChannelLog[E]] = OrderedDict()
 
     def append(self, channel: str, entry: E, now: float) -> Appended:
-        log = self._logs.get(channel)
+        """Store ``entry`` as the channel's newest. On the fan-out's path for every
+        publication, so the usual outcome allocates nothing (``APPENDED``)."""
+        logs = self._logs
+        log = logs.get(channel)
         if log is None:
-            log = self._logs[channel] = ChannelLog()
-            if len(self._logs) > self.max_channels:
-                self._logs.popitem(last=False)
+            log = logs[channel] = ChannelLog()
+            if len(logs) > self.max_channels:
+                logs.popitem(last=False)
                 self.stats.channels_evicted += 1
         else:
-            self._logs.move_to_end(channel)
-        if entry.seq <= log.last_seq:
-            return Appended(duplicate=True)
-        result = Appended()
-        if log.last_seq and entry.prev > log.last_seq:
-            result = Appended(missed_from=log.last_seq + 1, missed_to=entry.prev)
-        log.last_seq = entry.seq
-        log.entries.append((now, entry))
-        if len(log.entries) > self.max_messages:
-            log.entries.popleft()
+            logs.move_to_end(channel)
+        last = log.last_seq
+        seq = entry.seq
+        if seq <= last:
+            return DUPLICATE
+        result = APPENDED
+        if last and entry.prev > last:
+            result = Appended(missed_from=last + 1, missed_to=entry.prev)
+        log.last_seq = seq
+        entries = log.entries
+        entries.append((now, entry))
+        if len(entries) > self.max_messages:
+            entries.popleft()
             self.stats.messages_trimmed += 1
-        self._expire(log, now)
+        if entries[0][0] < now - self.max_age:
+            self._expire(log, now)
         return result
 
     def _expire(self, log: ChannelLog[E], now: float) -> None:

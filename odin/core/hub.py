@@ -14,11 +14,16 @@ from odin.protocol.channels import match_keys
 
 S = TypeVar("S", bound=Hashable)
 
+# Channels whose match keys are remembered; past this the cache starts over.
+_KEY_CACHE = 100_000
+
 
 class Hub(Generic[S]):
     def __init__(self) -> None:
         self._index: dict[str, set[S]] = {}
         self._subscriptions = 0
+        self._keys: dict[str, tuple[str, str, str, str]] = {}
+        """match_keys per channel, computed once (the channel names of the market repeat)."""
 
     def add(self, key: str, subscriber: S) -> None:
         members = self._index.setdefault(key, set())
@@ -45,7 +50,15 @@ class Hub(Generic[S]):
 
         A snapshot, because delivering may evict a slow subscriber from the index.
         """
-        found = [members for key in match_keys(channel) if (members := self._index.get(key))]
+        index = self._index
+        if not index:
+            return ()
+        keys = self._keys.get(channel)
+        if keys is None:
+            if len(self._keys) >= _KEY_CACHE:
+                self._keys.clear()
+            keys = self._keys[channel] = match_keys(channel)
+        found = [members for key in keys if (members := index.get(key))]
         if not found:
             return ()
         if len(found) == 1:

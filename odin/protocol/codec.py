@@ -204,20 +204,36 @@ def event_type(channel: str, payload: object) -> str:
     return channel.partition(".")[2] + ":update"
 
 
+# JSON of the pieces that repeat from event to event (type and channel, epoch), encoded once.
+_PREFIXES: dict[tuple[str, str], bytes] = {}
+_EPOCHS: dict[str, bytes] = {}
+_CACHE_LIMIT = 10_000
+
+
 def encode_event(publication: Publication, type_name: str) -> bytes:
     """The event envelope, with the publisher's JSON spliced in verbatim as ``data``."""
-    head = orjson.dumps(
-        {
-            "type": type_name,
-            "channel": publication.channel,
-            "seq": publication.seq,
-            "prev": publication.prev,
-            "epoch": publication.epoch,
-            "ts": int(publication.ts * 1000),
-        }
+    key = (type_name, publication.channel)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        if len(_PREFIXES) >= _CACHE_LIMIT:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[key] = b"".join(
+            (b'{"type":', orjson.dumps(type_name), b',"channel":',
+             orjson.dumps(publication.channel), b',"seq":')
+        )  # fmt: skip
+    epoch = _EPOCHS.get(publication.epoch)
+    if epoch is None:
+        if len(_EPOCHS) >= _CACHE_LIMIT:
+            _EPOCHS.clear()
+        epoch = _EPOCHS[publication.epoch] = orjson.dumps(publication.epoch)
+    return b'%s%d,"prev":%d,"epoch":%s,"ts":%d,"data":%s}' % (
+        prefix,
+        publication.seq,
+        publication.prev,
+        epoch,
+        int(publication.ts * 1000),
+        publication.payload,
     )
-    # head ends with "}"; reopen it to append the payload without re-serialising it.
-    return b"".join((head[:-1], b',"data":', publication.payload, b"}"))
 
 
 def encode_gap(gap_channel: str, from_seq: int, to_seq: int, reason: str) -> bytes:

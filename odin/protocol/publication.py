@@ -22,9 +22,13 @@ class Position:
     """The last position the client has seen on the channel (0: nothing yet)."""
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)
 class Publication:
-    """One message of a channel, with its place in the broker's history."""
+    """One message of a channel, with its place in the broker's history.
+
+    Treated as immutable, but not declared frozen: one is built for every message the broker
+    delivers, and a frozen attrs class takes three times as long to construct.
+    """
 
     channel: str
     """``SYMBOL.event``."""

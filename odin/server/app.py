@@ -40,6 +40,8 @@ from odin.server.writer import ConnectionWriter
 # trio-websocket hands messages to our reader through a queue of this many; the reader
 # drains it continuously, so it only needs to absorb a short burst.
 _WS_MESSAGE_QUEUE = 16
+# Publications the fan-out takes from the feed per wake-up before yielding to other tasks.
+_FEED_BATCH = 256
 
 
 @attrs.frozen
@@ -150,10 +152,21 @@ class OdinServer:
             await trio.serve_listeners(self._handle, list(listeners), handler_nursery=connections)
 
     async def _pump(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        handle = self.fanout.handle
         async with self.context.broker.open_feed() as feed:
             task_status.started()
             async for item in feed:
-                self.fanout.handle(item, trio.current_time())
+                now = trio.current_time()
+                handle(item, now)
+                # Then what is already waiting, without a checkpoint per message: one per
+                # message would cost more than the fan-out of a message without subscribers,
+                # and would let a busy broker bridge starve this task.
+                for _ in range(_FEED_BATCH):
+                    try:
+                        item = feed.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    handle(item, now)
 
     async def _housekeeping(self) -> None:
         context = self.context

@@ -61,6 +61,9 @@ class BrokerStats:
     """Messages on subjects that are not ``odin.token.SYMBOL.event``."""
     discontinuities: int = 0
     """Times messages left the history before this process could read them."""
+    resumes: int = 0
+    """Times delivery of the history started again after the last message read (after a
+    skipped delivery, a lost connection or a silent consumer)."""
     pending: int = 0
     """Messages in the history not yet delivered to this process."""
     history_reads: int = 0

@@ -23,7 +23,7 @@ async def test_positions_survive_an_odin_that_was_killed(tmp_path: Path) -> None
     with odin_process(args, env=env) as odin:
         port = port_of(odin.wait_for("listening"))
         nats_pid = odin.wait_for("nats_embedded_started")["nats_pid"]
-        odin.wait_for("stream_ready")
+        odin.wait_for("broker_ready")
         async with open_client(port) as client:
             await client.subscribe(["BTC.trade"])
             seen = await client.events(5)
@@ -33,7 +33,7 @@ async def test_positions_survive_an_odin_that_was_killed(tmp_path: Path) -> None
     with odin_process(args, env=env) as odin:
         assert odin.wait_for("nats_embedded_orphan")["pid"] == nats_pid
         port = port_of(odin.wait_for("listening"))
-        odin.wait_for("stream_ready")
+        odin.wait_for("broker_ready")
         position = {"epoch": seen[-1]["epoch"], "seq": seen[-1]["seq"]}
         async with open_client(port) as client:
             ack = await client.subscribe(["BTC.trade"], recover={"BTC.trade": position})

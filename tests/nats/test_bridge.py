@@ -3,6 +3,7 @@ come from JetStream, and bad input never stops the bridge."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 import trio
 
@@ -158,3 +159,36 @@ async def test_a_recreated_stream_is_a_new_epoch(nats_server: NatsServer) -> Non
     assert ack["recovery"]["BTC.trade"]["reason"] == "epoch_changed"
     assert ack["positions"]["BTC.trade"] == {"epoch": broker.epoch, "seq": 1}
     assert latest["data"] == {"n": 2}
+
+
+async def test_an_idle_consumer_is_kept_and_a_lost_one_resumes_after_the_last_message(
+    nats_server: NatsServer,
+) -> None:
+    heartbeat = 0.5
+    config = nats_config(nats_server.url, **{"nats.consumer_heartbeat": heartbeat})
+    async with odin_on_nats(config) as (harness, broker):
+        await broker.wait_ready()
+        publisher = await RawPublisher.connect(nats_server.port)
+        async with harness.client() as client:
+            await client.subscribe(["BTC.trade"])
+            await publisher.publish("odin.token.BTC.trade", {"n": 1})
+            await publisher.flush()
+            (first,) = await client.events(1)
+            # Idle for several heartbeats: the server's heartbeats keep the consumer alive.
+            await trio.sleep(heartbeat * 4)
+            assert broker.stats().resumes == 0
+            # The consumer disappears on the server (an operator, a restart that lost it) and
+            # the stream goes on: Odin notices the silence and reads on from where it was.
+            names = orjson.loads(await publisher.request("$JS.API.CONSUMER.NAMES.ODIN_TOKENS"))
+            (name,) = names["consumers"]
+            reply = await publisher.request(f"$JS.API.CONSUMER.DELETE.ODIN_TOKENS.{name}")
+            assert b'"success":true' in reply
+            for n in (2, 3):
+                await publisher.publish("odin.token.BTC.trade", {"n": n})
+            await publisher.flush()
+            later = await client.events(2)
+        await publisher.aclose()
+        assert broker.stats().resumes >= 1
+    assert [event["data"]["n"] for event in later] == [2, 3]
+    assert later[0]["prev"] == first["seq"]
+    assert later[1]["prev"] == later[0]["seq"]

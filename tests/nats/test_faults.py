@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 import trio
 
@@ -99,7 +100,7 @@ async def replayed_positions(client: Client, start: dict[str, int]) -> list[int]
 
 
 async def run_fault(nats_url: str, publish_port: int, fault: object) -> int:
-    """Run the scenario; returns how many times Odin reconnected to NATS."""
+    """Run the scenario; returns how many times Odin lost its connection to NATS."""
     config = nats_config(nats_url)
     async with odin_on_nats(config) as (harness, broker):
         await broker.wait_ready()
@@ -130,7 +131,7 @@ async def run_fault(nats_url: str, publish_port: int, fault: object) -> int:
             kept = await replayed_positions(client, start)
             assert sorted(got) == sorted(kept)
             assert publishing.sent > 100
-        return broker.stats().reconnects
+        return broker.stats().disconnects
 
 
 async def test_nats_killed_and_restarted_under_publishing(nats_server: NatsServer) -> None:
@@ -161,8 +162,57 @@ async def test_a_silent_partition_is_detected_and_healed(nats_server: NatsServer
             await trio.sleep(1.0)  # publishing goes on, straight to NATS
             proxy.set("pass")
 
-        reconnects = await run_fault(f"nats://127.0.0.1:{proxy.port}", nats_server.port, partition)
+        lost = await run_fault(f"nats://127.0.0.1:{proxy.port}", nats_server.port, partition)
         proxy_tasks.cancel_scope.cancel()
     # ping_interval 0.5 s x (2 outstanding + 1): noticed within about 1.5 s, bounded here at 4.
     assert detected[0] < 4.0
-    assert reconnects >= 1
+    assert lost >= 1
+
+
+async def test_a_stream_recreated_while_odin_was_cut_off_is_read_as_a_new_history(
+    nats_server: NatsServer,
+) -> None:
+    """Another Odin or an operator recreates the stream while this Odin cannot see NATS: when
+    it is back it must not read the new stream on from its old position, under its old epoch."""
+    proxy = Proxy(nats_server.port)
+    async with trio.open_nursery() as proxy_tasks:
+        await proxy_tasks.start(proxy.serve)
+        # The periodic stream check is pushed out of the way: the delivery must notice alone.
+        config = nats_config(
+            f"nats://127.0.0.1:{proxy.port}", **{"nats.stream_check_interval": 3600.0}
+        )
+        async with odin_on_nats(config) as (harness, broker):
+            await broker.wait_ready()
+            old_epoch = broker.epoch
+            publisher = await RawPublisher.connect(nats_server.port)
+            async with harness.client() as client:
+                await client.subscribe(["BTC.trade"])
+                for n in (1, 2):
+                    await publisher.publish("odin.token.BTC.trade", {"n": n})
+                await publisher.flush()
+                before = await client.events(2)
+                proxy.set("reset")
+                await wait_until(lambda: not broker.status().connected)
+                deleted = await publisher.request("$JS.API.STREAM.DELETE.ODIN_TOKENS")
+                assert b'"success":true' in deleted
+                stream = {"name": "ODIN_TOKENS", "subjects": ["odin.token.>"],
+                          "storage": "memory", "allow_direct": True}  # fmt: skip
+                created = await publisher.request(
+                    "$JS.API.STREAM.CREATE.ODIN_TOKENS", orjson.dumps(stream)
+                )
+                assert b'"error"' not in created
+                for n in (3, 4, 5):
+                    await publisher.publish("odin.token.BTC.trade", {"n": n})
+                await publisher.flush()
+                proxy.set("pass")
+                after = await client.events(3)
+            await publisher.aclose()
+            new_epoch = broker.epoch
+        proxy_tasks.cancel_scope.cancel()
+    assert {event["epoch"] for event in before} == {old_epoch}
+    assert new_epoch != old_epoch
+    assert [(e["data"]["n"], e["epoch"], e["seq"], e["prev"]) for e in after] == [
+        (3, new_epoch, 1, 0),
+        (4, new_epoch, 2, 1),
+        (5, new_epoch, 3, 2),
+    ]

@@ -82,8 +82,8 @@ async def test_a_client_recovers_on_another_odin_process(nats_server: NatsServer
     with odin_process(args) as first, odin_process(args) as second:
         port_a = port_of(first.wait_for("listening"))
         port_b = port_of(second.wait_for("listening"))
-        first.wait_for("stream_ready")
-        second.wait_for("stream_ready")
+        first.wait_for("broker_ready")
+        second.wait_for("broker_ready")
         async with open_client(port_a) as client:
             ack = await client.subscribe(["BTC.trade", "ETH.trade"])
             await publish(nats_server.port, "BTC.trade", 4)
@@ -108,7 +108,7 @@ async def test_a_client_recovers_after_odin_restarts(nats_server: NatsServer) ->
     args = odin_url_args(nats_server.url)
     with odin_process(args) as odin:
         port = port_of(odin.wait_for("listening"))
-        odin.wait_for("stream_ready")
+        odin.wait_for("broker_ready")
         async with open_client(port) as client:
             await client.subscribe(["SOL.trade"])
             await publish(nats_server.port, "SOL.trade", 3)
@@ -117,7 +117,7 @@ async def test_a_client_recovers_after_odin_restarts(nats_server: NatsServer) ->
     position = {"epoch": seen[-1]["epoch"], "seq": seen[-1]["seq"]}
     with odin_process(args) as odin:
         port = port_of(odin.wait_for("listening"))
-        odin.wait_for("stream_ready")
+        odin.wait_for("broker_ready")
         async with open_client(port) as client:
             ack = await client.subscribe(["SOL.trade"], recover={"SOL.trade": position})
             assert ack["recovery"]["SOL.trade"] == {"recovered": True, "count": 5}

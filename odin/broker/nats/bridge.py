@@ -5,11 +5,11 @@ trio-asyncio, and nothing of theirs leaves it: callers see ``Publication``, ``Hi
 ``BrokerStatus`` and ``BrokerError``.
 
 Crossing between the two runtimes costs about 130 µs per ``aio_as_trio`` call, so nothing
-crosses once per message. Inbound, nats-py calls ``_on_message`` on its loop for each message
-of an ordered JetStream consumer, and it hands a ``Publication`` to the Trio feed with a plain
-``send_nowait`` (about 120k msg/s measured here). Outbound, ``publish`` puts the message on an
-``asyncio.Queue`` with ``put_nowait`` and one long-lived asyncio task publishes with pipelined
-acknowledgements. History reads are one ``aio_as_trio`` call each.
+crosses once per message. Inbound, the stream's messages arrive on a connection of their own
+read in Trio (``delivery.py``: nats-py's delivery path through trio-asyncio was the bottleneck),
+and ``_on_delivery`` turns each into a ``Publication`` for the feed. Outbound, ``publish`` puts
+the message on an ``asyncio.Queue`` with ``put_nowait`` and one long-lived asyncio task
+publishes with pipelined acknowledgements. History reads are one ``aio_as_trio`` call each.
 
 Positions: ``seq`` is the stream sequence. ``prev`` is the stream sequence of the previous
 message on the same subject. The consumer reads every message of the stream in order, so the
@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
-from typing import ParamSpec, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, ParamSpec, TypeVar
 
 import nats
 import nats.errors
 import trio
 import trio_asyncio
 from nats.aio.client import Client, Server
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, PubAck, StreamInfo
+from nats.js.api import PubAck, StreamInfo
 from nats.js.errors import NotFoundError
 
 from odin.broker.base import (
@@ -48,6 +46,7 @@ from odin.broker.base import (
     HistoryPage,
 )
 from odin.broker.nats import jetstream
+from odin.broker.nats.delivery import Delivery, DeliverySettings
 from odin.broker.nats.jetstream import SUBJECTS, ReadFailed, Stored
 from odin.config import NatsSection
 from odin.logs import Log
@@ -95,10 +94,13 @@ class NatsBroker:
         self._feeds: list[BoundedFeed] = []
         self.feed_stats = FeedStats()
         self._stats = BrokerStats()
-        # Ingest state, touched only by the consumer callback (asyncio side).
-        self._last: OrderedDict[str, int] = OrderedDict()
+        # Ingest state, touched only by ``_on_delivery``.
+        self._last: dict[str, int] = {}
+        """The last position of each channel seen: the next message's prev."""
+        self._channels: dict[bytes, str] = {}
+        """Channel of each subject seen (a cache of channel_from_subject)."""
         self._last_stream_seq = 0
-        self._subscription: JetStreamContext.PushSubscription | None = None
+        self._delivery: Delivery | None = None
         self._publish_queue: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] | None = None
         self._logged: dict[str, float] = {}
         self._ready = trio.Event()
@@ -112,12 +114,25 @@ class NatsBroker:
 
     def status(self) -> BrokerStatus:
         nc = self._nc
-        connected = nc is not None and nc.is_connected and bool(self._epoch)
-        return BrokerStatus(connected, self._detail, self._location)
+        delivery = self._delivery
+        connected = (
+            nc is not None
+            and nc.is_connected
+            and bool(self._epoch)
+            and delivery is not None
+            and delivery.connected
+        )
+        detail = self._detail
+        if connected is False and self._detail == "connected":
+            detail = "connected, waiting for the stream's deliveries"
+        return BrokerStatus(connected, detail, self._location)
 
     def stats(self) -> BrokerStats:
         self._stats.connected = self.status().connected
         self._stats.ingest_dropped = self.feed_stats.dropped
+        if self._delivery is not None:
+            self._stats.pending = self._delivery.pending
+            self._stats.resumes = max(0, self._delivery.consumers_created - 1)
         return self._stats
 
     async def wait_ready(self) -> None:
@@ -165,8 +180,9 @@ class NatsBroker:
             raise BrokerError(f"history read failed: {exc!r}") from exc
 
     def _require(self) -> Client:
+        """The connection for reads: connected, with the stream's epoch known."""
         nc = self._nc
-        if nc is None or not self.status().connected:
+        if nc is None or not nc.is_connected or not self._epoch:
             raise BrokerError(f"NATS is not connected ({self._detail})")
         return nc
 
@@ -216,44 +232,60 @@ class NatsBroker:
         # removed one; otherwise its predecessor is unknown, and seq - 1 is the safe answer.
         return 0 if self._lossless else seq - 1
 
-    # ---- ingest (asyncio side: nats-py awaits this for each message, in order) ------------
+    # ---- ingest (Trio side: the delivery reader awaits this for each message, in order) ----
 
-    async def _on_message(self, msg: Msg) -> None:
-        metadata = msg.metadata
-        seq = metadata.sequence.stream
+    def _on_delivery(
+        self, subject: bytes, seq: int, timestamp: float, payload: bytes
+    ) -> Awaitable[None] | None:
+        """One message of the stream, in order. Synchronous (it runs for every message),
+        except for a channel's first message, whose predecessor is looked up in the stream."""
         if self._last_stream_seq and seq > self._last_stream_seq + 1:
-            # Every message of the stream matches our consumer, so a jump means messages were
+            # Every message of the stream matches the consumer, so a jump means messages were
             # removed before we read them: which channels they belonged to is unknown.
             self._last.clear()
             self._stats.discontinuities += 1
-        self._last_stream_seq = max(self._last_stream_seq, seq)
-        self._stats.pending = metadata.num_pending
-        channel = channel_from_subject(msg.subject)
+        if seq > self._last_stream_seq:
+            self._last_stream_seq = seq
+        channel = self._channels.get(subject)
         if channel is None:
-            self._stats.bad_subjects += 1
-            self._warn_once(f"subject:{msg.subject.count('.')}", "bad_subject", subject=msg.subject)
-            return
+            name = subject.decode(errors="replace")
+            channel = channel_from_subject(name)
+            if channel is None:
+                self._stats.bad_subjects += 1
+                self._warn_once(f"subject:{name.count('.')}", "bad_subject", subject=name)
+                return None
+            if len(self._channels) < _REMEMBERED_CHANNELS:
+                self._channels[subject] = channel
         prev = self._last.get(channel)
         if prev is None:
-            try:
-                prev = await self._prev_in_stream(self._nc_or_fail(), msg.subject, seq)
-            except _FAILURES:
-                prev = seq - 1
-        self._last[channel] = seq
-        self._last.move_to_end(channel)
+            return self._deliver_first(channel, seq, timestamp, payload)
+        self._deliver(channel, seq, prev, timestamp, payload)
+        return None
+
+    async def _deliver_first(
+        self, channel: str, seq: int, timestamp: float, payload: bytes
+    ) -> None:
         if len(self._last) > _REMEMBERED_CHANNELS:
-            self._last.popitem(last=False)
-        publication = Publication(
-            channel, seq, prev, self._epoch, metadata.timestamp.timestamp(), msg.data
-        )
+            self._last.clear()
+        subject = subject_for(channel)
+        self._deliver(channel, seq, await self._first_prev(subject, seq), timestamp, payload)
+
+    def _deliver(self, channel: str, seq: int, prev: int, timestamp: float, payload: bytes) -> None:
+        self._last[channel] = seq
+        publication = Publication(channel, seq, prev, self._epoch, timestamp, payload)
         self._stats.ingested += 1
         for feed in self._feeds:
             feed.push(publication)
 
-    def _nc_or_fail(self) -> Client:
-        if self._nc is None:
-            raise nats.errors.ConnectionClosedError
-        return self._nc
+    async def _first_prev(self, subject: str, seq: int) -> int:
+        """``prev`` of the first message of a channel this process sees: from the stream."""
+        nc = self._nc
+        if nc is None:
+            return seq - 1
+        try:
+            return await aio(self._prev_in_stream, nc, subject, seq)
+        except _FAILURES:
+            return seq - 1
 
     # ---- publishing (asyncio side) -------------------------------------------------------
 
@@ -353,8 +385,27 @@ class NatsBroker:
         self._log.info("nats_connected", servers=self._servers)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio_asyncio.aio_as_trio(self._publisher))
-            await self._attach(DeliverPolicy.NEW)
+            await self._attach()
+            self._delivery = Delivery(
+                DeliverySettings(
+                    servers=[_address(url) for url in self._servers],
+                    stream=settings.stream,
+                    filter_subject=SUBJECTS,
+                    heartbeat=settings.consumer_heartbeat,
+                    ping_interval=settings.ping_interval,
+                    max_outstanding_pings=settings.max_outstanding_pings,
+                    connect_timeout=settings.connect_timeout,
+                    reconnect_wait_min=settings.reconnect_wait_min,
+                    reconnect_wait_max=settings.reconnect_wait_max,
+                ),
+                self._on_delivery,
+                self._on_stream,
+                self._log,
+            )
+            nursery.start_soon(self._delivery.run)
+            await self._delivery.ready.wait()
             self._ready.set()
+            self._log.info("broker_ready", stream=settings.stream, epoch=self._epoch)
             while True:
                 await trio.sleep(settings.stream_check_interval)
                 await self._check_stream()
@@ -382,8 +433,8 @@ class NatsBroker:
             attempt += 1
             await trio.sleep(wait * random.uniform(0.5, 1.0))
 
-    async def _attach(self, policy: DeliverPolicy) -> None:
-        """Make sure the stream exists, adopt its epoch, and start consuming it."""
+    async def _attach(self) -> None:
+        """Make sure the stream exists and adopt its epoch."""
         attempt = 0
         while True:
             try:
@@ -397,7 +448,6 @@ class NatsBroker:
                 attempt += 1
                 await trio.sleep(min(self._settings.reconnect_wait_max, 0.5 * 2**attempt))
         self._adopt(info)
-        await aio(self._subscribe, policy)
         self._detail = "connected"
 
     async def _ensure_stream(self) -> StreamInfo:
@@ -414,24 +464,6 @@ class NatsBroker:
         self._epoch = epoch
         self._lossless = jetstream.lossless(info)
 
-    async def _subscribe(self, policy: DeliverPolicy) -> None:
-        assert self._js is not None
-        if self._subscription is not None:
-            with suppress(nats.errors.Error):
-                await self._subscription.unsubscribe()
-        self._last.clear()
-        self._last_stream_seq = 0
-        self._subscription = await self._js.subscribe(
-            SUBJECTS,
-            stream=self._settings.stream,
-            cb=self._on_message,
-            ordered_consumer=True,
-            idle_heartbeat=self._settings.consumer_heartbeat,
-            deliver_policy=policy,
-            pending_msgs_limit=_PENDING_MSGS,
-            pending_bytes_limit=_PENDING_BYTES,
-        )
-
     async def _check_stream(self) -> None:
         """A stream that was deleted or recreated is a new history: new epoch, new consumer."""
         if self._nc is None or not self._nc.is_connected:
@@ -440,16 +472,39 @@ class NatsBroker:
             info = await aio(self._stream_info)
         except NotFoundError:
             self._log.warning("stream_lost", stream=self._settings.stream)
-            await self._attach(DeliverPolicy.ALL)
+            await self._attach()
+            self._new_history()
             return
         except _FAILURES:
             return
         if jetstream.epoch_of(info) != self._epoch:
             self._adopt(info)
-            # Everything of the new history, from its first message.
-            await aio(self._subscribe, DeliverPolicy.ALL)
+            self._new_history()
         else:
             self._lossless = jetstream.lossless(info)
+
+    def _on_stream(self, info: dict[str, Any]) -> bool:
+        """The delivery is about to (re)start: is the stream still the history we read?"""
+        state = info.get("state", {})
+        self._lossless = jetstream.lossless_state(
+            state.get("first_seq", 0), state.get("num_deleted", 0)
+        )
+        epoch = jetstream.epoch_of_raw(info)
+        if epoch == self._epoch:
+            return False
+        self._log.warning("epoch_changed", stream=self._settings.stream, old=self._epoch, new=epoch)
+        self._epoch = epoch
+        self._last.clear()
+        self._last_stream_seq = 0
+        return True
+
+    def _new_history(self) -> None:
+        """Consume the new stream from its first message, with nothing remembered."""
+        self._last.clear()
+        self._last_stream_seq = 0
+        if self._delivery is not None:
+            self._delivery.last_stream_seq = 0
+            self._delivery.restart("all")
 
     async def _stream_info(self) -> StreamInfo:
         assert self._js is not None

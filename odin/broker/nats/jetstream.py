@@ -10,7 +10,9 @@ newest one. None of them creates a consumer.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+import itertools
+from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import orjson
@@ -84,16 +86,38 @@ def _limits(config: StreamConfig) -> tuple[object, ...]:
 
 def epoch_of(info: StreamInfo) -> str:
     """The history's name: a recreated stream (a new creation time) is a new history."""
-    created = info.created or datetime.fromtimestamp(0)
-    digest = hashlib.sha256(f"{info.config.name}|{created.isoformat()}".encode()).hexdigest()
-    return digest[:12]
+    return epoch_from(info.config.name or "", info.created)
+
+
+def epoch_of_raw(info: dict[str, Any]) -> str:
+    """``epoch_of`` for a STREAM.INFO reply as JSON (read without nats-py)."""
+    created = info.get("created")
+    return epoch_from(info["config"]["name"], created_at(created) if created else None)
+
+
+def epoch_from(name: str, created: datetime | None) -> str:
+    stamp = (created or datetime.fromtimestamp(0, UTC)).astimezone(UTC)
+    return hashlib.sha256(f"{name}|{stamp.isoformat()}".encode()).hexdigest()[:12]
+
+
+def created_at(stamp: str) -> datetime:
+    """An RFC 3339 time, to the microsecond (as nats-py reads it, so both agree)."""
+    whole, _, rest = stamp.replace("Z", "+00:00").partition(".")
+    if rest:
+        digits = "".join(itertools.takewhile(str.isdigit, rest))
+        whole = f"{whole}.{digits[:6].ljust(6, '0')}{rest[len(digits) :]}"
+    return datetime.fromisoformat(whole).astimezone(UTC)
 
 
 def lossless(info: StreamInfo) -> bool:
     """True if the stream never removed a message: a channel's first retained message is then
     its first message ever."""
     state = info.state
-    return state.first_seq <= 1 and not state.num_deleted
+    return lossless_state(state.first_seq, state.num_deleted or 0)
+
+
+def lossless_state(first_seq: int, num_deleted: int) -> bool:
+    return first_seq <= 1 and not num_deleted
 
 
 def parse_time(stamp: str) -> float:

@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, TypeVar, get_args, get_origin
+from urllib.parse import unquote, urlsplit
 
 import attrs
 import cattrs
@@ -39,6 +40,55 @@ class ConfigError(Exception):
 def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+@attrs.frozen
+class NatsAddress:
+    """One server of ``nats.url``."""
+
+    url: str
+    host: str
+    port: int
+    user: str = ""
+    password: str = ""
+    token: str = ""
+
+    @property
+    def display(self) -> str:
+        """For logs, /health and people: never the credentials."""
+        return f"nats://{self.host}:{self.port}"
+
+
+def nats_addresses(urls: str) -> list[NatsAddress]:
+    """``nats://[user:password@|token@]host[:port]``, comma-separated. Only plain ``nats://``:
+    Odin does not speak TLS to NATS (run it on a trusted network, or beside a local nats-server
+    that leafnodes over TLS)."""
+    addresses = []
+    for item in (part.strip() for part in urls.split(",")):
+        if not item:
+            continue
+        parsed = urlsplit(item if "://" in item else f"nats://{item}")
+        if parsed.scheme != "nats":
+            raise ValueError(f"{item!r}: only nats:// URLs are supported (no TLS to NATS yet)")
+        try:
+            port = parsed.port or 4222
+        except ValueError:
+            raise ValueError(f"{item!r}: the port is not a number") from None
+        if not parsed.hostname or parsed.path not in ("", "/"):
+            raise ValueError(f"{item!r}: expected nats://host:port")
+        user, password = unquote(parsed.username or ""), unquote(parsed.password or "")
+        token = ""
+        if user and parsed.password is None:
+            user, token = "", user  # nats://TOKEN@host
+        addresses.append(NatsAddress(item, parsed.hostname, port, user, password, token))
+    return addresses
+
+
+def _nats_urls(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        nats_addresses(value)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 @attrs.frozen
@@ -116,8 +166,9 @@ class BrokerSection:
 
 @attrs.frozen
 class NatsSection:
-    url: str = ""
-    """NATS server URL(s), comma-separated; empty starts an embedded nats-server."""
+    url: str = attrs.field(default="", validator=_nats_urls)
+    """NATS server URL(s), comma-separated (``nats://[user:password@]host:port``); empty
+    starts an embedded nats-server."""
     stream: str = attrs.field(default="ODIN_TOKENS", validator=v.matches_re(r"[A-Za-z0-9_-]+"))
     """The JetStream stream that keeps the history of ``odin.token.>``."""
     manage_stream: bool = True

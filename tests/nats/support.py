@@ -31,8 +31,9 @@ _LISTENING = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
 class NatsServer:
     """nats-server with JetStream on 127.0.0.1; restartable on the same port and store."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.directory = directory
+        self.extra_args = extra_args
         self.store = directory / "store"
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -58,6 +59,7 @@ class NatsServer:
                     str(self.port or -1),
                     "-sd",
                     str(self.store),
+                    *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

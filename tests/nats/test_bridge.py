@@ -3,6 +3,8 @@ come from JetStream, and bad input never stops the bridge."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 import trio
@@ -192,3 +194,24 @@ async def test_an_idle_consumer_is_kept_and_a_lost_one_resumes_after_the_last_me
     assert [event["data"]["n"] for event in later] == [2, 3]
     assert later[0]["prev"] == first["seq"]
     assert later[1]["prev"] == later[0]["seq"]
+
+
+async def test_credentials_in_the_url_are_used_and_never_logged(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats", extra_args=("--user", "odin", "--pass", "s3cret-pw"))
+    try:
+        url = f"nats://odin:s3cret-pw@127.0.0.1:{server.port}"
+        with capture_logs() as logs:
+            async with odin_on_nats(nats_config(url)) as (harness, broker):
+                with trio.fail_after(10):
+                    await broker.wait_ready()
+                async with harness.client() as client:
+                    await client.subscribe(["BTC.trade"])
+                    await broker.publish("BTC.trade", b'{"n":1}')
+                    (event,) = await client.events(1)
+                status = broker.status()
+    finally:
+        server.stop()
+    assert event["data"] == {"n": 1}
+    assert "s3cret" not in status.location
+    assert logs
+    assert not [entry for entry in logs if "s3cret" in repr(entry)]

@@ -48,7 +48,7 @@ from odin.broker.base import (
 from odin.broker.nats import jetstream
 from odin.broker.nats.delivery import Delivery, DeliverySettings
 from odin.broker.nats.jetstream import SUBJECTS, ReadFailed, Stored
-from odin.config import NatsSection
+from odin.config import NatsSection, nats_addresses
 from odin.logs import Log
 from odin.protocol.channels import channel_from_subject, subject_for
 from odin.protocol.publication import Publication
@@ -84,8 +84,10 @@ class NatsBroker:
         self._settings = settings
         self._feed_capacity = feed_capacity
         self._log = log.bind(broker="nats")
-        self._servers = [url.strip() for url in settings.url.split(",") if url.strip()]
-        self._location = f"{', '.join(self._servers)} (stream {settings.stream})"
+        self._addresses = nats_addresses(settings.url)
+        self._servers = [address.url for address in self._addresses]
+        shown = ", ".join(address.display for address in self._addresses)
+        self._location = f"{shown} (stream {settings.stream})"
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._epoch = ""
@@ -334,8 +336,9 @@ class NatsBroker:
         self._detail = "connected"
         self._stats.reconnects += 1
         nc = self._nc
-        self._log.info("nats_reconnected", server=str(nc.connected_url.netloc) if nc and
-                       nc.connected_url else None)  # fmt: skip
+        url = nc.connected_url if nc is not None else None
+        server = f"nats://{url.hostname}:{url.port}" if url is not None else None
+        self._log.info("nats_reconnected", server=server)  # never the URL's credentials
 
     async def _on_closed(self) -> None:
         self._detail = "closed"
@@ -382,13 +385,13 @@ class NatsBroker:
         )
         self._js = self._nc.jetstream()
         self._detail = "connected"
-        self._log.info("nats_connected", servers=self._servers)
+        self._log.info("nats_connected", servers=[a.display for a in self._addresses])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio_asyncio.aio_as_trio(self._publisher))
             await self._attach()
             self._delivery = Delivery(
                 DeliverySettings(
-                    servers=[_address(url) for url in self._servers],
+                    servers=self._addresses,
                     stream=settings.stream,
                     filter_subject=SUBJECTS,
                     heartbeat=settings.consumer_heartbeat,
@@ -415,14 +418,15 @@ class NatsBroker:
         first connect retries at a fixed pace)."""
         attempt = 0
         while True:
-            for url in self._servers:
-                host, port = _address(url)
+            for address in self._addresses:
                 try:
                     with trio.fail_after(self._settings.connect_timeout):
-                        stream = await trio.open_tcp_stream(host, port)
+                        stream = await trio.open_tcp_stream(address.host, address.port)
                 except (OSError, trio.TooSlowError) as exc:
                     if attempt == 0:
-                        self._log.warning("nats_unreachable", server=url, error=str(exc))
+                        self._log.warning(
+                            "nats_unreachable", server=address.display, error=str(exc)
+                        )
                     continue
                 await stream.aclose()
                 return
@@ -520,12 +524,6 @@ class NatsBroker:
             await asyncio.wait_for(nc.drain(), timeout=5)
         except (TimeoutError, nats.errors.Error):
             await nc.close()
-
-
-def _address(url: str) -> tuple[str, int]:
-    rest = url.split("://", 1)[-1].rsplit("@", 1)[-1]
-    host, _, port = rest.partition(":")
-    return host or "127.0.0.1", int(port or 4222)
 
 
 @asynccontextmanager

@@ -24,6 +24,7 @@ import attrs
 import orjson
 import trio
 
+from odin.config import NatsAddress
 from odin.logs import Log
 
 # Called for each delivered message, in order: subject, stream sequence, timestamp (Unix
@@ -55,7 +56,7 @@ _LOST = (
 
 @attrs.define
 class DeliverySettings:
-    servers: list[tuple[str, int]]
+    servers: list[NatsAddress]
     stream: str
     filter_subject: str
     heartbeat: float
@@ -114,40 +115,48 @@ class Delivery:
     async def run(self) -> None:
         attempt = 0
         while True:
-            host, port = self._settings.servers[attempt % len(self._settings.servers)]
+            server = self._settings.servers[attempt % len(self._settings.servers)]
             failures: list[BaseException] = []
+            was_connected = False
             try:
                 with trio.fail_after(self._settings.connect_timeout):
-                    stream = await trio.open_tcp_stream(host, port)
+                    stream = await trio.open_tcp_stream(server.host, server.port)
                 try:
-                    await self._serve(stream)
+                    await self._serve(stream, server)
                 finally:
-                    self.connected = False
+                    was_connected, self.connected = self.connected, False
                     self._stream = None
                     await trio.aclose_forcefully(stream)
             except* _LOST as group:  # grouped: it may come from any task of the connection
                 failures.extend(group.exceptions)
-            if failures and (attempt == 0 or self.consumers_created):
+            if failures and (was_connected or attempt == 0):  # not every failed retry
                 self._log.warning(
-                    "nats_delivery_lost", server=f"{host}:{port}", error=repr(failures[0])
+                    "nats_delivery_lost",
+                    server=f"{server.host}:{server.port}",
+                    error=repr(failures[0]),
                 )
-            attempt += 1
+            attempt = 1 if was_connected else attempt + 1
             settings = self._settings
             wait = min(
                 settings.reconnect_wait_max, settings.reconnect_wait_min * 2 ** min(attempt, 16)
             )
             await trio.sleep(wait * random.uniform(0.5, 1.0))
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, server: NatsAddress) -> None:
         self._stream = stream
         buffer = bytearray()
         with trio.fail_after(self._settings.connect_timeout):
             line = await self._read_line(stream, buffer)
             if not line.startswith(b"INFO "):
                 raise ConnectionLost(f"unexpected greeting {line[:40]!r}")
-            connect = {"verbose": False, "pedantic": False, "headers": True,
-                       "no_responders": True, "name": "odin-delivery", "lang": "python",
-                       "version": "odin", "protocol": 1}  # fmt: skip
+            connect: dict[str, object] = {
+                "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
+                "name": "odin-delivery", "lang": "python", "version": "odin", "protocol": 1,
+            }  # fmt: skip
+            if server.user:
+                connect.update(user=server.user, **{"pass": server.password})
+            elif server.token:
+                connect["auth_token"] = server.token
             await self._send(
                 b"CONNECT " + orjson.dumps(connect) + b"\r\nSUB " + self._inbox.encode()
                 + b".* 1\r\nPING\r\n"

@@ -9,7 +9,8 @@ server process and survive restarts. Callers never see a broker's own types or e
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import attrs
@@ -101,6 +102,22 @@ class BoundedFeed:
             self.missed[publication.channel] = (first, publication.seq)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+@asynccontextmanager
+async def open_bounded_feed(
+    feeds: list[BoundedFeed], capacity: int, stats: FeedStats
+) -> AsyncIterator[trio.MemoryReceiveChannel[FeedItem]]:
+    """A broker's ``open_feed``: a new feed in ``feeds`` (which the broker pushes to) for the
+    duration of the block."""
+    send, receive = trio.open_memory_channel[FeedItem](capacity)
+    feed = BoundedFeed(send, stats)
+    feeds.append(feed)
+    try:
+        with send, receive:
+            yield receive
+    finally:
+        feeds.remove(feed)
 
 
 class Broker(Protocol):

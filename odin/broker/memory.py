@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import trio
 
@@ -22,6 +22,7 @@ from odin.broker.base import (
     FeedItem,
     FeedStats,
     HistoryPage,
+    open_bounded_feed,
 )
 from odin.core.history import HistoryLog
 from odin.protocol.publication import Publication
@@ -94,16 +95,8 @@ class MemoryBroker:
             feed.push(publication)
         return publication
 
-    @asynccontextmanager
-    async def open_feed(self) -> AsyncIterator[trio.MemoryReceiveChannel[FeedItem]]:
-        send, receive = trio.open_memory_channel[FeedItem](self._feed_capacity)
-        feed = BoundedFeed(send, self.feed_stats)
-        self._feeds.append(feed)
-        try:
-            with send, receive:
-                yield receive
-        finally:
-            self._feeds.remove(feed)
+    def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:
+        return open_bounded_feed(self._feeds, self._feed_capacity, self.feed_stats)
 
     async def read_after(self, channel: str, after: int, limit: int) -> HistoryPage:
         await trio.lowlevel.checkpoint()

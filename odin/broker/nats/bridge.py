@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import nats
@@ -44,6 +44,7 @@ from odin.broker.base import (
     FeedItem,
     FeedStats,
     HistoryPage,
+    open_bounded_feed,
 )
 from odin.broker.nats import jetstream
 from odin.broker.nats.delivery import Delivery, DeliverySettings
@@ -63,10 +64,8 @@ async def aio(function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kw
     return result
 
 
-# nats-py's own buffering between its socket reader and our callback.
-_PENDING_MSGS = 65_536
-_PENDING_BYTES = 64 * 1024 * 1024
-# Channels whose last position the consumer remembers (least recently seen forgotten first).
+# Channels whose last position the bridge remembers. Past it the memory is cleared: each
+# channel's next message then looks its predecessor up in the stream (one read, then cached).
 _REMEMBERED_CHANNELS = 100_000
 _READ_TIMEOUT = 5.0
 _FAILURES = (
@@ -153,16 +152,8 @@ class NatsBroker:
             raise BrokerError("the publish queue is full") from None
         await trio.lowlevel.checkpoint()
 
-    @asynccontextmanager
-    async def open_feed(self) -> AsyncIterator[trio.MemoryReceiveChannel[FeedItem]]:
-        send, receive = trio.open_memory_channel[FeedItem](self._feed_capacity)
-        feed = BoundedFeed(send, self.feed_stats)
-        self._feeds.append(feed)
-        try:
-            with send, receive:
-                yield receive
-        finally:
-            self._feeds.remove(feed)
+    def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:
+        return open_bounded_feed(self._feeds, self._feed_capacity, self.feed_stats)
 
     async def read_after(self, channel: str, after: int, limit: int) -> HistoryPage:
         nc = self._require()

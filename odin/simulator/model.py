@@ -67,10 +67,23 @@ class Market:
         self.events = list(events)
         self._counter = 0
 
+    def set_tokens(self, symbols: Sequence[str]) -> None:
+        """Simulate these tokens from now on; those already simulated keep their state."""
+        if not symbols:
+            raise ValueError("need at least one token")
+        known = {token.symbol: token for token in self.tokens}
+        self.tokens = [known.get(symbol) or self._seed(symbol) for symbol in symbols]
+
+    def set_events(self, events: Sequence[str]) -> None:
+        unknown = [event for event in events if event not in EVENT_TYPES]
+        if not events or unknown:
+            raise ValueError(f"need known events (unknown: {unknown})")
+        self.events = list(events)
+
     def _seed(self, symbol: str) -> Token:
         rng = self._rng
         price, volume, cap = SEEDS.get(
-            symbol, (rng.random() * 100, rng.random() * 1e6, rng.random() * 1e9)
+            symbol, (max(0.0001, rng.random() * 100), rng.random() * 1e6, rng.random() * 1e9)
         )
         return Token(symbol, price, volume, cap, volatility=rng.random() * 0.1 + 0.02)
 

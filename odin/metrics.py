@@ -252,6 +252,11 @@ _BROKER_COUNTERS = (
     ("odin_broker_history_reads", "history_reads", "Reads of the broker's history."),
     ("odin_broker_published", "published", "Publications the broker acknowledged."),
     ("odin_broker_publish_failed", "publish_failed", "Publications that failed."),
+    (
+        "odin_broker_publish_retries",
+        "publish_retries",
+        "Publications sent again after a failed or missing acknowledgement.",
+    ),
 )
 
 

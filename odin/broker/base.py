@@ -69,7 +69,11 @@ class BrokerStats:
     """Messages in the history not yet delivered to this process."""
     history_reads: int = 0
     published: int = 0
+    """Publications the broker acknowledged (stored)."""
     publish_failed: int = 0
+    """Publications refused or lost (after their retries)."""
+    publish_retries: int = 0
+    """Publications sent again after a failed or missing acknowledgement."""
 
 
 @attrs.define

@@ -215,3 +215,22 @@ async def test_credentials_in_the_url_are_used_and_never_logged(tmp_path: Path) 
     assert "s3cret" not in status.location
     assert logs
     assert not [entry for entry in logs if "s3cret" in repr(entry)]
+
+
+async def test_publishes_with_a_message_id_are_delivered_and_a_repeat_is_stored_once(
+    nats_server: NatsServer,
+) -> None:
+    """A publish with headers (Nats-Msg-Id) reaches clients like a plain one; publishing the
+    same id again (a retry) adds nothing to the history."""
+    async with odin_on_nats(nats_config(nats_server.url)) as (harness, broker):
+        await broker.wait_ready()
+        async with harness.client() as client:
+            await client.subscribe(["BTC.trade"])
+            await broker.publish("BTC.trade", b'{"n":1}', msg_id="order-1")
+            await broker.publish("BTC.trade", b'{"n":1}', msg_id="order-1")
+            await broker.publish("BTC.trade", b'{"n":2}', msg_id="order-2")
+            first, second = await client.events(2)
+            await wait_until(lambda: broker.stats().published == 3)
+    assert (first["data"], second["data"]) == ({"n": 1}, {"n": 2})
+    assert second["prev"] == first["seq"]
+    assert broker.stats().publish_failed == 0

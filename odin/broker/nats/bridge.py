@@ -1,15 +1,16 @@
-"""The NATS broker: JetStream as Odin's history, seen from Trio through trio-asyncio.
+"""The NATS broker: JetStream as Odin's history, seen from Trio.
 
-nats-py is asyncio; this package is the only code that touches asyncio, nats-py or
-trio-asyncio, and nothing of theirs leaves it: callers see ``Publication``, ``HistoryPage``,
-``BrokerStatus`` and ``BrokerError``.
+This package is the only code that touches asyncio, nats-py or trio-asyncio, and nothing of
+theirs leaves it: callers see ``Publication``, ``HistoryPage``, ``BrokerStatus`` and
+``BrokerError``.
 
-Crossing between the two runtimes costs about 130 µs per ``aio_as_trio`` call, so nothing
-crosses once per message. Inbound, the stream's messages arrive on a connection of their own
-read in Trio (``delivery.py``: nats-py's delivery path through trio-asyncio was the bottleneck),
-and ``_on_delivery`` turns each into a ``Publication`` for the feed. Outbound, ``publish`` puts
-the message on an ``asyncio.Queue`` with ``put_nowait`` and one long-lived asyncio task
-publishes with pipelined acknowledgements. History reads are one ``aio_as_trio`` call each.
+Three connections. nats-py, on a trio-asyncio loop, does what costs one runtime crossing
+(about 130 µs) per call rather than per message: managing the stream and reading history.
+The two paths with a NATS message per event run in Trio on connections of their own that
+speak the NATS protocol directly (``link.py``): the stream's messages arrive through
+``delivery.py`` and ``_on_delivery`` turns each into a ``Publication`` for the feed;
+``publish`` goes through ``publish.py``, pipelined, with acknowledgements, retries and a
+bound.
 
 Positions: ``seq`` is the stream sequence. ``prev`` is the stream sequence of the previous
 message on the same subject. The consumer reads every message of the stream in order, so the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
@@ -33,7 +35,7 @@ import trio
 import trio_asyncio
 from nats.aio.client import Client, Server
 from nats.js import JetStreamContext
-from nats.js.api import PubAck, StreamInfo
+from nats.js.api import StreamInfo
 from nats.js.errors import NotFoundError
 
 from odin.broker.base import (
@@ -49,6 +51,8 @@ from odin.broker.base import (
 from odin.broker.nats import jetstream
 from odin.broker.nats.delivery import Delivery, DeliverySettings
 from odin.broker.nats.jetstream import SUBJECTS, ReadFailed, Stored
+from odin.broker.nats.link import LinkSettings
+from odin.broker.nats.publish import JetStreamPublisher
 from odin.config import NatsSection, nats_addresses
 from odin.logs import Log
 from odin.protocol.channels import channel_from_subject, subject_for
@@ -68,6 +72,8 @@ async def aio(function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kw
 # channel's next message then looks its predecessor up in the stream (one read, then cached).
 _REMEMBERED_CHANNELS = 100_000
 _READ_TIMEOUT = 5.0
+# Attempts of a publish that carries a message id (the first and the retries).
+_PUBLISH_ATTEMPTS = 3
 _FAILURES = (
     nats.errors.Error,
     ReadFailed,
@@ -79,8 +85,15 @@ _FAILURES = (
 
 
 class NatsBroker:
-    def __init__(self, settings: NatsSection, *, feed_capacity: int, log: Log) -> None:
+    """``consume=False`` makes a publisher's broker: no delivery of the stream (``open_feed``
+    yields nothing), and a missing stream is created but an existing one is left as it is
+    (the servers' configuration owns its limits)."""
+
+    def __init__(
+        self, settings: NatsSection, *, feed_capacity: int, log: Log, consume: bool = True
+    ) -> None:
         self._settings = settings
+        self._consume = consume
         self._feed_capacity = feed_capacity
         self._log = log.bind(broker="nats")
         self._addresses = nats_addresses(settings.url)
@@ -102,7 +115,15 @@ class NatsBroker:
         """Channel of each subject seen (a cache of channel_from_subject)."""
         self._last_stream_seq = 0
         self._delivery: Delivery | None = None
-        self._publish_queue: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] | None = None
+        self._publisher = JetStreamPublisher(
+            self._link_settings(),
+            ack_timeout=settings.publish_ack_timeout,
+            capacity=settings.publish_queue,
+            attempts=_PUBLISH_ATTEMPTS,
+            stats=self._stats,
+            on_failure=self._publish_failed,
+            log=self._log,
+        )
         self._logged: dict[str, float] = {}
         self._ready = trio.Event()
         self._closing = False
@@ -120,8 +141,7 @@ class NatsBroker:
             nc is not None
             and nc.is_connected
             and bool(self._epoch)
-            and delivery is not None
-            and delivery.connected
+            and (not self._consume or (delivery is not None and delivery.connected))
         )
         detail = self._detail
         if connected is False and self._detail == "connected":
@@ -140,17 +160,23 @@ class NatsBroker:
         await self._ready.wait()
 
     async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> None:
-        queue = self._publish_queue
-        if queue is None or not self.status().connected:
+        """Queue a publish into the stream. With ``msg_id`` (``Nats-Msg-Id``) a publish whose
+        acknowledgement fails or times out is retried, and the stream stores it once.
+
+        It does not yield: a caller publishing many in a row (the simulator's tick) lets the
+        writer send them in one batch when it next waits."""
+        self._require_publisher().publish(subject_for(channel), payload, msg_id)
+
+    def publish_plain(self, subject: str, payload: bytes) -> None:
+        """A plain NATS publish, outside the stream (nothing stores it, nothing acknowledges
+        it): for announcements such as market statistics."""
+        self._require_publisher().publish_plain(subject, payload)
+
+    def _require_publisher(self) -> JetStreamPublisher:
+        if not self.status().connected or not self._publisher.connected:
             self._stats.publish_failed += 1
             raise BrokerError(f"NATS is not connected ({self._detail})")
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        try:
-            queue.put_nowait((subject_for(channel), payload, headers))
-        except asyncio.QueueFull:
-            self._stats.publish_failed += 1
-            raise BrokerError("the publish queue is full") from None
-        await trio.lowlevel.checkpoint()
+        return self._publisher
 
     def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:
         return open_bounded_feed(self._feeds, self._feed_capacity, self.feed_stats)
@@ -280,34 +306,11 @@ class NatsBroker:
         except _FAILURES:
             return seq - 1
 
-    # ---- publishing (asyncio side) -------------------------------------------------------
+    # ---- publishing ----------------------------------------------------------------------
 
-    async def _publisher(self) -> None:
-        queue = self._publish_queue = asyncio.Queue(maxsize=self._settings.publish_queue)
-        while True:
-            subject, payload, headers = await queue.get()
-            js = self._js
-            if js is None:
-                self._stats.publish_failed += 1
-                continue
-            try:
-                future = await js.publish_async(subject, payload, headers=headers)
-            except _FAILURES as exc:
-                self._publish_failed(exc)
-                continue
-            future.add_done_callback(self._acknowledged)
-
-    def _acknowledged(self, future: asyncio.Future[PubAck]) -> None:
-        if future.cancelled():
-            self._stats.publish_failed += 1
-        elif (error := future.exception()) is not None:
-            self._publish_failed(error)
-        else:
-            self._stats.published += 1
-
-    def _publish_failed(self, error: BaseException) -> None:
-        self._stats.publish_failed += 1
-        self._warn_once("publish", "publish_failed", error=repr(error), every=5.0)
+    def _publish_failed(self, reason: str) -> None:
+        """A publish lost for good (counted by the publisher)."""
+        self._warn_once("publish", "publish_failed", error=reason, every=5.0)
 
     # ---- connection (asyncio callbacks) --------------------------------------------------
 
@@ -344,7 +347,7 @@ class NatsBroker:
 
     def _warn_once(self, key: str, event: str, *, every: float = 0.0, **fields: object) -> None:
         """Log ``event`` once per ``key`` (or at most every ``every`` seconds)."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()  # called from both runtimes
         last = self._logged.get(key)
         if last is not None and (not every or now - last < every):
             return
@@ -378,20 +381,21 @@ class NatsBroker:
         self._detail = "connected"
         self._log.info("nats_connected", servers=[a.display for a in self._addresses])
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio_asyncio.aio_as_trio(self._publisher))
+            nursery.start_soon(self._publisher.run)
             await self._attach()
+            if not self._consume:
+                self._ready.set()
+                self._log.info("broker_ready", stream=settings.stream, epoch=self._epoch)
+                while True:
+                    await trio.sleep(settings.stream_check_interval)
+                    await self._check_stream()
             self._delivery = Delivery(
                 DeliverySettings(
-                    servers=self._addresses,
                     stream=settings.stream,
                     filter_subject=SUBJECTS,
                     heartbeat=settings.consumer_heartbeat,
-                    ping_interval=settings.ping_interval,
-                    max_outstanding_pings=settings.max_outstanding_pings,
-                    connect_timeout=settings.connect_timeout,
-                    reconnect_wait_min=settings.reconnect_wait_min,
-                    reconnect_wait_max=settings.reconnect_wait_max,
                 ),
+                self._link_settings(),
                 self._on_delivery,
                 self._on_stream,
                 self._log,
@@ -403,6 +407,17 @@ class NatsBroker:
             while True:
                 await trio.sleep(settings.stream_check_interval)
                 await self._check_stream()
+
+    def _link_settings(self) -> LinkSettings:
+        settings = self._settings
+        return LinkSettings(
+            servers=self._addresses,
+            ping_interval=settings.ping_interval,
+            max_outstanding_pings=settings.max_outstanding_pings,
+            connect_timeout=settings.connect_timeout,
+            reconnect_wait_min=settings.reconnect_wait_min,
+            reconnect_wait_max=settings.reconnect_wait_max,
+        )
 
     async def _wait_until_reachable(self) -> None:
         """Probe the servers' TCP ports with backoff and jitter until one answers (nats-py's
@@ -447,7 +462,9 @@ class NatsBroker:
 
     async def _ensure_stream(self) -> StreamInfo:
         assert self._js is not None
-        return await jetstream.ensure_stream(self._js, self._settings)
+        return await jetstream.ensure_stream(
+            self._js, self._settings, update=self._consume and self._settings.manage_stream
+        )
 
     def _adopt(self, info: StreamInfo) -> None:
         epoch = jetstream.epoch_of(info)
@@ -505,6 +522,10 @@ class NatsBroker:
         assert self._js is not None
         return await self._js.stream_info(self._settings.stream)
 
+    async def drain(self) -> None:
+        """Return once what was published is written and acknowledged (bound it)."""
+        await self._publisher.drain()
+
     async def close(self) -> None:
         """Flush what is being published and close the connection (asyncio side)."""
         nc = self._nc
@@ -519,16 +540,18 @@ class NatsBroker:
 
 @asynccontextmanager
 async def open_nats_broker(
-    settings: NatsSection, *, feed_capacity: int, log: Log
+    settings: NatsSection, *, feed_capacity: int, log: Log, consume: bool = True
 ) -> AsyncIterator[NatsBroker]:
     """A NATS broker whose connection lives inside this block; it connects in the background
     (``status().connected`` says when) and retries for ever."""
     async with trio_asyncio.open_loop():
-        broker = NatsBroker(settings, feed_capacity=feed_capacity, log=log)
+        broker = NatsBroker(settings, feed_capacity=feed_capacity, log=log, consume=consume)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
                 yield broker
+                with trio.move_on_after(2.0):
+                    await broker.drain()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

@@ -14,9 +14,6 @@ publishing), where a message costs one call, not one per message.
 
 from __future__ import annotations
 
-import contextlib
-import random
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,7 +21,13 @@ import attrs
 import orjson
 import trio
 
-from odin.config import NatsAddress
+from odin.broker.nats.link import (
+    NO_RESPONDERS,
+    YIELD_EVERY,
+    ConnectionLost,
+    Link,
+    LinkSettings,
+)
 from odin.logs import Log
 
 # Called for each delivered message, in order: subject, stream sequence, timestamp (Unix
@@ -35,64 +38,36 @@ OnMessage = Callable[[bytes, int, float, bytes], Awaitable[None] | None]
 # means it is not the history being read (the stream was recreated): read it from its start.
 OnStream = Callable[[dict[str, Any]], bool]
 
-_READ_SIZE = 256 * 1024
-# Messages parsed between checkpoints (a read can hold a couple of thousand).
-_YIELD_EVERY = 256
-_MAX_CONTROL_LINE = 64 * 1024
-
-
-class ConnectionLost(Exception):
-    """The delivery connection failed or went silent."""
-
-
-_LOST = (
-    OSError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    ConnectionLost,
-)
-
 
 @attrs.define
 class DeliverySettings:
-    servers: list[NatsAddress]
     stream: str
     filter_subject: str
     heartbeat: float
     """The consumer's idle heartbeat; two missed ones recreate it."""
-    ping_interval: float
-    max_outstanding_pings: int
-    connect_timeout: float
-    reconnect_wait_min: float
-    reconnect_wait_max: float
-    request_timeout: float = 5.0
 
 
-class Delivery:
+class Delivery(Link):
     """A JetStream push consumer of the whole stream, in stream order, for ever."""
 
     def __init__(
-        self, settings: DeliverySettings, on_message: OnMessage, on_stream: OnStream, log: Log
+        self,
+        settings: DeliverySettings,
+        link: LinkSettings,
+        on_message: OnMessage,
+        on_stream: OnStream,
+        log: Log,
     ) -> None:
+        super().__init__(link, log, "delivery")
         self._settings = settings
         self._on_message = on_message
         self._on_stream = on_stream
-        self._log = log.bind(connection="delivery")
-        self.connected = False
         self.ready = trio.Event()
         """Set the first time the consumer is delivering."""
         self.last_stream_seq = 0
         """The last stream position delivered; a recreated consumer starts after it."""
         self._policy = "new"
-        self._stream: trio.SocketStream | None = None
-        self._send_lock = trio.StrictFIFOLock()
-        token = secrets.token_hex(8)
-        self._inbox = f"_INBOX.odin{token}"
-        """Replies to our JetStream API requests arrive under this prefix (subscription 1)."""
-        self._deliver_prefix = f"_odin.deliver.{token}"
-        self._replies: dict[str, trio.MemorySendChannel[bytes]] = {}
-        self._request_number = 0
+        self._deliver_prefix = f"_odin.deliver.{self._token}"
         self._deliver_sid_bytes = b""
         """The subscription of the current consumer's deliveries (empty: none now)."""
         self._subscribed_sid = 0
@@ -101,7 +76,6 @@ class Delivery:
         self._consumer = ""
         self._last_consumer_seq = 0
         self._active = False
-        self._outstanding_pings = 0
         self._reset = trio.Event()
         self.consumers_created = 0
 
@@ -110,125 +84,19 @@ class Delivery:
         self._policy = policy
         self._reset.set()
 
-    # ---- connection ----------------------------------------------------------------------
-
-    async def run(self) -> None:
-        attempt = 0
-        while True:
-            server = self._settings.servers[attempt % len(self._settings.servers)]
-            failures: list[BaseException] = []
-            was_connected = False
-            try:
-                with trio.fail_after(self._settings.connect_timeout):
-                    stream = await trio.open_tcp_stream(server.host, server.port)
-                try:
-                    await self._serve(stream, server)
-                finally:
-                    was_connected, self.connected = self.connected, False
-                    self._stream = None
-                    await trio.aclose_forcefully(stream)
-            except* _LOST as group:  # grouped: it may come from any task of the connection
-                failures.extend(group.exceptions)
-            if failures and (was_connected or attempt == 0):  # not every failed retry
-                self._log.warning(
-                    "nats_delivery_lost",
-                    server=f"{server.host}:{server.port}",
-                    error=repr(failures[0]),
-                )
-            attempt = 1 if was_connected else attempt + 1
-            settings = self._settings
-            wait = min(
-                settings.reconnect_wait_max, settings.reconnect_wait_min * 2 ** min(attempt, 16)
-            )
-            await trio.sleep(wait * random.uniform(0.5, 1.0))
-
-    async def _serve(self, stream: trio.SocketStream, server: NatsAddress) -> None:
-        self._stream = stream
-        buffer = bytearray()
-        with trio.fail_after(self._settings.connect_timeout):
-            line = await self._read_line(stream, buffer)
-            if not line.startswith(b"INFO "):
-                raise ConnectionLost(f"unexpected greeting {line[:40]!r}")
-            connect: dict[str, object] = {
-                "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
-                "name": "odin-delivery", "lang": "python", "version": "odin", "protocol": 1,
-            }  # fmt: skip
-            if server.user:
-                connect.update(user=server.user, **{"pass": server.password})
-            elif server.token:
-                connect["auth_token"] = server.token
-            await self._send(
-                b"CONNECT " + orjson.dumps(connect) + b"\r\nSUB " + self._inbox.encode()
-                + b".* 1\r\nPING\r\n"
-            )  # fmt: skip
-            while (line := await self._read_line(stream, buffer)) != b"PONG":
-                if line.startswith(b"-ERR"):
-                    raise ConnectionLost(line.decode(errors="replace"))
-        self._outstanding_pings = 0
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_loop, stream, buffer)
-            nursery.start_soon(self._ping_loop)
-            await self._create_consumer()
-            self.connected = True
-            self.ready.set()
-            nursery.start_soon(self._watch_consumer)
-
-    async def _read_line(self, stream: trio.SocketStream, buffer: bytearray) -> bytes:
-        while (end := buffer.find(b"\r\n")) < 0:
-            data = await stream.receive_some(_READ_SIZE)
-            if not data:
-                raise ConnectionLost("closed by the server")
-            buffer += data
-        line = bytes(buffer[:end])
-        del buffer[: end + 2]
-        return line
-
-    async def _send(self, data: bytes) -> None:
-        stream = self._stream
-        if stream is None:
-            raise ConnectionLost("not connected")
-        async with self._send_lock:
-            await stream.send_all(data)
-
-    async def _ping_loop(self) -> None:
-        """A connection that answers no ping for a while is gone, even if the socket says
-        nothing (a silent partition)."""
-        while True:
-            await trio.sleep(self._settings.ping_interval)
-            if self._outstanding_pings >= self._settings.max_outstanding_pings:
-                raise ConnectionLost("no PONG from the server")
-            self._outstanding_pings += 1
-            await self._send(b"PING\r\n")
+    async def _connected(self, nursery: trio.Nursery) -> None:
+        await self._create_consumer()
+        self.ready.set()
+        nursery.start_soon(self._watch_consumer)
 
     # ---- the protocol ----------------------------------------------------------------------
-
-    async def _read_loop(self, stream: trio.SocketStream, buffer: bytearray) -> None:
-        data = bytes(buffer)
-        position = 0
-        while True:
-            position, follow_up, short = self._parse(data, position)
-            if follow_up is not None:
-                await follow_up
-                continue
-            if not short:
-                # A full batch: let the fan-out take what we handed it, so neither side runs
-                # away. (Receiving below is a checkpoint too.)
-                await trio.lowlevel.checkpoint()
-                continue
-            if len(data) - position > _MAX_CONTROL_LINE and data.find(b"\r\n", position) < 0:
-                raise ConnectionLost("control line too long")
-            more = await stream.receive_some(_READ_SIZE)
-            if not more:
-                raise ConnectionLost("closed by the server")
-            data = data[position:] + more if position < len(data) else more
-            position = 0
 
     def _parse(self, data: bytes, position: int) -> tuple[int, Awaitable[None] | None, bool]:
         """Handle the complete operations in ``data`` from ``position``, synchronously: the
         per-message path, written with locals and without awaits because it runs 50k times a
         second. Returns where it stopped; when it stopped for one, an awaitable to finish before
         going on (a channel's first message, a reply to send); and whether it stopped short of
-        a whole operation (read more). At most ``_YIELD_EVERY`` operations per call, so the
+        a whole operation (read more). At most ``YIELD_EVERY`` operations per call, so the
         caller checkpoints between batches."""
         find = data.find
         on_message = self._on_message
@@ -237,18 +105,32 @@ class Delivery:
         last_reply = b""
         follow_up: Awaitable[None] | None = None
         short = True
-        for _ in range(_YIELD_EVERY):
+        for _ in range(YIELD_EVERY):
             end = find(b"\r\n", position)
             if end < 0:
                 break
-            if data[position] == 77:  # "M": MSG <subject> <sid> [reply] <size>
-                parts = data[position + 4 : end].split(b" ")
+            op = data[position]
+            if op == 77 or op == 72:
+                # MSG <subject> <sid> [reply] <size>, or HMSG ... [reply] <hsize> <size>
+                parts = data[position + (4 if op == 77 else 5) : end].split(b" ")
                 start = end + 2
                 stop = start + int(parts[-1])
                 if len(data) < stop + 2:
                     break  # the payload has not all arrived
                 position = stop + 2
-                if parts[1] != deliver_sid or len(parts) != 4:
+                if op == 72:
+                    body = start + int(parts[-2])
+                    if (
+                        parts[1] != deliver_sid
+                        or len(parts) != 5
+                        or not parts[2].startswith(b"$JS.ACK.")
+                    ):  # a status: flow control, heartbeat, or an API reply
+                        follow_up = self._status(parts, data[start:body], data[body:stop])
+                        if follow_up is not None:
+                            break
+                        continue
+                    start = body  # a stored message with headers (Nats-Msg-Id, ...)
+                elif parts[1] != deliver_sid or len(parts) != 4:
                     if parts[1] == b"1":
                         self._reply(parts[0], data[start:stop])
                     continue  # otherwise a delivery of a consumer we have replaced
@@ -268,17 +150,6 @@ class Delivery:
                 seq = int(tokens[5])
                 self.last_stream_seq = seq
                 follow_up = on_message(parts[0], seq, int(tokens[7]) / 1e9, data[start:stop])
-                if follow_up is not None:
-                    break
-            elif data[position] == 72:  # "H": HMSG <subject> <sid> [reply] <hsize> <size>
-                parts = data[position + 5 : end].split(b" ")
-                start = end + 2
-                stop = start + int(parts[-1])
-                if len(data) < stop + 2:
-                    break
-                position = stop + 2
-                header_end = start + int(parts[-2])
-                follow_up = self._status(parts, data[start:header_end], data[header_end:stop])
                 if follow_up is not None:
                     break
             else:
@@ -304,22 +175,13 @@ class Delivery:
             return 0
         return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
-    def _control(self, line: bytes) -> Awaitable[None] | None:
-        if line == b"PING":
-            return self._send(b"PONG\r\n")
-        if line == b"PONG":
-            self._outstanding_pings = 0
-        elif line.startswith(b"-ERR"):
-            raise ConnectionLost(line.decode(errors="replace"))
-        return None  # +OK and asynchronous INFO need nothing.
-
     def _status(self, parts: list[bytes], headers: bytes, payload: bytes) -> Awaitable[None] | None:
         """A message with headers: a JetStream API reply, or the consumer's flow control and
         idle heartbeats (``NATS/1.0 100 ...``, on the delivery subject)."""
         status = headers[9:12]
         if parts[1] == b"1":
             if status == b"503":  # nobody answers the API: JetStream is not enabled there
-                payload = b'{"error":{"code":503,"description":"no responders"}}'
+                payload = NO_RESPONDERS
             self._reply(parts[0], payload)
             return None
         if parts[1] != self._deliver_sid_bytes or status != b"100":
@@ -405,24 +267,3 @@ class Delivery:
             await self._send(
                 f"PUB $JS.API.CONSUMER.DELETE.{settings.stream}.{previous} 0\r\n\r\n".encode()
             )
-
-    async def request(self, subject: str, body: bytes) -> bytes:
-        """A request-reply on this connection (JetStream API calls)."""
-        self._request_number += 1
-        token = f"{self._inbox}.r{self._request_number}"
-        send, receive = trio.open_memory_channel[bytes](1)
-        self._replies[token] = send
-        try:
-            await self._send(f"PUB {subject} {token} {len(body)}\r\n".encode() + body + b"\r\n")
-            with trio.fail_after(self._settings.request_timeout):
-                return await receive.receive()
-        except trio.TooSlowError:
-            raise ConnectionLost(f"no answer to {subject}") from None
-        finally:
-            del self._replies[token]
-
-    def _reply(self, subject: bytes, payload: bytes) -> None:
-        channel = self._replies.get(subject.decode())
-        if channel is not None:
-            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                channel.send_nowait(payload)

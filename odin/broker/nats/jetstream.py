@@ -58,8 +58,9 @@ def stream_config(settings: NatsSection) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, settings: NatsSection) -> StreamInfo:
-    """The stream's info, creating it (or updating its limits) when Odin manages it."""
+async def ensure_stream(js: JetStreamContext, settings: NatsSection, *, update: bool) -> StreamInfo:
+    """The stream's info, creating it when Odin manages it, and updating its limits to the
+    configured ones when ``update``."""
     wanted = stream_config(settings)
     try:
         info = await js.stream_info(settings.stream)
@@ -67,7 +68,7 @@ async def ensure_stream(js: JetStreamContext, settings: NatsSection) -> StreamIn
         if not settings.manage_stream:
             raise
         return await js.add_stream(wanted)
-    if settings.manage_stream and _limits(info.config) != _limits(wanted):
+    if update and _limits(info.config) != _limits(wanted):
         info = await js.update_stream(wanted)
     return info
 

@@ -24,7 +24,7 @@ from attrs import validators as v
 from cattrs.dispatch import StructureHook, TargetType
 from cattrs.gen import make_dict_structure_fn
 
-from odin.protocol.channels import EVENT_TYPES, ChannelError, ChannelRules
+from odin.protocol.channels import EVENT_TYPES, ChannelError, check_symbol
 
 T = TypeVar("T")
 
@@ -37,9 +37,9 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+def positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+        raise ValueError(f"{attribute.name}: must be > 0, got {value}")
 
 
 @attrs.frozen
@@ -101,7 +101,7 @@ class ServerSection:
     """The WebSocket endpoint's path."""
     max_connections: int = attrs.field(default=10_000, validator=v.ge(1))
     """Beyond this, upgrades get 503 with Retry-After."""
-    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=positive)
     """Seconds a client has to complete the HTTP upgrade."""
     allowed_origins: tuple[str, ...] = ()
     """Exact Origin values allowed to connect; empty allows any (non-browser clients)."""
@@ -111,7 +111,7 @@ class ServerSection:
     """Largest inbound message in bytes; larger ones close the connection with 1009."""
     max_request_head: int = attrs.field(default=16 * 1024, validator=v.ge(1024))
     """Largest HTTP request head in bytes (request line and headers)."""
-    close_timeout: float = attrs.field(default=5.0, validator=_positive)
+    close_timeout: float = attrs.field(default=5.0, validator=positive)
     """Seconds to wait for a client to answer our close frame."""
 
 
@@ -119,9 +119,9 @@ class ServerSection:
 class ConnectionSection:
     max_subscriptions: int = attrs.field(default=128, validator=v.ge(1))
     """Channels and patterns one connection may hold."""
-    ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    ping_interval: float = attrs.field(default=20.0, validator=positive)
     """Seconds between the server's pings."""
-    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    idle_timeout: float = attrs.field(default=60.0, validator=positive)
     """Seconds without an inbound frame or pong before closing with 4000."""
     queue_max_messages: int = attrs.field(default=1024, validator=v.ge(8))
     """Frames a connection's outbound queue holds before the slow-consumer policy applies."""
@@ -131,9 +131,9 @@ class ConnectionSection:
     """At a full queue: close with 1008, or keep the newest message per channel and send gaps."""
     rate_limit_burst: int = attrs.field(default=100, validator=v.ge(1))
     """Frames a client may send at once (the token bucket's size)."""
-    rate_limit_per_second: float = attrs.field(default=10.0, validator=_positive)
+    rate_limit_per_second: float = attrs.field(default=10.0, validator=positive)
     """Frames per second a client may send in the long run (the bucket's refill rate)."""
-    rate_limit_abuse_threshold: float = attrs.field(default=100.0, validator=_positive)
+    rate_limit_abuse_threshold: float = attrs.field(default=100.0, validator=positive)
     """Rejected frames, net of the refill rate, after which the connection is closed (1008)."""
 
 
@@ -141,7 +141,7 @@ class ConnectionSection:
 class HistorySection:
     max_messages: int = attrs.field(default=1000, validator=v.ge(1))
     """Messages kept per channel."""
-    max_age: float = attrs.field(default=300.0, validator=_positive)
+    max_age: float = attrs.field(default=300.0, validator=positive)
     """Seconds a message is kept."""
     max_channels: int = attrs.field(default=10_000, validator=v.ge(1))
     """Channels whose history is kept; the least recently published one is forgotten first."""
@@ -149,7 +149,7 @@ class HistorySection:
     """More missed messages than this on a channel: recovered false (limit_exceeded)."""
     replay_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
     """Messages one replay request may send (replay_incomplete says where to resume)."""
-    read_timeout: float = attrs.field(default=5.0, validator=_positive)
+    read_timeout: float = attrs.field(default=5.0, validator=positive)
     """Seconds a recovery or replay may wait for the broker's history."""
 
 
@@ -175,7 +175,7 @@ class NatsSection:
     """Create the stream, or update its limits, at start to match this section."""
     storage: Literal["file", "memory"] = "file"
     """Where the stream keeps messages: file survives a nats-server restart, memory does not."""
-    max_age: float = attrs.field(default=3600.0, validator=_positive)
+    max_age: float = attrs.field(default=3600.0, validator=positive)
     """Seconds the stream keeps a message (the history's age limit)."""
     max_msgs: int = attrs.field(default=1_000_000, validator=v.ge(1))
     """Messages the stream keeps in all; the oldest go first."""
@@ -183,27 +183,30 @@ class NatsSection:
     """Bytes the stream keeps in all; the oldest messages go first."""
     max_msgs_per_subject: int = attrs.field(default=10_000, validator=v.ge(1))
     """Messages the stream keeps per channel."""
-    duplicate_window: float = attrs.field(default=120.0, validator=_positive)
+    duplicate_window: float = attrs.field(default=120.0, validator=positive)
     """Seconds within which a publish with a repeated Nats-Msg-Id is stored once."""
-    ping_interval: float = attrs.field(default=2.0, validator=_positive)
+    ping_interval: float = attrs.field(default=2.0, validator=positive)
     """Seconds between pings to NATS; a silent partition is noticed after
     ``ping_interval * (max_outstanding_pings + 1)``."""
     max_outstanding_pings: int = attrs.field(default=2, validator=v.ge(1))
     """Pings without an answer after which the connection is considered lost."""
-    connect_timeout: float = attrs.field(default=2.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=2.0, validator=positive)
     """Seconds one connection attempt may take."""
-    reconnect_wait_min: float = attrs.field(default=0.25, validator=_positive)
+    reconnect_wait_min: float = attrs.field(default=0.25, validator=positive)
     """Wait before the first reconnect attempt; it doubles with each failure."""
-    reconnect_wait_max: float = attrs.field(default=8.0, validator=_positive)
+    reconnect_wait_max: float = attrs.field(default=8.0, validator=positive)
     """Reconnect attempts back off from the minimum to this maximum, with jitter, forever."""
-    consumer_heartbeat: float = attrs.field(default=2.0, validator=_positive)
+    consumer_heartbeat: float = attrs.field(default=2.0, validator=positive)
     """JetStream heartbeat of Odin's consumer; a consumer lost with a restarted server is
     recreated (from the next position) after two missed heartbeats."""
-    stream_check_interval: float = attrs.field(default=5.0, validator=_positive)
+    stream_check_interval: float = attrs.field(default=5.0, validator=positive)
     """Seconds between checks that the stream is still the same one (a recreated stream is a
     new epoch)."""
     publish_queue: int = attrs.field(default=10_000, validator=v.ge(1))
     """Publishes waiting for NATS; beyond it, publish fails at once instead of growing."""
+    publish_ack_timeout: float = attrs.field(default=5.0, validator=positive)
+    """Seconds to wait for JetStream to acknowledge a publish before retrying it (with the
+    same message id, so it is stored once) or counting it failed."""
     embedded_port: int = attrs.field(default=0, validator=[v.ge(0), v.le(65535)])
     """Client port of the embedded nats-server (0: any free port)."""
     embedded_data_dir: str = ""
@@ -215,7 +218,7 @@ class NatsSection:
 
 @attrs.frozen
 class ShutdownSection:
-    drain_timeout: float = attrs.field(default=10.0, validator=_positive)
+    drain_timeout: float = attrs.field(default=10.0, validator=positive)
     """Seconds to flush queues and close clients after SIGTERM before cutting them off."""
     reconnect_min_ms: int = attrs.field(default=500, validator=v.ge(0))
     """Shortest delay a client is told to wait before reconnecting after a shutdown."""
@@ -231,38 +234,37 @@ class LogSection:
     """json: one object per line (for Loki); console: for a human at a terminal."""
 
 
-def _event_types(
+def events_validator(
     _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
 ) -> None:
     unknown = [event for event in value if event not in EVENT_TYPES]
     if unknown or not value:
-        raise ValueError(f"{attribute.name} must be some of {', '.join(EVENT_TYPES)}")
+        raise ValueError(f"{attribute.name}: must be some of {', '.join(EVENT_TYPES)}")
 
 
-def _symbols(
+def symbols_validator(
     _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
 ) -> None:
-    rules = ChannelRules()
     try:
         for symbol in value:
-            rules.check(f"{symbol}.trade", allow_pattern=False)
+            check_symbol(symbol)
     except ChannelError as exc:
         raise ValueError(f"{attribute.name}: {exc}") from None
     if not value:
-        raise ValueError(f"{attribute.name} must name at least one token")
+        raise ValueError(f"{attribute.name}: name at least one token")
 
 
 @attrs.frozen
 class SimulatorSection:
     enabled: bool = False
     """Publish simulated market events into the broker (``--simulate``)."""
-    rate: float = attrs.field(default=10.0, validator=_positive)
+    rate: float = attrs.field(default=10.0, validator=positive)
     """Events per second, across all tokens, evenly paced."""
     tokens: tuple[str, ...] = attrs.field(
-        default=("BTC", "ETH", "ODIN", "SOL", "DOGE"), validator=_symbols
+        default=("BTC", "ETH", "ODIN", "SOL", "DOGE"), validator=symbols_validator
     )
     """Symbols to simulate; the original's five have seed prices, others start at random."""
-    events: tuple[str, ...] = attrs.field(default=("trade",), validator=_event_types)
+    events: tuple[str, ...] = attrs.field(default=("trade",), validator=events_validator)
     """Event families to publish, taking turns: trade, liquidity, metadata, social,
     favorites, creation, analytics, balances."""
     seed: int | None = None
@@ -292,9 +294,14 @@ class Config:
             raise ConfigError(problems)
 
 
-SECTIONS: dict[str, type[object]] = {
-    a.name: a.type for a in attrs.fields(attrs.resolve_types(Config)) if isinstance(a.type, type)
-}
+def sections_of(root: type) -> dict[str, type[object]]:
+    """A settings class's sections: its fields, each an attrs class of settings."""
+    return {
+        a.name: a.type for a in attrs.fields(attrs.resolve_types(root)) if isinstance(a.type, type)
+    }
+
+
+SECTIONS = sections_of(Config)
 
 # ---- parsing ------------------------------------------------------------------------------
 
@@ -379,8 +386,8 @@ def _make_converter() -> cattrs.Converter:
 _CONVERTER = _make_converter()
 
 
-def env_name(section: str, field: str) -> str:
-    return f"ODIN_{section}_{field}".upper()
+def env_name(section: str, field: str, prefix: str = "ODIN") -> str:
+    return f"{prefix}_{section}_{field}".upper()
 
 
 def _format_error(exc: BaseException, _: object) -> str:
@@ -391,12 +398,23 @@ def _format_error(exc: BaseException, _: object) -> str:
     return str(exc)
 
 
+_FIELD_FIRST = re.compile(r"([a-z_]+(?:\.[a-z_]+)?): ")
+
+
 def _describe(exc: BaseException) -> list[str]:
     if isinstance(exc, cattrs.BaseValidationError):
         lines = []
         for line in cattrs.transform_error(exc, path="$", format_exception=_format_error):
             message, _, path = line.rpartition(" @ ")
-            lines.append(f"{path.removeprefix('$').lstrip('.') or 'config'}: {message}")
+            path = path.removeprefix("$").lstrip(".")
+            # A validator's message starts with its field: "tokens: ..." in section
+            # "simulator" reads "simulator.tokens: ..."; a whole-config check names its own.
+            field = _FIELD_FIRST.match(message)
+            if field and "." not in path:
+                dotted = f"{path}.{field.group(1)}" if path else field.group(1)
+                lines.append(f"{dotted}: {message[field.end() :]}")
+            else:
+                lines.append(f"{path or 'config'}: {message}")
         return lines
     if isinstance(exc, ConfigError):
         return exc.problems
@@ -409,7 +427,27 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> tuple[Config, list[str]]:
-    """Build the effective config; return it and the unknown ``ODIN_*`` variables seen."""
+    """Build the server's effective config; return it and the unknown ``ODIN_*`` variables
+    seen (``ODIN_PUBLISHER_*`` belong to the publisher and are not reported)."""
+    config, unknown = load_settings(
+        Config, prefix="ODIN", file=file, environ=environ, overrides=overrides
+    )
+    return config, [name for name in unknown if not name.startswith("ODIN_PUBLISHER_")]
+
+
+def load_settings(
+    root: type[T],
+    *,
+    prefix: str,
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    aliases: Mapping[str, str] | None = None,
+) -> tuple[T, list[str]]:
+    """Build ``root`` (a class of attrs sections) from defaults, a TOML file, the environment
+    (``<PREFIX>_<SECTION>_<FIELD>``, and ``aliases``: plain names such as ``PORT`` for a
+    ``section.field``, which the prefixed name overrides) and ``overrides`` (flags), each
+    winning over the one before. Returns it and the unknown ``<PREFIX>_*`` variables seen."""
     environ = os.environ if environ is None else environ
     tree: dict[str, dict[str, object]] = {}
     if file is not None:
@@ -423,10 +461,14 @@ def load_config(
             if not isinstance(values, dict):
                 raise ConfigError([f"{section}: expected a [{section}] table"])
             tree[section] = dict(values)
+    for name, dotted in (aliases or {}).items():
+        if name in environ:
+            section, _, field = dotted.partition(".")
+            tree.setdefault(section, {})[field] = environ[name]
     known_env: set[str] = set()
-    for section, cls in SECTIONS.items():
+    for section, cls in sections_of(root).items():
         for field in attrs.fields(cls):  # type: ignore[arg-type]
-            name = env_name(section, field.name)
+            name = env_name(section, field.name, prefix)
             known_env.add(name)
             if name in environ:
                 tree.setdefault(section, {})[field.name] = environ[name]
@@ -436,15 +478,26 @@ def load_config(
             raise ConfigError([f"{dotted}: expected section.field"])
         tree.setdefault(section, {})[field] = value
     unknown_env = sorted(
-        name for name in environ if name.startswith("ODIN_") and name not in known_env
+        name for name in environ if name.startswith(f"{prefix}_") and name not in known_env
     )
     try:
-        config = _CONVERTER.structure(tree, Config)
+        config = _CONVERTER.structure(tree, root)
     except Exception as exc:  # every failure becomes a message naming the field
         raise ConfigError(_describe(exc)) from None
     return config, unknown_env
 
 
-def as_dict(config: Config) -> dict[str, object]:
-    """The effective configuration, for the start-up log and ``--check-config``."""
-    return attrs.asdict(config)
+def as_dict(config: object) -> dict[str, object]:
+    """The effective configuration, for the start-up log and ``--check-config``; passwords
+    and tokens in NATS URLs are masked."""
+    tree = attrs.asdict(config)  # type: ignore[arg-type]
+    nats = tree.get("nats")
+    if isinstance(nats, dict) and nats.get("url"):
+        nats["url"] = ",".join(_masked(a) for a in nats_addresses(str(nats["url"])))
+    return tree
+
+
+def _masked(address: NatsAddress) -> str:
+    secret = "***" if address.password or address.token else ""
+    user = f"{address.user}:{secret}@" if address.user else f"{secret}@" if secret else ""
+    return f"nats://{user}{address.host}:{address.port}"

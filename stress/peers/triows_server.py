@@ -20,8 +20,8 @@ from stress.peers.common import (
     Schedule,
     emit,
     parse_args,
+    planned,
     read_command,
-    total_messages,
 )
 
 
@@ -82,8 +82,8 @@ async def main() -> None:
             while True:
                 command = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)
                 if command == "start":
-                    total = total_messages(args.rate, args.duration)
-                    await broadcaster.publish(args.rate, total, args.payload_size)
+                    rate, total = planned(args)
+                    await broadcaster.publish(rate, total, args.payload_size)
                 elif command in ("", "stop"):
                     break
             nursery.cancel_scope.cancel()

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import threading
 
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
@@ -21,8 +20,8 @@ from stress.peers.common import (
     Schedule,
     emit,
     parse_args,
-    read_command,
-    total_messages,
+    planned,
+    stdin_commands,
 )
 
 
@@ -54,21 +53,6 @@ class Broadcaster:
         schedule.finished(sent, loop.time())
 
 
-def stdin_commands(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str]:
-    """Commands from stdin, read by a daemon thread (it must not keep the process alive)."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
-
-    def reader() -> None:
-        while True:
-            command = read_command()
-            loop.call_soon_threadsafe(queue.put_nowait, command)
-            if command in ("", "stop"):
-                return
-
-    threading.Thread(target=reader, name="stdin", daemon=True).start()
-    return queue
-
-
 async def serve_until_told(args: argparse.Namespace, broadcaster: Broadcaster) -> None:
     commands = stdin_commands(asyncio.get_running_loop())
     async with serve(
@@ -84,8 +68,8 @@ async def serve_until_told(args: argparse.Namespace, broadcaster: Broadcaster) -
         while True:
             command = await commands.get()
             if command == "start":
-                total = total_messages(args.rate, args.duration)
-                await broadcaster.publish(args.rate, total, args.payload_size)
+                rate, total = planned(args)
+                await broadcaster.publish(rate, total, args.payload_size)
             elif command in ("", "stop"):
                 break
 

@@ -1,4 +1,3 @@
-"""Stress and benchmark tools for Odin: fan-out throughput, latency and memory per connection.
-
-Run ``python -m stress.bench_fanout --help`` from the repository root.
-"""
+"""Odin's stress tool and benchmarks: load runs that check every client's streams
+(``python -m stress run``), and fan-out, ingest and publisher benchmarks against peers
+(``python -m stress bench ...``)."""

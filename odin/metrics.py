@@ -8,7 +8,9 @@ resolved once here rather than on every event.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import prometheus_client
 from prometheus_client import (
@@ -19,10 +21,17 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from odin import __version__
 from odin.broker.base import BrokerStats
+from odin.core.recovery import Reason
 
 # Counters would also export a *_created series each; Prometheus does not need them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -112,7 +121,9 @@ class Metrics:
             registry=r,
         )
         self.bytes_sent = Counter(
-            "odin_client_sent_bytes", "Bytes handed to client sockets.", registry=r
+            "odin_client_sent_bytes",
+            "Bytes of event frames handed to client sockets, WebSocket framing included.",
+            registry=r,
         )
         self.publications = Counter(
             "odin_publications_received",
@@ -154,16 +165,24 @@ class Metrics:
         )
         self.recoveries = Counter(
             "odin_recoveries",
-            "Recovery attempts on subscribe, by outcome and reason.",
+            "Recovery attempts on subscribe, per channel, by outcome (recovered, "
+            "not_recovered) and reason.",
             ["outcome", "reason"],
             registry=r,
         )
+        # Every outcome exists from the start, so rates and ratios have data before the
+        # first failure (and alerts can be evaluated).
+        self.recoveries.labels("recovered", "none")
+        for why in Reason:
+            self.recoveries.labels("not_recovered", why.value)
         self.recovered_messages = Counter(
             "odin_recovered_messages", "Messages replayed by successful recoveries.", registry=r
         )
         self.replays = Counter(
             "odin_replays", "Replay requests, by outcome.", ["outcome"], registry=r
         )
+        for outcome in ("complete", "incomplete"):
+            self.replays.labels(outcome)
         self.replayed_messages = Counter(
             "odin_replayed_messages", "Messages sent in answer to replay requests.", registry=r
         )
@@ -183,16 +202,28 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("invalid_payload", "payload_too_large"):
+            self.refused_publications.labels(reason)
+        Gauge(
+            "odin_build_info",
+            "Always 1; the running version in a label.",
+            ["version"],
+            registry=r,
+        ).labels(__version__).set(1)
         self.history_reads = Counter(
             "odin_history_reads",
-            "Reads of the broker's history for recovery and replay, by result.",
+            "Reads of the broker's history for recovery and replay, by result (shared: "
+            "answered by a read already in flight for the same range).",
             ["result"],
             registry=r,
         )
+        for result in ("ok", "error", "shared"):
+            self.history_reads.labels(result)
         self.latency = Histogram(
             "odin_delivery_latency_seconds",
-            "From receiving a publication from the broker to handing it to the sockets of "
-            "every subscriber (the last one included).",
+            "From the broker storing a publication (its timestamp) to handing it to the "
+            "sockets of every subscriber (the last one included); only publications with "
+            "subscribers.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -215,6 +246,14 @@ class Metrics:
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         """Export the broker's own counters, read from it at each scrape."""
         self.registry.register(_BrokerCollector(stats))
+
+    def watch_queues(self, queues: Callable[[], Iterable[tuple[int, float | None]]],
+                     now: Callable[[], float]) -> None:  # fmt: skip
+        """Export how full the connections' outbound queues are, read at each scrape:
+        ``queues`` gives each open connection's queued frames and when its oldest was
+        queued (on the clock ``now`` reads)."""
+        self.registry.register(_QueueCollector(queues, now))
+        self.registry.register(_MemoryLimitCollector())
 
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for, and its content type."""
@@ -276,3 +315,83 @@ class _BrokerCollector(Collector):
         )
         for name, field, text in _BROKER_COUNTERS:
             yield CounterMetricFamily(name, text, getattr(stats, field))
+
+
+QUEUE_DEPTH_BUCKETS = (0, 1, 10, 100, 1000)
+
+
+class _QueueCollector(Collector):
+    """Queue depth over all connections as a gauge histogram (how many connections have at
+    most N frames queued), and the worst connection's depth and oldest frame age: bounded
+    however many connections there are, never one series per connection."""
+
+    def __init__(
+        self, queues: Callable[[], Iterable[tuple[int, float | None]]], now: Callable[[], float]
+    ) -> None:
+        self._queues = queues
+        self._now = now
+
+    def collect(self) -> Iterable[Metric]:
+        counts = [0] * (len(QUEUE_DEPTH_BUCKETS) + 1)
+        total = deepest = 0
+        oldest: float | None = None
+        for depth, queued_at in self._queues():
+            total += depth
+            deepest = max(deepest, depth)
+            if queued_at is not None and (oldest is None or queued_at < oldest):
+                oldest = queued_at
+            for index, bound in enumerate(QUEUE_DEPTH_BUCKETS):
+                if depth <= bound:
+                    counts[index] += 1
+                    break
+            else:
+                counts[-1] += 1
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for le, count in zip((*map(str, QUEUE_DEPTH_BUCKETS), "+Inf"), counts, strict=True):
+            cumulative += count
+            buckets.append((le, cumulative))
+        yield GaugeHistogramMetricFamily(
+            "odin_connection_queue_depth",
+            "Open connections by frames waiting in their outbound queue.",
+            buckets=buckets,
+            gsum_value=total,
+        )
+        yield GaugeMetricFamily(
+            "odin_connection_queue_depth_max",
+            "Frames queued on the connection with the most.",
+            deepest,
+        )
+        yield GaugeMetricFamily(
+            "odin_connection_queue_age_max_seconds",
+            "Age of the oldest frame waiting in any connection's outbound queue (0: none).",
+            max(0.0, self._now() - oldest) if oldest is not None else 0.0,
+        )
+
+
+class _MemoryLimitCollector(Collector):
+    """The memory this process may use: its cgroup's limit (a container's), else the
+    machine's memory, so that RSS can be compared with it."""
+
+    def collect(self) -> Iterable[Metric]:
+        limit = memory_limit_bytes()
+        if limit is not None:
+            yield GaugeMetricFamily(
+                "odin_memory_limit_bytes",
+                "Memory the process may use: its cgroup limit, else the machine's memory.",
+                limit,
+            )
+
+
+def memory_limit_bytes(root: Path = Path("/")) -> int | None:
+    limits = []
+    for path in ("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            text = (root / path).read_text().strip()
+            if text != "max":
+                limits.append(int(text))
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                limits.append(int(line.split()[1]) * 1024)
+    return min(limits) if limits else None

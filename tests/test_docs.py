@@ -8,6 +8,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import yaml
 
 from odin.broker.memory import MemoryBroker
 from odin.config import SECTIONS, env_name
@@ -17,6 +18,8 @@ from odin.protocol.errors import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
+METRICS_DOC = (ROOT / "docs" / "operations" / "metrics.md").read_text()
+LOGS_DOC = (ROOT / "docs" / "operations" / "logs.md").read_text()
 PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
 
 
@@ -33,11 +36,13 @@ def test_every_setting_is_documented_with_its_environment_name() -> None:
 def test_every_metric_is_documented() -> None:
     metrics = Metrics()
     metrics.watch_broker(MemoryBroker().stats)
-    names = {
-        metric.name for metric in metrics.registry.collect() if metric.name.startswith("odin_")
-    }
-    assert names
-    missing = sorted(name for name in names if name not in OPERATIONS)
+    metrics.watch_queues(lambda: [(3, 1.0)], lambda: 2.0)
+    names = set()
+    for metric in metrics.registry.collect():
+        suffix = {"counter": "_total"}.get(metric.type, "")
+        names.add(f"`{metric.name}{suffix}`")
+    assert "`odin_connection_queue_depth`" in names
+    missing = sorted(name for name in names if name not in METRICS_DOC)
     assert missing == []
 
 
@@ -49,7 +54,7 @@ def test_every_log_event_is_documented() -> None:
         for match in pattern.findall(path.read_text())
     }
     assert {"conn_open", "conn_close", "listening", "recover"} <= events
-    missing = sorted(event for event in events if f"`{event}`" not in OPERATIONS)
+    missing = sorted(event for event in events if f"| `{event}` |" not in LOGS_DOC)
     assert missing == []
 
 
@@ -112,7 +117,7 @@ def test_every_publisher_metric_and_log_event_is_documented() -> None:
     registry = build_registry(service)
     names = {m.name for m in registry.collect() if m.name.startswith("odin_publisher")}
     assert names
-    assert sorted(name for name in names if f"`{name}" not in PUBLISHER_DOC) == []
+    assert sorted(name for name in names if f"`{name}" not in METRICS_DOC) == []
     pattern = re.compile(r"\.(?:debug|info|warning|error|exception)\(\s*\"([a-z_]+)\"")
     events = {
         match
@@ -120,4 +125,15 @@ def test_every_publisher_metric_and_log_event_is_documented() -> None:
         for match in pattern.findall(path.read_text())
     }
     assert {"publishing_started", "publishing_stopped"} <= events
-    assert sorted(event for event in events if f"`{event}`" not in PUBLISHER_DOC) == []
+    assert sorted(event for event in events if f"| `{event}` |" not in LOGS_DOC) == []
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    alerts_doc = (ROOT / "docs" / "operations" / "alerts.md").read_text()
+    rules = yaml.safe_load((ROOT / "monitoring" / "prometheus" / "rules" / "odin.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+    assert len(alerts) >= 10
+    for rule in alerts:
+        name = rule["alert"]
+        assert f"\n## {name}\n" in alerts_doc, name
+        assert rule["annotations"]["runbook"] == f"docs/operations/alerts.md#{name.lower()}"

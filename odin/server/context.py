@@ -65,3 +65,10 @@ class ServerContext:
         )
         self.metrics.connections_max.set(self.config.server.max_connections)
         self.metrics.watch_broker(self.broker.stats)
+        self.metrics.watch_queues(self._queues, trio.current_time)
+
+    def _queues(self) -> list[tuple[int, float | None]]:
+        return [
+            (connection.writer.queued_messages, connection.writer.oldest_queued_at())
+            for connection in self.connections.values()
+        ]

@@ -25,6 +25,7 @@ from odin.broker.embedded import EmbeddedNatsError, run_embedded_nats
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, ConfigError, as_dict, load_config
 from odin.server.app import Listening, OdinServer
+from odin.server.control import ControlServer
 from odin.simulator.model import Market
 from odin.simulator.runner import run_simulator, wall_clock
 
@@ -228,6 +229,9 @@ async def serve(config: Config, log: logs.Log, announce: Announce | None = None)
         async with open_broker(config, log) as broker, trio.open_nursery() as tasks:
             server = run.server = OdinServer(config, broker, log=log)
             listening = await tasks.start(server.run)
+            if config.control.enabled:
+                control = ControlServer(server, config.control, websocket=listening.websocket)
+                await tasks.start(control.run)
             if config.simulator.enabled:
                 tasks.start_soon(_simulate, config, broker, log)
             if announce is not None:

@@ -227,6 +227,25 @@ class ShutdownSection:
 
 
 @attrs.frozen
+class ControlSection:
+    enabled: bool = True
+    """Serve the control socket the operator console (odin-console) attaches to."""
+    path: str = ""
+    """The socket's path; empty: odin-<pid>.sock in $XDG_RUNTIME_DIR/odin, else in
+    /tmp/odin-<uid> (the directory is created with mode 0700, the socket 0600)."""
+    allowed_uids: tuple[int, ...] = ()
+    """Users who may attach besides the server's own user (and root)."""
+    allow_root: bool = True
+    """Let root attach too (root can open the socket whatever its mode anyway)."""
+    max_clients: int = attrs.field(default=8, validator=[v.ge(1), v.le(64)])
+    """Consoles attached at once; one more is answered too_many_clients and closed."""
+    commands_per_second: float = attrs.field(default=20.0, validator=positive)
+    """Commands a console may send per second in the long run (beyond: rate_limited)."""
+    command_burst: int = attrs.field(default=40, validator=v.ge(1))
+    """Commands a console may send at once."""
+
+
+@attrs.frozen
 class LogSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged."""
@@ -281,6 +300,7 @@ class Config:
     shutdown: ShutdownSection = ShutdownSection()
     log: LogSection = LogSection()
     simulator: SimulatorSection = SimulatorSection()
+    control: ControlSection = ControlSection()
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -349,6 +369,13 @@ def _to_str_tuple(value: object, _: object) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings (or a comma-separated string), got {value!r}")
 
 
+def _to_int_tuple(value: object, _: object) -> tuple[int, ...]:
+    items = _to_str_tuple(value, None) if isinstance(value, str) else value
+    if isinstance(items, list | tuple):
+        return tuple(_to_int(item, None) for item in items)
+    raise ValueError(f"expected a list of integers (or a comma-separated string), got {value!r}")
+
+
 def _to_literal(value: object, kind: object) -> object:
     choices = get_args(kind)
     if value in choices:
@@ -368,6 +395,7 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _to_float)
     converter.register_structure_hook(str, _to_str)
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _to_str_tuple)
+    converter.register_structure_hook_func(lambda t: t == tuple[int, ...], _to_int_tuple)
 
     def section_factory(cls: TargetType) -> StructureHook:
         inner = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True)

@@ -74,6 +74,7 @@ CLOSE_REASONS = (
     "idle",
     "message_too_big",
     "shutdown",
+    "operator",
     "error",
 )
 
@@ -254,6 +255,17 @@ class Metrics:
         queued (on the clock ``now`` reads)."""
         self.registry.register(_QueueCollector(queues, now))
         self.registry.register(_MemoryLimitCollector())
+
+    def samples(self) -> dict[tuple[str, tuple[str, ...]], float]:
+        """Every sample now, by (name, label values): one pass over the registry, for the
+        control socket's snapshots."""
+        for callback in self._before_scrape:
+            callback()
+        return {
+            (sample.name, tuple(sample.labels.values())): sample.value
+            for metric in self.registry.collect()
+            for sample in metric.samples
+        }
 
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for, and its content type."""

@@ -142,6 +142,19 @@ class HistoryLog(Generic[E]):
                 found.pop()
         return list(found)
 
+    def channel_stats(self, channel: str, now: float, window: float) -> tuple[int, int, int]:
+        """(entries retained, last position, entries stored in the last ``window`` seconds)
+        of one channel, for the operator console."""
+        log = self._logs.get(channel)
+        if log is None:
+            return 0, 0, 0
+        recent = 0
+        for stored_at, _ in reversed(log.entries):
+            if stored_at < now - window:
+                break
+            recent += 1
+        return len(log.entries), log.last_seq, recent
+
     def knows(self, channel: str) -> bool:
         return channel in self._logs
 

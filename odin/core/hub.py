@@ -71,6 +71,10 @@ class Hub(Generic[S]):
     def subscribers_of(self, key: str) -> int:
         return len(self._index.get(key, ()))
 
+    def exact_keys(self) -> list[str]:
+        """Channels subscribed by name (not by a pattern)."""
+        return [key for key in self._index if "*" not in key]
+
     @property
     def keys(self) -> int:
         """Distinct channels and patterns with at least one subscriber."""

@@ -103,6 +103,7 @@ class Connection:
         context.metrics.connections_active.inc()
         context.changed.unpark_all()
         self.log.info("conn_open", origin=self.origin)
+        context.events.emit("conn_open", self.id, peer=self.peer)
         try:
             self.send_message(self._hello())
             nursery.start_soon(self._closer)
@@ -120,6 +121,11 @@ class Connection:
         finally:
             self._cleanup()
             nursery.cancel_scope.cancel()
+
+    @property
+    def rate_limited(self) -> int:
+        """Frames of this client refused by its token bucket."""
+        return self._limited_frames
 
     def _hello(self) -> Hello:
         config = self.context.config
@@ -149,6 +155,7 @@ class Connection:
             context.changed.unpark_all()
         code, reason, label = self._close_outcome()
         context.metrics.closed[label].inc()
+        context.events.emit("conn_close", self.id, code=int(code), reason=reason, why=label)
         self.log.info(
             "conn_close",
             code=int(code),
@@ -269,6 +276,7 @@ class Connection:
             metrics.rate_limited.inc()
             self._limited_frames += 1
             if notice.first:
+                self.context.events.emit("rate_limited", self.id)
                 self.log.warning(
                     "rate_limited",
                     burst=self.context.limits.rate_burst,
@@ -343,6 +351,7 @@ class Connection:
                 metrics.dropped_conflated.inc(dropped)
                 metrics.gaps["conflated"].inc(len(gaps))
                 self.log.info("slow_consumer", action="conflated", dropped=dropped)
+                context.events.emit("slow_consumer", self.id, action="conflated", dropped=dropped)
                 if self.writer.offer(frame, channel, seq) is not Offer.FULL:
                     return True
         metrics.slow_closed.inc()
@@ -352,6 +361,9 @@ class Connection:
             action="closed",
             queued_messages=self.writer.queued_messages,
             queued_bytes=self.writer.queued_bytes,
+        )
+        context.events.emit(
+            "slow_consumer", self.id, action="closed", queued=self.writer.queued_messages
         )
         self.request_close(
             CloseCode.POLICY_VIOLATION, SLOW_CONSUMER_REASON, "slow_consumer", discard_queue=True

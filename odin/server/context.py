@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -16,6 +17,7 @@ from odin.logs import Log
 from odin.metrics import Metrics
 from odin.protocol.channels import ChannelRules
 from odin.protocol.session import SessionLimits
+from odin.server.events import EventRing
 
 if TYPE_CHECKING:
     from odin.server.connection import Connection
@@ -44,6 +46,9 @@ class ServerContext:
     """Unparked whenever a connection opens or closes."""
     reads: dict[tuple[str, int, int], SharedRead] = attrs.Factory(dict)
     """History reads in flight, by (channel, after, limit), shared by identical requests."""
+    events: EventRing = attrs.Factory(EventRing)
+    """Recent connection events, for the control socket's watchers."""
+    started_at: float = attrs.Factory(time.time)
     rules: ChannelRules = attrs.field(init=False)
     limits: SessionLimits = attrs.field(init=False)
 

@@ -199,6 +199,9 @@ def _count(connection: Connection, channel: str, outcome: Outcome) -> None:
     metrics.recoveries.labels(label, reason).inc()
     if outcome.recovered:
         metrics.recovered_messages.inc(len(outcome.events))
+    connection.context.events.emit(
+        "recover", connection.id, channel=channel, outcome=label, reason=reason
+    )
     connection.log.info(
         "recover",
         channel=channel,

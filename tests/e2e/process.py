@@ -89,10 +89,16 @@ def odin_process(
     args: Sequence[str], env: dict[str, str] | None = None, *, module: str = "odin"
 ) -> Iterator[OdinProcess]:
     """Start odin (or ``module``: ``publisher``); on exit, stop it (SIGTERM, then SIGKILL)
-    and close its pipes. An embedded nats-server keeps its store in a directory of this run
-    only."""
+    and close its pipes. An embedded nats-server keeps its store, and the server its control
+    socket, in a directory of this run only."""
     state = tempfile.TemporaryDirectory(prefix="odin-state-")
-    environment = {**os.environ, "XDG_STATE_HOME": state.name, **(env or {})}
+    # The embedded NATS store and the control socket in a directory of this run only.
+    environment = {
+        **os.environ,
+        "XDG_STATE_HOME": state.name,
+        "XDG_RUNTIME_DIR": state.name,
+        **(env or {}),
+    }
     process = subprocess.Popen(
         odin_command(*args, module=module),
         cwd=ROOT,

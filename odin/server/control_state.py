@@ -1,0 +1,250 @@
+"""What the control socket reports: a snapshot of the server, pages of its connections and
+channels, one connection in detail. Computed from the server's state in one go, without
+awaiting, so a reply is consistent; each is bounded (a page, a top-K) and costs about a
+microsecond per open connection (a sort key each), so it never holds the fan-out for long.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import trio
+
+from odin import __version__
+from odin.control.protocol import (
+    ChannelInfo,
+    ConnectionDetail,
+    ConnectionInfo,
+    ListChannels,
+    ListConnections,
+    NatsState,
+    Page,
+    Recoveries,
+    ServerIdentity,
+    Snapshot,
+)
+from odin.metrics import (
+    CLOSE_REASONS,
+    GAP_REASONS,
+    REJECT_REASONS,
+    memory_limit_bytes,
+)
+from odin.server.connection import Connection
+from odin.server.context import ServerContext
+
+RATE_WINDOW = 10.0
+"""Seconds over which a channel's publication rate is measured."""
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def identity(context: ServerContext, websocket: list[str], protocol: int) -> ServerIdentity:
+    return ServerIdentity(
+        protocol=protocol,
+        server="odin",
+        version=__version__,
+        instance=context.instance,
+        pid=os.getpid(),
+        started_at=context.started_at,
+        websocket=websocket,
+    )
+
+
+class Rates:
+    """Publications in and deliveries out per second, from samples about a second apart."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self._read = read
+        self._last = (trio.current_time(), *read())
+        self.in_per_s = 0.0
+        self.out_per_s = 0.0
+
+    def sample(self) -> None:
+        now = trio.current_time()
+        received, delivered = self._read()
+        then, received_before, delivered_before = self._last
+        elapsed = now - then
+        if elapsed > 0:
+            self.in_per_s = (received - received_before) / elapsed
+            self.out_per_s = (delivered - delivered_before) / elapsed
+        self._last = (now, received, delivered)
+
+
+def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
+    samples = context.metrics.samples()
+
+    def value(name: str, *labels: str) -> int:
+        return int(samples.get((name, labels), 0))
+
+    def by(name: str, labels: Iterable[str]) -> dict[str, int]:
+        return {label: value(name, label) for label in labels}
+
+    not_recovered = {
+        labels[1]: int(count)
+        for (name, labels), count in samples.items()
+        if name == "odin_recoveries_total" and labels[0] == "not_recovered"
+    }
+    broker = context.broker
+    status, stats = broker.status(), broker.stats()
+    deepest, oldest = 0, None
+    for connection in context.connections.values():
+        writer = connection.writer
+        deepest = max(deepest, writer.queued_messages)
+        queued_at = writer.oldest_queued_at()
+        if queued_at is not None and (oldest is None or queued_at < oldest):
+            oldest = queued_at
+    now = trio.current_time()
+    times = os.times()
+    return Snapshot(
+        time=time.time(),
+        uptime=time.time() - context.started_at,
+        instance=context.instance,
+        connections=len(context.connections),
+        max_connections=context.config.server.max_connections,
+        subscriptions=context.hub.subscriptions,
+        channels=len(context.history.channels()),
+        draining=context.draining,
+        publications=value("odin_publications_received_total"),
+        deliveries=value("odin_deliveries_total"),
+        in_per_s=round(rates.in_per_s, 2),
+        out_per_s=round(rates.out_per_s, 2),
+        dropped=by("odin_deliveries_dropped_total", ("conflated", "slow_consumer")),
+        gaps=by("odin_gaps_total", GAP_REASONS),
+        slow_consumers=by("odin_slow_consumers_total", ("closed", "conflated")),
+        rate_limited=value("odin_rate_limited_messages_total"),
+        client_errors=sum(
+            int(count) for (name, _), count in samples.items() if name == "odin_client_errors_total"
+        ),
+        recoveries=Recoveries(
+            recovered=value("odin_recoveries_total", "recovered", "none"),
+            not_recovered=not_recovered,
+            messages=value("odin_recovered_messages_total"),
+        ),
+        replays=by("odin_replays_total", ("complete", "incomplete")),
+        replayed_messages=value("odin_replayed_messages_total"),
+        rejected=by("odin_connections_rejected_total", REJECT_REASONS),
+        closed=by("odin_connections_closed_total", CLOSE_REASONS),
+        nats=NatsState(
+            connected=status.connected,
+            detail=status.detail,
+            epoch=context.epoch,
+            pending=stats.pending,
+            reconnects=stats.reconnects,
+            ingest_dropped=stats.ingest_dropped,
+        ),
+        rss_bytes=_rss_bytes(),
+        memory_limit_bytes=memory_limit_bytes() or 0,
+        cpu_seconds=round(times.user + times.system, 3),
+        deepest_queue=deepest,
+        oldest_queued_age=round(now - oldest, 3) if oldest is not None else 0.0,
+    )
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def connection_info(connection: Connection, now: float) -> ConnectionInfo:
+    writer = connection.writer
+    queued_at = writer.oldest_queued_at()
+    return ConnectionInfo(
+        id=connection.id,
+        peer=connection.peer,
+        channels=sorted(connection.session.subscriptions),
+        queued=writer.queued_messages,
+        queued_age=round(now - queued_at, 3) if queued_at is not None else 0.0,
+        sent=connection.delivered,
+        dropped=connection.dropped,
+        age=round(now - connection.opened_at, 3),
+        rate_limited=connection.rate_limited,
+        closing=connection.closing is not None,
+    )
+
+
+def _connection_key(sort: str, now: float) -> Callable[[Connection], object]:
+    def queue_age(connection: Connection) -> float:
+        queued_at = connection.writer.oldest_queued_at()
+        return now - queued_at if queued_at is not None else 0.0
+
+    keys: dict[str, Callable[[Connection], object]] = {
+        "id": lambda c: (c.id.rsplit("-", 1)[0], int(c.id.rsplit("-", 1)[1])),
+        "age": lambda c: now - c.opened_at,
+        "queue": lambda c: c.writer.queued_messages,
+        "queue_age": queue_age,
+        "sent": lambda c: c.delivered,
+        "dropped": lambda c: c.dropped,
+        "channels": lambda c: len(c.session.subscriptions),
+    }
+    return keys[sort]
+
+
+def _matches(connection: Connection, text: str) -> bool:
+    return (
+        text in connection.id
+        or text in connection.peer
+        or any(text in channel for channel in connection.session.subscriptions)
+    )
+
+
+def list_connections(context: ServerContext, request: ListConnections) -> Page[ConnectionInfo]:
+    now = trio.current_time()
+    found: Iterable[Connection] = context.connections.values()
+    if request.filter:
+        found = [c for c in found if _matches(c, request.filter)]
+    ordered = sorted(found, key=_connection_key(request.sort, now), reverse=request.descending)  # type: ignore[arg-type]
+    page = ordered[request.offset : request.offset + request.limit]
+    return Page(len(ordered), request.offset, [connection_info(c, now) for c in page])
+
+
+def slow_consumers(context: ServerContext, limit: int) -> list[ConnectionInfo]:
+    """The connections with the most queued frames, then the oldest queued frame; only
+    those with something queued."""
+    now = trio.current_time()
+    queued = (c for c in context.connections.values() if c.writer.queued_messages)
+    age = _connection_key("queue_age", now)
+    top = heapq.nlargest(limit, queued, key=lambda c: (c.writer.queued_messages, age(c)))
+    return [connection_info(c, now) for c in top]
+
+
+def inspect(context: ServerContext, conn: str) -> ConnectionDetail | None:
+    connection = context.connections.get(conn)
+    if connection is None:
+        return None
+    return ConnectionDetail(
+        connection=connection_info(connection, trio.current_time()),
+        origin=connection.origin,
+        queued_bytes=connection.writer.queued_bytes,
+        recovering=sorted(connection.recovering),
+        subscriptions=len(connection.session.subscriptions),
+    )
+
+
+def list_channels(context: ServerContext, request: ListChannels) -> Page[ChannelInfo]:
+    """Channels in the history window and channels subscribed by name."""
+    now = trio.current_time()
+    names = set(context.history.channels())
+    names.update(context.hub.exact_keys())
+    if request.filter:
+        names = {name for name in names if request.filter in name}
+    channels = []
+    for name in names:
+        retained, last_seq, recent = context.history.channel_stats(name, now, RATE_WINDOW)
+        channels.append(
+            ChannelInfo(
+                name=name,
+                subscribers=context.hub.count_matching(name),
+                rate=round(recent / RATE_WINDOW, 2),
+                last_seq=last_seq,
+                retained=retained,
+            )
+        )
+    channels.sort(key=lambda c: getattr(c, request.sort), reverse=request.descending)
+    page = channels[request.offset : request.offset + request.limit]
+    return Page(len(channels), request.offset, page)

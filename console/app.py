@@ -1,0 +1,374 @@
+"""The Textual app: a control client per server (each in a worker), the view-model they feed,
+and the views over it.
+
+Clients post what they hear as messages; the app folds them into the model at once but paints
+at most every ``flush_every`` seconds, so a burst of updates costs one repaint. The tables ask
+the selected server for a page when shown, on a change of sort, filter or server, and every
+``refresh_every`` seconds while visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.widgets import Footer, Header, Label, Select, Static, TabbedContent, TabPane
+from textual.worker import Worker
+
+from console.cli import DEFAULT_GRAFANA
+from console.client import ControlClient, NotConnected, RequestFailed
+from console.link import LinkStatus
+from console.messages import ActionOutcome, LinkChanged, UpdateArrived
+from console.model import ConsoleModel, LoggedEvent, ServerView
+from console.screens.confirm import ConfirmScreen
+from console.screens.help import HelpScreen
+from console.widgets.channels import ChannelsView
+from console.widgets.connections import ConnectionsView
+from console.widgets.events import EventLog
+from console.widgets.overview import Overview
+from console.widgets.tables import PagedTable
+from odin.control.paths import default_directory, find_sockets
+from odin.control.protocol import Drain, Draining, Update
+
+TABS = ("overview", "connections", "channels", "events")
+
+
+class ConsoleApp(App[None]):
+    CSS_PATH = "console.tcss"
+    TITLE = "Odin console"
+    # The tabs' titles show their keys, so the footer need not.
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("1", "show_tab('overview')", "Overview", show=False),
+        Binding("2", "show_tab('connections')", "Connections", show=False),
+        Binding("3", "show_tab('channels')", "Channels", show=False),
+        Binding("4", "show_tab('events')", "Events", show=False),
+        Binding("s", "next_server", "Next server"),
+        Binding("d", "drain", "Drain"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        *,
+        sockets: Sequence[Path] = (),
+        directory: Path | None = None,
+        grafana_url: str = DEFAULT_GRAFANA,
+        interval: float = 1.0,
+        scan_every: float = 2.0,
+        refresh_every: float = 2.0,
+        flush_every: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.sockets = list(sockets)
+        """Fixed sockets; when empty, every socket found in ``directory``."""
+        self.directory = directory if directory is not None else default_directory()
+        self.grafana_url = grafana_url
+        self.interval = interval
+        self.scan_every = scan_every
+        self.refresh_every = refresh_every
+        self.flush_every = flush_every
+        self.model = ConsoleModel()
+        self.clients: dict[str, ControlClient] = {}
+        self.selected: str | None = None
+        self.outcomes: list[str] = []
+        """Every action's outcome, as notified."""
+        self._links: dict[str, Worker[None]] = {}
+        self._fresh: list[LoggedEvent] = []
+        self._dirty = True
+        self._misses: dict[str, int] = {}
+        self._options: list[tuple[str, str]] = []
+
+    # ---- layout ------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        yield Static("", id="banner")
+        with Horizontal(id="server-bar"):
+            yield Label("server", id="server-label")
+            yield Select[str]([], id="server", prompt="no server yet")
+            yield Static("", id="server-info")
+        with TabbedContent(initial="overview", id="tabs"):
+            with TabPane("1 Overview", id="overview"):
+                yield Overview(self.grafana_url, id="overview-view")
+            with TabPane("2 Connections", id="connections"):
+                yield ConnectionsView(
+                    self.selected_client, self.selected_label, id="connections-view"
+                )
+            with TabPane("3 Channels", id="channels"):
+                yield ChannelsView(self.selected_client, id="channels-view")
+            with TabPane("4 Events", id="events"):
+                yield EventLog(self.model, id="events-view")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"deeper history in Grafana: {self.grafana_url}"
+        for path in self.sockets:
+            self.attach_server(path)
+        if not self.sockets:
+            self._scan()
+            self.set_interval(self.scan_every, self._scan)
+        self.set_interval(self.flush_every, self.paint)
+        self.set_interval(self.refresh_every, self._refresh_table)
+        self.paint()
+
+    # ---- servers -----------------------------------------------------------------------------
+
+    def attach_server(self, path: Path) -> None:
+        key = str(path)
+        if key in self.clients:
+            return
+        self.model.attach(key, path)
+
+        def on_link(status: LinkStatus) -> None:
+            self.post_message(LinkChanged(key, status))
+
+        def on_update(update: Update) -> None:
+            self.post_message(UpdateArrived(key, update))
+
+        client = ControlClient(path, on_link=on_link, on_update=on_update, interval=self.interval)
+        self.clients[key] = client
+        self._links[key] = self.run_worker(
+            client.run(), name=f"link {path.name}", group="links", description=str(path)
+        )
+        if self.selected is None:
+            self._select(key)
+        self._dirty = True
+
+    def detach_server(self, key: str) -> None:
+        worker = self._links.pop(key, None)
+        if worker is not None:
+            worker.cancel()
+        self.clients.pop(key, None)
+        view = self.model.servers.get(key)
+        self.model.detach(key)
+        self._misses.pop(key, None)
+        if view is not None:
+            self.report(f"{view.label}: its socket is gone ({view.path.name}); detached")
+        if self.selected == key:
+            self._select(next(iter(self.model.servers), None))
+        self._dirty = True
+
+    def _scan(self) -> None:
+        """Attach to new sockets in the directory; let go of those gone while their link is
+        down (a server that stopped)."""
+        found = {str(path): path for path in find_sockets(self.directory)}
+        for key, path in found.items():
+            self._misses.pop(key, None)
+            self.attach_server(path)
+        for key in list(self.clients):
+            view = self.model.servers.get(key)
+            if key in found or (view is not None and view.up):
+                continue
+            self._misses[key] = self._misses.get(key, 0) + 1
+            if self._misses[key] >= 2:  # twice: not a server in the middle of restarting
+                self.detach_server(key)
+
+    def selected_view(self) -> ServerView | None:
+        return self.model.servers.get(self.selected) if self.selected is not None else None
+
+    def selected_client(self) -> tuple[str, ControlClient] | None:
+        if self.selected is None or self.selected not in self.clients:
+            return None
+        return self.selected, self.clients[self.selected]
+
+    def selected_label(self) -> str:
+        view = self.selected_view()
+        return view.label if view is not None else "no server"
+
+    def _select(self, key: str | None) -> None:
+        if key == self.selected:
+            return
+        self.selected = key
+        self._dirty = True
+        for table in self.query(PagedTable):
+            table.reset()
+        self._refresh_table()
+
+    def action_next_server(self) -> None:
+        keys = list(self.model.servers)
+        if not keys:
+            return
+        index = keys.index(self.selected) + 1 if self.selected in keys else 0
+        self._select(keys[index % len(keys)])
+        self._sync_select()
+
+    @on(Select.Changed, "#server")
+    def _server_chosen(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str) and event.value in self.model.servers:
+            self._select(event.value)
+
+    # ---- messages from the clients -----------------------------------------------------------
+
+    @on(LinkChanged)
+    def _link_changed(self, message: LinkChanged) -> None:
+        view = self.model.servers.get(message.key)
+        if view is None:
+            return
+        was_up = view.up
+        self.model.set_link(message.key, message.status)
+        self._dirty = True
+        if message.status.up and not was_up and message.key == self.selected:
+            self._refresh_table()
+
+    @on(UpdateArrived)
+    def _update_arrived(self, message: UpdateArrived) -> None:
+        self._fresh += self.model.apply_update(message.key, message.update)
+        self._dirty = True
+
+    @on(ActionOutcome)
+    def _action_outcome(self, message: ActionOutcome) -> None:
+        self.report(message.text, error=message.error)
+
+    def report(self, text: str, *, error: bool = False) -> None:
+        self.outcomes.append(text)
+        self.notify(text, severity="error" if error else "information", timeout=8 if error else 4)
+
+    # ---- painting ----------------------------------------------------------------------------
+
+    def _shutting_down(self) -> bool:
+        """Timers can still fire while the app closes, when its widgets are gone."""
+        return not self.query("#tabs")
+
+    def paint(self) -> None:
+        if not self._dirty or self._shutting_down():
+            return
+        self._dirty = False
+        lines = self.model.banners()
+        if not self.sockets and not self.model.servers:
+            lines.append(
+                f"no Odin server found in {self.directory}; waiting for one"
+                " (odin serve creates odin-<pid>.sock there)"
+            )
+        banner = self.query_one("#banner", Static)
+        banner.update(Text("\n".join(lines)))
+        banner.display = bool(lines)
+        self.query_one(Overview).sync(self.model, self.selected)
+        if self._fresh:
+            fresh, self._fresh = self._fresh, []
+            self.query_one(EventLog).append(fresh)
+        self._sync_select()
+
+    def _sync_select(self) -> None:
+        options = [(_option(view), key) for key, view in self.model.servers.items()]
+        select: Select[str] = self.query_one("#server", Select)
+        if options != self._options:
+            self._options = options
+            select.set_options(options)
+        if self.selected is not None and select.value != self.selected:
+            select.value = self.selected
+        view = self.selected_view()
+        info = ""
+        if view is not None:
+            identity = view.identity
+            # Under the directory searched, the name says it all (and screenshots stay the same).
+            shown = view.path.name if view.path.parent == self.directory else view.path
+            info = f"socket {shown}"
+            if identity is not None:
+                info = (
+                    f"instance {identity.instance}  pid {identity.pid}  {identity.server}"
+                    f" {identity.version}  {', '.join(identity.websocket)}  ·  {info}"
+                )
+            if not view.up:
+                info = f"{info}  ·  link {view.status.state.value}"
+        self.query_one("#server-info", Static).update(Text(info))
+
+    # ---- tabs and tables ---------------------------------------------------------------------
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, _: TabbedContent.TabActivated) -> None:
+        view = self._active_view()
+        if isinstance(view, PagedTable):
+            view.reload()
+        if isinstance(view, PagedTable | EventLog):
+            view.focus_table()
+
+    def _active_view(self) -> PagedTable[object] | EventLog | None:
+        active = self.query_one(TabbedContent).active
+        if active == "connections":
+            return self.query_one(ConnectionsView)  # type: ignore[return-value]
+        if active == "channels":
+            return self.query_one(ChannelsView)  # type: ignore[return-value]
+        if active == "events":
+            return self.query_one(EventLog)
+        return None
+
+    def _refresh_table(self) -> None:
+        if self._shutting_down():
+            return
+        view = self._active_view()
+        if isinstance(view, PagedTable):
+            view.reload()
+
+    # ---- actions -----------------------------------------------------------------------------
+
+    def action_drain(self) -> None:
+        view = self.selected_view()
+        if view is None or not view.up:
+            self.notify("no connected server selected", severity="warning")
+            return
+        connections = view.snapshot.connections if view.snapshot is not None else 0
+        question = (
+            f"Drain {view.label} ({view.path.name}, {connections:,} connections)?\n"
+            "Every client is told to reconnect elsewhere and the server stops taking new"
+            " connections, as on SIGTERM."
+        )
+        key = view.key
+
+        def decided(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(self._drain(key), group="action")
+
+        self.push_screen(ConfirmScreen(question, "Drain"), decided)
+
+    async def _drain(self, key: str) -> None:
+        client = self.clients.get(key)
+        label = self.model.servers[key].label if key in self.model.servers else key
+        if client is None:
+            self.post_message(ActionOutcome(f"drain {label}: no longer attached", error=True))
+            return
+        try:
+            draining = await client.request(Drain(), Draining)
+        except (NotConnected, RequestFailed) as exc:
+            self.post_message(ActionOutcome(f"drain {label} failed: {exc}", error=True))
+        else:
+            self.post_message(
+                ActionOutcome(
+                    f"{label} is draining: {draining.connections:,} connections told to"
+                    f" reconnect, closing within {draining.timeout:g} s"
+                )
+            )
+
+    def action_help(self) -> None:
+        sections = [
+            ("everywhere", self.BINDINGS),
+            ("connections, channels", PagedTable.BINDINGS),
+            ("connections", ConnectionsView.BINDINGS),
+            ("events", EventLog.BINDINGS),
+            ("kick and drain questions", ConfirmScreen.BINDINGS),
+        ]
+        self.push_screen(HelpScreen(_bindings(sections), self.grafana_url))
+
+
+def _option(view: ServerView) -> str:
+    if view.identity is None:
+        return view.path.name
+    return f"{view.identity.instance} (pid {view.identity.pid})"
+
+
+def _bindings(
+    sections: list[tuple[str, list[BindingType]]],
+) -> list[tuple[str, list[Binding]]]:
+    return [
+        (where, [b for b in bindings if isinstance(b, Binding) and b.description])
+        for where, bindings in sections
+    ]

@@ -1,0 +1,261 @@
+"""The asyncio client of one server's control socket.
+
+Requests are matched to their replies by id, each under a bounded wait; ``watch`` updates are
+handed to a callback as they arrive. On connect it sends ``hello`` (and stops for good on
+another protocol version), takes a first snapshot and starts the watch. When the connection
+fails or ends it reconnects by itself, 0.5 s after, doubling to 5 s, and it reports every
+change of its link state to another callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, TypeVar
+
+from console.link import LinkState, LinkStatus
+from odin.control.protocol import (
+    COMMAND_NAMES,
+    PROTOCOL_VERSION,
+    Command,
+    ErrorCode,
+    Hello,
+    Reply,
+    ServerIdentity,
+    Snapshot,
+    SnapshotRequest,
+    Update,
+    Watch,
+    WatchStarted,
+    decode_line,
+    encode_request,
+)
+
+T = TypeVar("T")
+
+MAX_LINE: Final = 16 * 1024 * 1024
+"""Longest line read from a server (a page of connections with many channels is large); a
+longer one is a protocol error and ends the connection."""
+REQUEST_TIMEOUT: Final = 5.0
+BACKOFF_FIRST: Final = 0.5
+BACKOFF_MAX: Final = 5.0
+
+
+class NotConnected(Exception):
+    """The request could not be sent, or its connection ended before the reply."""
+
+
+class RequestFailed(Exception):
+    """The server answered with an error, or no usable reply came in time."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(Exception):
+    """A line from the server that the client cannot read."""
+
+
+class ControlClient:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        on_link: Callable[[LinkStatus], None],
+        on_update: Callable[[Update], None],
+        interval: float = 1.0,
+        request_timeout: float = REQUEST_TIMEOUT,
+        backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_MAX),
+        max_line: int = MAX_LINE,
+    ) -> None:
+        self.path = path
+        self.max_line = max_line
+        self.interval = interval
+        self.request_timeout = request_timeout
+        self._on_link = on_link
+        self._on_update = on_update
+        self._backoff = backoff
+        self._delay = backoff[0]
+        self._status = LinkStatus(LinkState.CONNECTING)
+        self._writer: asyncio.StreamWriter | None = None
+        self._write_lock = asyncio.Lock()
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._ids = itertools.count(1)
+        self._refusal: Reply | None = None
+
+    @property
+    def status(self) -> LinkStatus:
+        return self._status
+
+    async def request(self, command: Command, kind: type[T]) -> T:
+        """Send ``command`` and return its result as ``kind``. Raises NotConnected when the
+        link is down and RequestFailed on an error reply or a timeout."""
+        if not self._status.up:
+            raise NotConnected(f"not connected to {self.path}")
+        return await self._call_as(command, kind)
+
+    async def run(self) -> None:
+        """Connect and stay connected until cancelled, or until the server turns out to speak
+        another protocol version."""
+        self._on_link(self._status)
+        while True:
+            status = await self._attempt()
+            self._set(status)
+            if status.state is LinkState.VERSION_MISMATCH:
+                return
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, self._backoff[1])
+
+    # ---- one connection ----------------------------------------------------------------------
+
+    async def _attempt(self) -> LinkStatus:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                reader, writer = await asyncio.open_unix_connection(self.path, limit=self.max_line)
+        except FileNotFoundError:
+            return LinkStatus(LinkState.MISSING, "no such socket")
+        except PermissionError as exc:
+            return LinkStatus(LinkState.DENIED, exc.strerror or str(exc))
+        except ConnectionRefusedError:
+            # The file is there but nobody listens: a server that stopped without cleaning up.
+            return LinkStatus(LinkState.LOST, "connection refused")
+        except TimeoutError:
+            return LinkStatus(LinkState.LOST, "connect timed out")
+        except OSError as exc:
+            return LinkStatus(LinkState.LOST, exc.strerror or str(exc))
+        return await self._session(reader, writer)
+
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> LinkStatus:
+        """Run one connection to its end; returns the state to report after it."""
+        self._writer = writer
+        self._refusal = None
+        reading = asyncio.create_task(self._read(reader))
+        try:
+            try:
+                identity = await self._call_as(Hello(), ServerIdentity)
+                if identity.protocol != PROTOCOL_VERSION:
+                    detail = (
+                        f"the server speaks protocol {identity.protocol}, "
+                        f"this console {PROTOCOL_VERSION}"
+                    )
+                    return LinkStatus(LinkState.VERSION_MISMATCH, detail, identity)
+                # Up from here: the identity names this server's events and figures.
+                self._set(LinkStatus(LinkState.CONNECTED, identity=identity))
+                snapshot = await self._call_as(SnapshotRequest(), Snapshot)
+                self._on_update(Update(snapshot, []))
+                await self._call_as(Watch(self.interval), WatchStarted)
+            except RequestFailed as exc:
+                return self._refused(exc.code, exc.message)
+            except NotConnected:
+                pass  # the reading task knows why
+            else:
+                self._delay = self._backoff[0]
+            reason = await reading
+        except ProtocolError as exc:
+            return LinkStatus(LinkState.LOST, f"protocol error: {exc}")
+        finally:
+            self._writer = None
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            self._fail_pending("connection closed")
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        return self._ended(reason)
+
+    async def _read(self, reader: asyncio.StreamReader) -> str:
+        """Dispatch lines until the stream ends; returns why it ended."""
+        reason = "connection closed"
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    return reason
+                except asyncio.LimitOverrunError:
+                    reason = "line too long"
+                    raise ProtocolError(f"a line longer than {self.max_line} bytes") from None
+                except OSError as exc:
+                    return exc.strerror or str(exc)
+                self._dispatch(line)
+        finally:
+            self._fail_pending(reason)
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            message = decode_line(line)
+        except Exception as exc:  # orjson's and cattrs' errors alike: the line is unusable
+            raise ProtocolError(f"unreadable line: {exc}") from None
+        if isinstance(message, Update):
+            self._on_update(message)
+            return
+        request_id = message.request_id
+        future = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if future is not None and not future.done():
+            future.set_result(message)
+        elif not message.ok:
+            # An error for none of our requests: the server refusing us before it closes.
+            self._refusal = message
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def _call_as(self, command: Command, kind: type[T]) -> T:
+        reply = await self._call(command)
+        if not reply.ok:
+            raise RequestFailed(reply.error_code, reply.error_message)
+        try:
+            return reply.result_as(kind)
+        except Exception as exc:  # cattrs' validation errors: a result of another shape
+            name = COMMAND_NAMES[type(command)]
+            raise RequestFailed("bad_reply", f"{name}: {exc}") from None
+
+    async def _call(self, command: Command) -> Reply:
+        writer = self._writer
+        if writer is None:
+            raise NotConnected(f"not connected to {self.path}")
+        request_id = next(self._ids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                async with self._write_lock:
+                    writer.write(encode_request(request_id, command))
+                    await writer.drain()
+                return await future
+        except TimeoutError:
+            name = COMMAND_NAMES[type(command)]
+            raise RequestFailed(
+                "timeout", f"no reply to {name} in {self.request_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise NotConnected(exc.strerror or str(exc)) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(NotConnected(reason))
+
+    def _ended(self, reason: str) -> LinkStatus:
+        refusal = self._refusal
+        if refusal is not None:
+            return self._refused(refusal.error_code, refusal.error_message)
+        return LinkStatus(LinkState.LOST, reason)
+
+    def _refused(self, code: str, message: str) -> LinkStatus:
+        if code == ErrorCode.PERMISSION_DENIED:
+            return LinkStatus(LinkState.DENIED, message)
+        return LinkStatus(LinkState.LOST, f"{code}: {message}")
+
+    def _set(self, status: LinkStatus) -> None:
+        if status != self._status:
+            self._status = status
+            self._on_link(status)

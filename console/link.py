@@ -1,0 +1,33 @@
+"""The state of the console's link to one server, as its control client reports it."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from odin.control.protocol import ServerIdentity
+
+
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    MISSING = "missing"
+    """No socket at the path: the server is not running, or it moved."""
+    DENIED = "denied"
+    """EACCES on connect, or the server answered ``permission_denied``."""
+    VERSION_MISMATCH = "version_mismatch"
+    """The server speaks another protocol version; the client has stopped."""
+    LOST = "lost"
+    """The connection failed or ended; the client is retrying."""
+
+
+@attrs.frozen
+class LinkStatus:
+    state: LinkState
+    detail: str = ""
+    identity: ServerIdentity | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state is LinkState.CONNECTED

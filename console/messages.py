@@ -1,0 +1,31 @@
+"""Messages the network side posts to the app: links, updates and the outcome of actions."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+from console.link import LinkStatus
+from odin.control.protocol import Update
+
+
+class LinkChanged(Message):
+    def __init__(self, key: str, status: LinkStatus) -> None:
+        super().__init__()
+        self.key = key
+        self.status = status
+
+
+class UpdateArrived(Message):
+    def __init__(self, key: str, update: Update) -> None:
+        super().__init__()
+        self.key = key
+        self.update = update
+
+
+class ActionOutcome(Message):
+    """What came of an operator's action (kick, drain), for a notification."""
+
+    def __init__(self, text: str, error: bool = False) -> None:
+        super().__init__()
+        self.text = text
+        self.error = error

@@ -1,0 +1,3 @@
+"""The console's modal screens: confirmations and help."""
+
+from __future__ import annotations

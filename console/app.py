@@ -18,6 +18,7 @@ from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Label, Select, Static, TabbedContent, TabPane
 from textual.worker import Worker
 
@@ -239,6 +240,13 @@ class ConsoleApp(App[None]):
     def paint(self) -> None:
         if not self._dirty or self._shutting_down():
             return
+        try:
+            self._paint()
+        except NoMatches:
+            # The app is closing: its widgets went away between the check and the paint.
+            return
+
+    def _paint(self) -> None:
         self._dirty = False
         lines = self.model.banners()
         if not self.sockets and not self.model.servers:
@@ -305,7 +313,10 @@ class ConsoleApp(App[None]):
     def _refresh_table(self) -> None:
         if self._shutting_down():
             return
-        view = self._active_view()
+        try:
+            view = self._active_view()
+        except NoMatches:  # closing, as in paint
+            return
         if isinstance(view, PagedTable):
             view.reload()
 

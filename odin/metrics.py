@@ -256,14 +256,15 @@ class Metrics:
         self.registry.register(_QueueCollector(queues, now))
         self.registry.register(_MemoryLimitCollector())
 
-    def samples(self) -> dict[tuple[str, tuple[str, ...]], float]:
-        """Every sample now, by (name, label values): one pass over the registry, for the
-        control socket's snapshots."""
+    def samples(self, names: Iterable[str]) -> dict[tuple[str, tuple[str, ...]], float]:
+        """The samples of the metrics called ``names`` (as exposed: ``odin_x_total``), by
+        (name, label values), for the control socket. Only their collectors run: not the
+        process collector, nor the queue collector that walks every connection."""
         for callback in self._before_scrape:
             callback()
         return {
             (sample.name, tuple(sample.labels.values())): sample.value
-            for metric in self.registry.collect()
+            for metric in self.registry.restricted_registry(list(names)).collect()
             for sample in metric.samples
         }
 

@@ -186,10 +186,10 @@ class ControlServer:
             await trio.sleep(1.0)
             self._rates.sample()
 
-    def snapshot(self) -> Snapshot:
+    async def snapshot(self) -> Snapshot:
         now = trio.current_time()
         if self._snapshot is None or now - self._snapshot[0] > _SNAPSHOT_REUSE:
-            self._snapshot = (now, control_state.snapshot(self.context, self._rates))
+            self._snapshot = (now, await control_state.snapshot(self.context, self._rates))
         return self._snapshot[1]
 
     # ---- one console ---------------------------------------------------------------------
@@ -304,20 +304,20 @@ class _Console:
             "control_command", cmd=COMMAND_NAMES[type(command)], pid=self.pid, uid=self.uid
         )
         try:
-            result = self._execute(command)
+            result = await self._execute(command)
         except ControlError as exc:
             await self.outbox.send(encode_error(request_id, exc.code, exc.message))
             return
         await self.outbox.send(encode_result(request_id, result))
 
-    def _execute(self, command: Command) -> object:
+    async def _execute(self, command: Command) -> object:
         control = self.control
         context = control.context
         match command:
             case Hello():
                 return control_state.identity(context, control.websocket, PROTOCOL_VERSION)
             case SnapshotRequest():
-                return control.snapshot()
+                return await control.snapshot()
             case Watch(interval=interval):
                 self._watch(interval)
                 return WatchStarted(interval)
@@ -327,9 +327,9 @@ class _Console:
                     self.watching = None
                 return Stopped()
             case ListConnections():
-                return control_state.list_connections(context, command)
+                return await control_state.list_connections(context, command)
             case SlowConsumers(limit=limit):
-                slow = control_state.slow_consumers(context, limit)
+                slow = await control_state.slow_consumers(context, limit)
                 return Page(len(slow), 0, slow)
             case ListChannels():
                 return control_state.list_channels(context, command)
@@ -380,15 +380,17 @@ class _Console:
         with scope:
             while True:
                 await trio.sleep(interval)
+                snapshot = await control.snapshot()
+                # No checkpoint from here on: no event can slip between reading and marking.
                 fresh, dropped = events.since(seen, _EVENTS_PER_UPDATE)
-                update = Update(control.snapshot(), fresh, dropped)
+                last = events.last
                 try:
-                    self.outbox.send_nowait(encode_update(update))
+                    self.outbox.send_nowait(encode_update(Update(snapshot, fresh, dropped)))
                 except trio.WouldBlock:
                     # The console is not reading: skip this one; the next carries the events.
                     self.skipped_updates += 1
                     continue
-                seen = events.last
+                seen = last
 
 
 def _id_of(line: bytes) -> object:

@@ -1,7 +1,8 @@
 """What the control socket reports: a snapshot of the server, pages of its connections and
-channels, one connection in detail. Computed from the server's state in one go, without
-awaiting, so a reply is consistent; each is bounded (a page, a top-K) and costs about a
-microsecond per open connection (a sort key each), so it never holds the fan-out for long.
+channels, one connection in detail. Walks over the connections go in chunks of ``CHUNK`` with
+a checkpoint between them, and a listing keeps only the best ``offset + limit`` as it goes (a
+heap), so however many connections there are the fan-out never waits for more than one chunk.
+Replies are bounded: a page, a top-K.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import heapq
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import trio
 
@@ -35,6 +37,8 @@ from odin.metrics import (
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
 
+CHUNK = 250
+"""Connections looked at between two checkpoints."""
 RATE_WINDOW = 10.0
 """Seconds over which a channel's publication rate is measured."""
 
@@ -73,8 +77,41 @@ class Rates:
         self._last = (now, received, delivered)
 
 
-def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
-    samples = context.metrics.samples()
+_SNAPSHOT_METRICS = (
+    "odin_publications_received_total",
+    "odin_deliveries_total",
+    "odin_deliveries_dropped_total",
+    "odin_gaps_total",
+    "odin_slow_consumers_total",
+    "odin_rate_limited_messages_total",
+    "odin_client_errors_total",
+    "odin_recoveries_total",
+    "odin_recovered_messages_total",
+    "odin_replays_total",
+    "odin_replayed_messages_total",
+    "odin_connections_rejected_total",
+    "odin_connections_closed_total",
+)
+
+
+async def chunks(context: ServerContext) -> AsyncIterator[list[Connection]]:
+    """The open connections, a chunk at a time, with a checkpoint after each chunk."""
+    everyone = list(context.connections.values())
+    for start in range(0, len(everyone), CHUNK):
+        yield everyone[start : start + CHUNK]
+        await trio.lowlevel.checkpoint()
+
+
+async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
+    deepest, oldest = 0, None
+    async for chunk in chunks(context):
+        for connection in chunk:
+            writer = connection.writer
+            deepest = max(deepest, writer.queued_messages)
+            queued_at = writer.oldest_queued_at()
+            if queued_at is not None and (oldest is None or queued_at < oldest):
+                oldest = queued_at
+    samples = context.metrics.samples(_SNAPSHOT_METRICS)
 
     def value(name: str, *labels: str) -> int:
         return int(samples.get((name, labels), 0))
@@ -89,13 +126,6 @@ def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
     }
     broker = context.broker
     status, stats = broker.status(), broker.stats()
-    deepest, oldest = 0, None
-    for connection in context.connections.values():
-        writer = connection.writer
-        deepest = max(deepest, writer.queued_messages)
-        queued_at = writer.oldest_queued_at()
-        if queued_at is not None and (oldest is None or queued_at < oldest):
-            oldest = queued_at
     now = trio.current_time()
     times = os.times()
     return Snapshot(
@@ -168,12 +198,12 @@ def connection_info(connection: Connection, now: float) -> ConnectionInfo:
     )
 
 
-def _connection_key(sort: str, now: float) -> Callable[[Connection], object]:
+def _connection_key(sort: str, now: float) -> Callable[[Connection], Any]:
     def queue_age(connection: Connection) -> float:
         queued_at = connection.writer.oldest_queued_at()
         return now - queued_at if queued_at is not None else 0.0
 
-    keys: dict[str, Callable[[Connection], object]] = {
+    keys: dict[str, Callable[[Connection], Any]] = {
         "id": lambda c: (c.id.rsplit("-", 1)[0], int(c.id.rsplit("-", 1)[1])),
         "age": lambda c: now - c.opened_at,
         "queue": lambda c: c.writer.queued_messages,
@@ -193,24 +223,40 @@ def _matches(connection: Connection, text: str) -> bool:
     )
 
 
-def list_connections(context: ServerContext, request: ListConnections) -> Page[ConnectionInfo]:
+async def list_connections(
+    context: ServerContext, request: ListConnections
+) -> Page[ConnectionInfo]:
+    """One page of the connections in the requested order. The page is selected chunk by
+    chunk (a heap of offset + limit), never by sorting every connection at once."""
     now = trio.current_time()
-    found: Iterable[Connection] = context.connections.values()
-    if request.filter:
-        found = [c for c in found if _matches(c, request.filter)]
-    ordered = sorted(found, key=_connection_key(request.sort, now), reverse=request.descending)  # type: ignore[arg-type]
-    page = ordered[request.offset : request.offset + request.limit]
-    return Page(len(ordered), request.offset, [connection_info(c, now) for c in page])
+    key = _connection_key(request.sort, now)
+    select = heapq.nlargest if request.descending else heapq.nsmallest
+    wanted = request.offset + request.limit
+    best: list[tuple[Any, int, Connection]] = []
+    total = 0
+    async for chunk in chunks(context):
+        keyed = []
+        for connection in chunk:
+            if not request.filter or _matches(connection, request.filter):
+                # The running count breaks ties, so connections are never compared.
+                keyed.append((key(connection), total, connection))
+                total += 1
+        best = select(wanted, best + keyed)
+    page = best[request.offset : wanted]
+    return Page(total, request.offset, [connection_info(c, now) for *_, c in page])
 
 
-def slow_consumers(context: ServerContext, limit: int) -> list[ConnectionInfo]:
+async def slow_consumers(context: ServerContext, limit: int) -> list[ConnectionInfo]:
     """The connections with the most queued frames, then the oldest queued frame; only
     those with something queued."""
     now = trio.current_time()
-    queued = (c for c in context.connections.values() if c.writer.queued_messages)
     age = _connection_key("queue_age", now)
-    top = heapq.nlargest(limit, queued, key=lambda c: (c.writer.queued_messages, age(c)))
-    return [connection_info(c, now) for c in top]
+    top: list[tuple[tuple[int, float], int, Connection]] = []
+    async for chunk in chunks(context):
+        queued = [c for c in chunk if c.writer.queued_messages]
+        candidates = top + [((c.writer.queued_messages, age(c)), id(c), c) for c in queued]
+        top = heapq.nlargest(limit, candidates, key=lambda item: item[0])
+    return [connection_info(c, now) for *_, c in top]
 
 
 def inspect(context: ServerContext, conn: str) -> ConnectionDetail | None:

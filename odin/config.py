@@ -99,8 +99,9 @@ class ServerSection:
     """WebSocket and HTTP port (0: any free port, printed in the ``listening`` log)."""
     ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
     """The WebSocket endpoint's path."""
-    max_connections: int = attrs.field(default=10_000, validator=v.ge(1))
-    """Beyond this, upgrades get 503 with Retry-After."""
+    max_connections: int = attrs.field(default=0, validator=v.ge(0))
+    """Beyond this, upgrades get 503 with Retry-After; 0: derived at start from the memory
+    limit (the cgroup's, else the machine's) and the file-descriptor limit."""
     handshake_timeout: float = attrs.field(default=10.0, validator=positive)
     """Seconds a client has to complete the HTTP upgrade."""
     allowed_origins: tuple[str, ...] = ()

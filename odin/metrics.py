@@ -8,9 +8,7 @@ resolved once here rather than on every event.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import prometheus_client
 from prometheus_client import (
@@ -31,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from odin import __version__
 from odin.broker.base import BrokerStats
+from odin.capacity import read_limits
 from odin.core.recovery import Reason
 
 # Counters would also export a *_created series each; Prometheus does not need them.
@@ -254,7 +253,7 @@ class Metrics:
         ``queues`` gives each open connection's queued frames and when its oldest was
         queued (on the clock ``now`` reads)."""
         self.registry.register(_QueueCollector(queues, now))
-        self.registry.register(_MemoryLimitCollector())
+        self.registry.register(_LimitsCollector())
 
     def samples(self, names: Iterable[str]) -> dict[tuple[str, tuple[str, ...]], float]:
         """The samples of the metrics called ``names`` (as exposed: ``odin_x_total``), by
@@ -382,29 +381,21 @@ class _QueueCollector(Collector):
         )
 
 
-class _MemoryLimitCollector(Collector):
-    """The memory this process may use: its cgroup's limit (a container's), else the
-    machine's memory, so that RSS can be compared with it."""
+class _LimitsCollector(Collector):
+    """The memory and CPU this process may use (its cgroup's limits, else the machine's
+    memory), read at each scrape so that a limit changed at run time shows."""
 
     def collect(self) -> Iterable[Metric]:
-        limit = memory_limit_bytes()
-        if limit is not None:
+        limits = read_limits()
+        if limits.memory_bytes is not None:
             yield GaugeMetricFamily(
                 "odin_memory_limit_bytes",
                 "Memory the process may use: its cgroup limit, else the machine's memory.",
-                limit,
+                limits.memory_bytes,
             )
-
-
-def memory_limit_bytes(root: Path = Path("/")) -> int | None:
-    limits = []
-    for path in ("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):
-            text = (root / path).read_text().strip()
-            if text != "max":
-                limits.append(int(text))
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in (root / "proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                limits.append(int(line.split()[1]) * 1024)
-    return min(limits) if limits else None
+        if limits.cpu_cores is not None:
+            yield GaugeMetricFamily(
+                "odin_cpu_limit_cores",
+                "CPU the process's cgroup may use, in cores (absent: no quota).",
+                limits.cpu_cores,
+            )

@@ -117,6 +117,7 @@ class OdinServer:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
                 listening = self._describe(listeners)
+                self.log.info("capacity", **context.capacity.describe())
                 self.log.lifecycle().info(
                     "listening", websocket=listening.websocket, http=listening.http
                 )
@@ -304,12 +305,12 @@ class OdinServer:
         if context.draining:
             metrics.rejected["draining"].inc()
             return response(503, b"server is shutting down\n", headers=retry)
-        if context.admitted >= config.max_connections:
+        if context.admitted >= context.max_connections:
             metrics.rejected["at_capacity"].inc()
             now = trio.current_time()
             if now - self._last_capacity_log >= 1.0:  # at most one line a second under a storm
                 self._last_capacity_log = now
-                self.log.warning("at_capacity", peer=peer, limit=config.max_connections)
+                self.log.warning("at_capacity", peer=peer, limit=context.max_connections)
             return response(503, b"server at capacity\n", headers=retry)
         return None
 

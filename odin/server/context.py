@@ -10,6 +10,7 @@ import attrs
 import trio
 
 from odin.broker.base import Broker
+from odin.capacity import Capacity, plan, read_limits
 from odin.config import Config
 from odin.core.history import HistoryLog
 from odin.core.hub import Hub
@@ -49,8 +50,14 @@ class ServerContext:
     events: EventRing = attrs.Factory(EventRing)
     """Recent connection events, for the control socket's watchers."""
     started_at: float = attrs.Factory(time.time)
+    capacity: Capacity = attrs.field(init=False)
+    """The connection limit in force, and the limits it was derived from."""
     rules: ChannelRules = attrs.field(init=False)
     limits: SessionLimits = attrs.field(init=False)
+
+    @property
+    def max_connections(self) -> int:
+        return self.capacity.max_connections
 
     def __attrs_post_init__(self) -> None:
         history = self.config.history
@@ -68,7 +75,8 @@ class ServerContext:
             abuse_threshold=connection.rate_limit_abuse_threshold,
             idle_timeout=connection.idle_timeout,
         )
-        self.metrics.connections_max.set(self.config.server.max_connections)
+        self.capacity = plan(self.config.server.max_connections, read_limits())
+        self.metrics.connections_max.set(self.capacity.max_connections)
         self.metrics.watch_broker(self.broker.stats)
         self.metrics.watch_queues(self._queues, trio.current_time)
 

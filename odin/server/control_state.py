@@ -32,7 +32,6 @@ from odin.metrics import (
     CLOSE_REASONS,
     GAP_REASONS,
     REJECT_REASONS,
-    memory_limit_bytes,
 )
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
@@ -133,7 +132,7 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
         uptime=time.time() - context.started_at,
         instance=context.instance,
         connections=len(context.connections),
-        max_connections=context.config.server.max_connections,
+        max_connections=context.max_connections,
         subscriptions=context.hub.subscriptions,
         channels=len(context.history.channels()),
         draining=context.draining,
@@ -166,7 +165,7 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
             ingest_dropped=stats.ingest_dropped,
         ),
         rss_bytes=_rss_bytes(),
-        memory_limit_bytes=memory_limit_bytes() or 0,
+        memory_limit_bytes=context.capacity.limits.memory_bytes or 0,
         cpu_seconds=round(times.user + times.system, 3),
         deepest_queue=deepest,
         oldest_queued_age=round(now - oldest, 3) if oldest is not None else 0.0,

@@ -38,9 +38,8 @@ def _rss_bytes() -> int | None:
 
 
 def health(context: ServerContext) -> tuple[int, dict[str, object]]:
-    config = context.config
     broker = context.broker.status()
-    current, limit = len(context.connections), config.server.max_connections
+    current, limit = len(context.connections), context.max_connections
     percentage = round(100.0 * current / limit, 2)
     warnings: list[str] = []
     errors: list[str] = []
@@ -70,6 +69,11 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
                 "max": limit,
                 "percentage": percentage,
                 "healthy": current < limit,
+                **{
+                    key: value
+                    for key, value in context.capacity.describe().items()
+                    if key != "max_connections"
+                },
             },
             "memory": {"rss_mb": round(rss / 2**20, 1) if rss is not None else None},
             "accepting": {"healthy": not context.draining},
@@ -89,7 +93,7 @@ def ready(context: ServerContext) -> tuple[int, dict[str, object]]:
         reasons.append("broker disconnected")
     if context.draining:
         reasons.append("draining")
-    if context.admitted >= context.config.server.max_connections:
+    if context.admitted >= context.max_connections:
         reasons.append("at connection limit")
     return (503 if reasons else 200), {"ready": not reasons, "reasons": reasons}
 

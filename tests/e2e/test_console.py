@@ -73,8 +73,11 @@ async def test_the_console_shows_a_running_servers_clients(socket_path: Path) ->
         try:
             app = ConsoleApp(sockets=[socket_path], interval=0.2)
             async with app.run_test(size=SIZE) as pilot:
-                await wait_until(pilot, lambda: "3 / 10,000" in figures(app), "3 connections")
                 view = app.model.servers[str(socket_path)]
+                await wait_until(pilot, lambda: view.snapshot is not None, "a snapshot")
+                assert view.snapshot is not None
+                shown = f"3 / {view.snapshot.max_connections:,}"  # derived from the memory
+                await wait_until(pilot, lambda: shown in figures(app), "3 connections")
                 await wait_until(
                     pilot,
                     lambda: view.snapshot is not None and view.snapshot.out_per_s > 0,

@@ -1,0 +1,151 @@
+"""The default connection limit comes from the memory the process may use: cgroup v2 or v1
+files (here fake trees), else the machine's memory; the result shows in /health, the metric
+and the start log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from odin.capacity import (
+    BASE,
+    FD_RESERVE,
+    MAXIMUM,
+    MIB,
+    MINIMUM,
+    PER_CONNECTION,
+    Limits,
+    plan,
+    read_limits,
+)
+from tests.helpers import capture_logs, http_get, make_config, running_server
+
+GIB = 1024 * MIB
+
+
+def tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+MEMINFO = {"proc/meminfo": "MemTotal:       16384000 kB\nMemFree:  1 kB\n"}
+
+
+def test_cgroup_v2_memory_and_cpu_limits(tmp_path: Path) -> None:
+    root = tree(tmp_path, {
+        **MEMINFO,
+        "proc/self/cgroup": "0::/\n",
+        "sys/fs/cgroup/cgroup.controllers": "cpu memory pids",
+        "sys/fs/cgroup/memory.max": str(768 * MIB),
+        "sys/fs/cgroup/cpu.max": "150000 100000",
+    })  # fmt: skip
+    limits = read_limits(root)
+    assert (limits.memory_bytes, limits.memory_source) == (768 * MIB, "cgroup v2")
+    assert (limits.cpu_cores, limits.cpu_source) == (1.5, "cgroup v2")
+
+
+def test_cgroup_v2_takes_the_smallest_limit_along_the_path(tmp_path: Path) -> None:
+    root = tree(tmp_path, {
+        **MEMINFO,
+        "proc/self/cgroup": "0::/system.slice/odin.service\n",
+        "sys/fs/cgroup/cgroup.controllers": "memory",
+        "sys/fs/cgroup/memory.max": "max",
+        "sys/fs/cgroup/system.slice/memory.max": str(1 * GIB),
+        "sys/fs/cgroup/system.slice/odin.service/memory.max": "max",
+        "sys/fs/cgroup/system.slice/odin.service/cpu.max": "max 100000",
+    })  # fmt: skip
+    limits = read_limits(root)
+    assert (limits.memory_bytes, limits.memory_source) == (1 * GIB, "cgroup v2")
+    assert (limits.cpu_cores, limits.cpu_source) == (None, "none")
+
+
+def test_no_cgroup_limit_falls_back_to_the_machine(tmp_path: Path) -> None:
+    root = tree(tmp_path, {
+        **MEMINFO,
+        "proc/self/cgroup": "0::/\n",
+        "sys/fs/cgroup/cgroup.controllers": "memory",
+        "sys/fs/cgroup/memory.max": "max",
+    })  # fmt: skip
+    limits = read_limits(root)
+    assert (limits.memory_bytes, limits.memory_source) == (16384000 * 1024, "machine")
+
+
+def test_cgroup_v1_limits_and_its_unlimited_value(tmp_path: Path) -> None:
+    root = tree(tmp_path, {
+        **MEMINFO,
+        "proc/self/cgroup": "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n",
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(512 * MIB),
+        "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000",
+        "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
+    })  # fmt: skip
+    limits = read_limits(root)
+    assert (limits.memory_bytes, limits.memory_source) == (512 * MIB, "cgroup v1")
+    assert (limits.cpu_cores, limits.cpu_source) == (0.5, "cgroup v1")
+    unlimited = tree(tmp_path / "u", {
+        **MEMINFO,
+        "proc/self/cgroup": "4:memory:/\n",
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+        "sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1",
+        "sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000",
+    })  # fmt: skip
+    limits = read_limits(unlimited)
+    assert limits.memory_source == "machine"
+    assert limits.cpu_source == "none"
+
+
+def limits(memory: int | None, nofile: int = 1_000_000) -> Limits:
+    return Limits(memory, "cgroup v2", None, "none", nofile)
+
+
+@pytest.mark.parametrize(
+    ("memory", "nofile", "expected", "bound_by"),
+    [
+        # (768 MiB - 128 MiB) * 0.8 / 64 KiB: the original's compose gave ws-go 768 MiB
+        (768 * MIB, 1_000_000, 8192, "memory"),
+        (512 * MIB, 1_000_000, 4915, "memory"),
+        (24 * GIB, 1_000_000, MAXIMUM, "maximum"),
+        (24 * GIB, 20_000, 20_000 - FD_RESERVE, "file descriptors"),
+        (100 * MIB, 1_000_000, MINIMUM, "minimum"),
+    ],
+)
+def test_the_derived_limit(memory: int, nofile: int, expected: int, bound_by: str) -> None:
+    capacity = plan(0, limits(memory, nofile))
+    assert (capacity.max_connections, capacity.bound_by, capacity.source) == (
+        expected, bound_by, "derived"
+    )  # fmt: skip
+    if bound_by == "memory":
+        assert expected == int((memory - BASE) * 0.8 // PER_CONNECTION)
+
+
+def test_a_configured_limit_wins() -> None:
+    capacity = plan(2000, limits(256 * MIB))
+    assert (capacity.max_connections, capacity.source, capacity.bound_by) == (
+        2000, "configured", ""
+    )  # fmt: skip
+
+
+@pytest.mark.trio
+async def test_the_limit_shows_in_health_metrics_and_the_start_log() -> None:
+    with capture_logs() as logs:
+        async with running_server(make_config()) as harness:
+            capacity = harness.server.context.capacity
+            assert capacity.source == "derived"
+            status, _, body = await http_get(harness.port, "/health")
+            check = json.loads(body)["checks"]["capacity"]
+            assert check["max"] == capacity.max_connections
+            assert check["source"] == "derived"
+            assert check["memory_source"] in {"cgroup v2", "cgroup v1", "machine"}
+            _, _, metrics = await http_get(harness.port, "/metrics")
+            assert f"odin_connections_max {float(capacity.max_connections)}" in metrics.decode()
+            await trio.lowlevel.checkpoint()
+    started = [log for log in logs if log["event"] == "capacity"]
+    assert started and started[0]["max_connections"] == capacity.max_connections
+    assert status == 200

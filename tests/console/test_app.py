@@ -91,6 +91,14 @@ async def attached(pilot: Pilot[None], app: ConsoleApp, count: int = 1) -> None:
     )
 
 
+async def first_connection(pilot: Pilot[None], app: ConsoleApp) -> str:
+    """Attach, open the connections table, and return the id of its first row."""
+    await attached(pilot, app)
+    await pilot.press("2")
+    await wait_until(pilot, lambda: table(app, "connections").row_count > 0, "rows")
+    return row_keys(app, "connections")[0]
+
+
 @pytest.mark.asyncio
 async def test_the_overview_shows_the_figures_served(fake_server: ServerFactory) -> None:
     server = await fake_server(history=30)
@@ -289,10 +297,7 @@ async def test_enter_on_a_connection_inspects_it(fake_server: ServerFactory) -> 
     server = await fake_server()
     app = console(server.path, refresh_every=60)
     async with app.run_test(size=SIZE) as pilot:
-        await attached(pilot, app)
-        await pilot.press("2")
-        await wait_until(pilot, lambda: table(app, "connections").row_count > 0, "rows")
-        chosen = row_keys(app, "connections")[0]
+        chosen = await first_connection(pilot, app)
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, DetailScreen), "the detail")
         assert server.commands(Inspect) == [Inspect(chosen)]
@@ -308,10 +313,7 @@ async def test_kick_takes_another_code_and_refuses_a_bad_one(fake_server: Server
     server = await fake_server()
     app = console(server.path, refresh_every=60)
     async with app.run_test(size=SIZE) as pilot:
-        await attached(pilot, app)
-        await pilot.press("2")
-        await wait_until(pilot, lambda: table(app, "connections").row_count > 0, "rows")
-        chosen = row_keys(app, "connections")[0]
+        chosen = await first_connection(pilot, app)
         await pilot.press("k")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "the question")
         code = app.screen.query_one("#code", Input)

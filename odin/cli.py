@@ -23,7 +23,7 @@ from odin import __version__, logs
 from odin.broker.base import Broker
 from odin.broker.embedded import EmbeddedNatsError, run_embedded_nats
 from odin.broker.memory import MemoryBroker
-from odin.config import Config, ConfigError, as_dict, load_config
+from odin.config import Config, ConfigError, as_dict, load_config, set_options
 from odin.server.app import Listening, OdinServer
 from odin.server.control import ControlServer
 from odin.simulator.model import Market
@@ -77,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    overrides: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError([f"--set {item}: expected SECTION.FIELD=VALUE"])
-        overrides[key.strip()] = value
+    overrides = set_options(args.set)
     flags = {
         "server.host": args.host,
         "server.port": args.port,

@@ -37,6 +37,17 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def set_options(items: list[str]) -> dict[str, object]:
+    """``--set SECTION.FIELD=VALUE`` options as overrides (values parsed as the environment's)."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([f"--set {item}: expected SECTION.FIELD=VALUE"])
+        overrides[key.strip()] = value
+    return overrides
+
+
 def positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name}: must be > 0, got {value}")

@@ -83,6 +83,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._before_scrape: list[Callable[[], None]] = []
         ProcessCollector(registry=self.registry)
+        self.registry.register(_LimitsCollector())
         r = self.registry
 
         self.connections_active = Gauge(
@@ -253,7 +254,6 @@ class Metrics:
         ``queues`` gives each open connection's queued frames and when its oldest was
         queued (on the clock ``now`` reads)."""
         self.registry.register(_QueueCollector(queues, now))
-        self.registry.register(_LimitsCollector())
 
     def samples(self, names: Iterable[str]) -> dict[tuple[str, tuple[str, ...]], float]:
         """The samples of the metrics called ``names`` (as exposed: ``odin_x_total``), by

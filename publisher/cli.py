@@ -24,7 +24,7 @@ from hypercorn.typing import ASGIFramework
 
 from odin import logs
 from odin.broker.nats import open_nats_broker
-from odin.config import ConfigError, as_dict
+from odin.config import ConfigError, as_dict, set_options
 from publisher import metrics
 from publisher.api import build_app
 from publisher.config import PublisherConfig, load
@@ -59,12 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    overrides: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError([f"--set {item}: expected SECTION.FIELD=VALUE"])
-        overrides[key.strip()] = value
+    overrides = set_options(args.set)
     flags = {
         "http.host": args.host,
         "http.port": args.port,

@@ -35,13 +35,12 @@ from odin.metrics import (
 )
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
+from odin.server.endpoints import rss_bytes
 
 CHUNK = 250
 """Connections looked at between two checkpoints."""
 RATE_WINDOW = 10.0
 """Seconds over which a channel's publication rate is measured."""
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def identity(context: ServerContext, websocket: list[str], protocol: int) -> ServerIdentity:
@@ -164,20 +163,12 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
             reconnects=stats.reconnects,
             ingest_dropped=stats.ingest_dropped,
         ),
-        rss_bytes=_rss_bytes(),
+        rss_bytes=rss_bytes() or 0,
         memory_limit_bytes=context.capacity.limits.memory_bytes or 0,
         cpu_seconds=round(times.user + times.system, 3),
         deepest_queue=deepest,
         oldest_queued_age=round(now - oldest, 3) if oldest is not None else 0.0,
     )
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def connection_info(connection: Connection, now: float) -> ConnectionInfo:

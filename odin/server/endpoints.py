@@ -29,7 +29,8 @@ _JSON = "application/json"
 _START = time.monotonic()
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
+    """This process's resident memory, from /proc (None where there is no /proc)."""
     try:
         with open("/proc/self/statm", "rb") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -51,7 +52,7 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
         warnings.append(f"Server near capacity ({percentage}%)")
     if context.draining:
         warnings.append("draining: not accepting new connections")
-    rss = _rss_bytes()
+    rss = rss_bytes()
     healthy = broker.connected
     body: dict[str, object] = {
         "status": "unhealthy" if not healthy else ("degraded" if warnings else "healthy"),

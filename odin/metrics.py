@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from odin import __version__
 from odin.broker.base import BrokerStats
 from odin.capacity import read_limits
+from odin.control.protocol import ErrorCode as ControlErrorCode
 from odin.core.recovery import Reason
 
 # Counters would also export a *_created series each; Prometheus does not need them.
@@ -211,6 +212,21 @@ class Metrics:
             ["version"],
             registry=r,
         ).labels(__version__).set(1)
+        self.control_errors = Counter(
+            "odin_control_errors",
+            "Error replies the control socket sent to consoles, by code (permission_denied and "
+            "too_many_clients refuse a console; the others refuse one request).",
+            ["code"],
+            registry=r,
+        )
+        for code in ControlErrorCode:
+            self.control_errors.labels(code.value)
+        self.control_updates_skipped = Counter(
+            "odin_control_updates_skipped",
+            "Watch updates not sent because the console was not reading (the next one carries "
+            "the events).",
+            registry=r,
+        )
         self.history_reads = Counter(
             "odin_history_reads",
             "Reads of the broker's history for recovery and replay, by result (shared: "

@@ -221,10 +221,14 @@ class ControlServer:
                 self.clients -= 1
                 self.log.info("control_detached", pid=pid, uid=uid)
 
-    @staticmethod
-    async def _refuse(stream: trio.SocketStream, code: ErrorCode, message: str) -> None:
+    def error(self, request_id: object, code: ErrorCode, message: str) -> bytes:
+        """An error reply, counted."""
+        self.context.metrics.control_errors.labels(code.value).inc()
+        return encode_error(request_id, code, message)
+
+    async def _refuse(self, stream: trio.SocketStream, code: ErrorCode, message: str) -> None:
         with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
-            await stream.send_all(encode_error(None, code, message))
+            await stream.send_all(self.error(None, code, message))
 
 
 class _Console:
@@ -241,7 +245,6 @@ class _Console:
             config.command_burst, config.commands_per_second, trio.current_time()
         )
         self.watching: trio.CancelScope | None = None
-        self.skipped_updates = 0
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -284,13 +287,14 @@ class _Console:
                     await self._answer(line)
             if len(buffer) > MAX_LINE_BYTES:
                 message = f"a request line may be at most {MAX_LINE_BYTES} bytes"
-                await self.outbox.send(encode_error(None, ErrorCode.LINE_TOO_LONG, message))
+                await self.outbox.send(self.control.error(None, ErrorCode.LINE_TOO_LONG, message))
                 return
 
     async def _answer(self, line: bytes) -> None:
         if not self.bucket.try_take(trio.current_time()):
             message = f"at most {self.control.config.commands_per_second} commands a second"
-            await self.outbox.send(encode_error(_id_of(line), ErrorCode.RATE_LIMITED, message))
+            refusal = self.control.error(_id_of(line), ErrorCode.RATE_LIMITED, message)
+            await self.outbox.send(refusal)
             return
         try:
             request_id, command = parse_request(line)
@@ -298,7 +302,7 @@ class _Console:
             self.control.log.info(
                 "control_bad_request", pid=self.pid, uid=self.uid, code=exc.code.value
             )
-            await self.outbox.send(encode_error(exc.request_id, exc.code, exc.message))
+            await self.outbox.send(self.control.error(exc.request_id, exc.code, exc.message))
             return
         self.control.log.info(
             "control_command", cmd=COMMAND_NAMES[type(command)], pid=self.pid, uid=self.uid
@@ -306,7 +310,7 @@ class _Console:
         try:
             result = await self._execute(command)
         except ControlError as exc:
-            await self.outbox.send(encode_error(request_id, exc.code, exc.message))
+            await self.outbox.send(self.control.error(request_id, exc.code, exc.message))
             return
         await self.outbox.send(encode_result(request_id, result))
 
@@ -388,7 +392,7 @@ class _Console:
                     self.outbox.send_nowait(encode_update(Update(snapshot, fresh, dropped)))
                 except trio.WouldBlock:
                     # The console is not reading: skip this one; the next carries the events.
-                    self.skipped_updates += 1
+                    control.context.metrics.control_updates_skipped.inc()
                     continue
                 seen = last
 

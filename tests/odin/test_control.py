@@ -225,6 +225,8 @@ async def test_consoles_beyond_the_limit_are_refused(socket_dir: Path) -> None:
                 refusal = await third.line()
                 assert refusal is not None
                 assert refusal["error"]["code"] == "too_many_clients"
+                counted = harness.server.context.metrics.samples(["odin_control_errors_total"])
+                assert counted[("odin_control_errors_total", ("too_many_clients",))] == 1
                 assert await third.line() is None
         with trio.fail_after(5):
             while control.clients:
@@ -244,6 +246,8 @@ async def test_commands_beyond_the_rate_limit_are_refused(socket_dir: Path) -> N
             await c.result("hello")
         reply = await c.call("hello")
         assert reply["error"]["code"] == "rate_limited"
+        refused = harness.server.context.metrics.samples(["odin_control_errors_total"])
+        assert refused[("odin_control_errors_total", ("rate_limited",))] == 1
 
 
 # ---- what it reports ----------------------------------------------------------------------

@@ -3,12 +3,14 @@
 Pure and deterministic for a given ``random.Random`` and clock, so tests can pin it. It is
 the original publisher's simulator (seed prices, the walk with trend and volatility, the
 ``price:update`` fields) with its quirks fixed: trends keep changing instead of locking in,
-and all eight event families have payloads. The server's ``--simulate`` mode and the
-publisher service share this one implementation.
+and all eight event families have payloads, and prices and volumes revert to their seeds
+instead of drifting without bound. The server's ``--simulate`` mode and the publisher service
+share this one implementation.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections.abc import Callable, Sequence
@@ -28,6 +30,11 @@ SEEDS: dict[str, tuple[float, float, float]] = {
 DEFAULT_TOKENS = tuple(SEEDS)
 TRENDS = ("up", "down", "neutral")
 _BASE36 = string.digits + string.ascii_lowercase
+PRICE_FLOOR = 0.0001
+REVERSION = 0.01
+"""The share of a price's (or volume's) log-distance to its anchor pulled back each tick."""
+BAND = 4.0
+"""Hard bounds: a price stays within [anchor / BAND, anchor * BAND], and so does a volume."""
 
 
 @attrs.define
@@ -45,6 +52,20 @@ class Token:
     comments: int = 0
     history: list[float] = attrs.Factory(list)
     """Recent prices, newest last, for the analytics deltas (bounded)."""
+    anchor: float = attrs.Factory(lambda self: self.price, takes_self=True)
+    """The price the walk reverts to: the seed price, or the random start."""
+    volume_anchor: float = attrs.Factory(lambda self: self.volume24h, takes_self=True)
+    """The 24-hour volume its walk reverts to."""
+
+
+def _revert(value: float, anchor: float, shock: float) -> float:
+    """One mean-reverting tick of ``value`` in log space, clamped to the band around ``anchor``."""
+    if anchor <= 0:  # a zero random start has nothing to revert to (and stayed zero before)
+        return value
+    # A value set from outside at or below zero counts as at the lower bound.
+    x = math.log(value / anchor) if value > 0 else -math.log(BAND)
+    moved = anchor * math.exp((1 - REVERSION) * x + shock)
+    return min(anchor * BAND, max(anchor / BAND, moved))
 
 
 class Market:
@@ -83,7 +104,7 @@ class Market:
     def _seed(self, symbol: str) -> Token:
         rng = self._rng
         price, volume, cap = SEEDS.get(
-            symbol, (max(0.0001, rng.random() * 100), rng.random() * 1e6, rng.random() * 1e9)
+            symbol, (max(PRICE_FLOOR, rng.random() * 100), rng.random() * 1e6, rng.random() * 1e9)
         )
         return Token(symbol, price, volume, cap, volatility=rng.random() * 0.1 + 0.02)
 
@@ -98,22 +119,36 @@ class Market:
     # ---- the walk ------------------------------------------------------------------------
 
     def step(self, token: Token) -> float:
-        """Move the price one tick; return the change in percent."""
+        """Move the price one tick; return the change in percent.
+
+        The walk is a discrete Ornstein-Uhlenbeck process in log price: with
+        x = ln(price / anchor), each tick x ← (1 − θ)·x + ε, θ = ``REVERSION`` = 0.01 and
+        ε = (U − ½)·volatility ± U·0.001 under a trend (U uniform on [0, 1)), the original
+        walk's shocks taken as log returns. The pull halves a displacement in ln 2 / θ ≈ 69
+        ticks and holds x at a stationary standard deviation of volatility / √(12·(2θ − θ²)),
+        ≈ 0.04 at 2 % volatility up to ≈ 0.25 at 12 %; a trend's mean drift of 0.0005 a tick
+        shifts the level by at most 0.0005 / θ = 5 %. Taking the shock in log space also drops
+        the −σ²/2 drag that pulled the original's arithmetic walk down. The clamp to
+        [anchor / 4, anchor · 4] (|x| ≤ ln 4 ≈ 1.39, over 5.6 stationary deviations even at
+        12 %) never shapes an ordinary path but stops any unlucky one from running away. The
+        24-hour volume takes the same pull toward its seed, with the original's ±5 % shocks.
+        """
         rng = self._rng
         old = token.price
-        change = (rng.random() - 0.5) * old * token.volatility
+        shock = (rng.random() - 0.5) * token.volatility
         if token.trend == "up":
-            change += rng.random() * old * 0.001
+            shock += rng.random() * 0.001
         elif token.trend == "down":
-            change -= rng.random() * old * 0.001
+            shock -= rng.random() * 0.001
         # The original chose a trend once and kept it forever; trends here keep turning.
         if rng.random() < (0.05 if token.trend == "neutral" else 0.02):
             roll = rng.random()
             token.trend = "up" if roll < 0.4 else "down" if roll < 0.8 else "neutral"
-        token.price = max(0.0001, old + change)
+        # The absolute floor still matters when anchor / 4 is below it (tiny random starts).
+        token.price = max(PRICE_FLOOR, _revert(old, token.anchor, shock))
         percent = (token.price - old) / old * 100
         token.price_change_24h = 0.9 * token.price_change_24h + 0.1 * percent
-        token.volume24h *= 0.95 + rng.random() * 0.1
+        token.volume24h = _revert(token.volume24h, token.volume_anchor, (rng.random() - 0.5) * 0.1)
         token.market_cap = token.price * 1_000_000
         token.history.append(token.price)
         del token.history[:-1440]

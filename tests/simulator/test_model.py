@@ -9,8 +9,11 @@ while running, and reproducibility for a given ``random.Random`` and clock.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import re
+import statistics
 
 import orjson
 import pytest
@@ -149,9 +152,10 @@ def test_channels_are_symbol_dot_event_and_match_the_payload() -> None:
 
 
 def test_price_never_goes_below_the_floor() -> None:
+    # The absolute floor binds where anchor / 4 is below it: the tiniest random starts.
     m = market(("DOGE",))
     token = m.tokens[0]
-    token.price = 0.0001
+    token.price = token.anchor = 0.0001
     token.volatility = 0.12
     token.trend = "down"
     prices = []
@@ -160,6 +164,64 @@ def test_price_never_goes_below_the_floor() -> None:
         prices.append(token.price)
     assert min(prices) == 0.0001, "the walk should have hit the floor and stayed on it"
     assert all(p >= 0.0001 for p in prices)
+
+
+def test_a_price_pushed_out_of_its_band_is_clamped_and_pulled_back() -> None:
+    m = market(("DOGE", "BTC"))
+    for token, start in zip(m.tokens, (0.0001, 1e9), strict=True):
+        anchor = token.anchor
+        token.price = start
+        token.volatility = 0.12
+        token.trend = "down" if start < anchor else "up"
+        prices = []
+        for _ in range(2000):
+            m.step(token)
+            prices.append(token.price)
+        assert prices[0] == (anchor / 4 if start < anchor else anchor * 4)
+        assert all(anchor / 4 <= p <= anchor * 4 for p in prices)
+        assert anchor / 2 < statistics.median(prices[1000:]) < anchor * 2
+
+
+class Rigged(random.Random):
+    """The unluckiest generator: every draw is the same extreme."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(("value", "bound"), [(0.0, 0.25), (1 - 2**-53, 4.0)])
+def test_even_a_rigged_generator_cannot_push_a_price_out_of_its_band(
+    value: float, bound: float
+) -> None:
+    # Every shock at the extreme (±6 % a tick at 12 % volatility) would take the old walk to
+    # the floor or to infinity; the pull settles at ±6 in log price, so the clamp holds it.
+    m = Market(DEFAULT_TOKENS, rng=Rigged(value), clock=fixed_clock)
+    for token in m.tokens:
+        token.volatility = 0.12
+        for _ in range(5000):
+            m.step(token)
+            assert token.anchor / 4 <= token.price <= token.anchor * 4
+            assert token.volume_anchor / 4 <= token.volume24h <= token.volume_anchor * 4
+        assert token.price == token.anchor * bound
+        assert token.volume24h == token.volume_anchor * bound
+
+
+def test_tokens_anchor_to_their_seed_or_their_random_start() -> None:
+    m = market(("BTC", "NEW"))
+    btc, new = m.tokens
+    assert (btc.anchor, btc.volume_anchor) == SEEDS["BTC"][:2]
+    assert (new.anchor, new.volume_anchor) == (new.price, new.volume24h)
+    for _ in range(50):
+        m.next_event()
+    assert (btc.anchor, btc.volume_anchor) == SEEDS["BTC"][:2]
+    assert new.anchor != new.price
+    m.set_tokens(["BTC"])
+    m.set_tokens(["BTC", "NEW"])
+    assert m.tokens[1].anchor == m.tokens[1].price != new.anchor
 
 
 def test_price_change_24h_is_smoothed_step_percentages() -> None:
@@ -197,6 +259,56 @@ def test_trends_keep_changing_after_leaving_neutral(seed: int) -> None:
         f"trend stuck at {trends[first]!r} from step {first}"
     )
     assert set(trends) == set(TRENDS)
+
+
+# ---- staying near the seed over hours ---------------------------------------------------
+
+EVENTS_PER_SECOND = 20
+LONG_RUN_HOURS = 4
+LONG_RUN_TOKENS: tuple[str, ...] = (*DEFAULT_TOKENS, "NEW")  # the five seeds and a random start
+MEAN_LOG_TOLERANCE = 0.1
+"""How far the time-average of ln(price / anchor) may stray: about ±10 %.
+
+The most volatile token (12 %) has a stationary spread of about 0.25 in log price and
+decorrelates over about 100 ticks, so the mean of 48,000 ticks has a standard deviation of
+about 0.25 · √(2 / 480) ≈ 0.016 (trends add a little); the worst of the 18 runs here is
+0.032, so 0.1 leaves room, while the old unbounded walk averaged up to 11 units of log away.
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_prices_stay_near_their_anchor_for_hours_and_keep_moving(seed: int) -> None:
+    # Four hours of trades at 20 events/s shared by six tokens: 48,000 ticks each. Only the
+    # walk is stepped (a trade event is this step plus its payload), which keeps it fast.
+    m = market(LONG_RUN_TOKENS, seed=seed)
+    starts = {t.symbol: (t.price, t.volume24h) for t in m.tokens}
+    ticks = LONG_RUN_HOURS * 3600 * EVENTS_PER_SECOND // len(m.tokens)
+    logs: dict[str, list[float]] = {t.symbol: [] for t in m.tokens}
+    volumes: dict[str, list[float]] = {t.symbol: [] for t in m.tokens}
+    for _ in range(ticks):
+        for token in m.tokens:
+            m.step(token)
+            anchor, volume = starts[token.symbol]
+            assert anchor / 4 <= token.price <= anchor * 4, (token.symbol, token.price)
+            logs[token.symbol].append(math.log(token.price / anchor))
+            volumes[token.symbol].append(math.log(token.volume24h / volume))
+    for token in m.tokens:
+        xs = logs[token.symbol]
+        assert abs(statistics.fmean(xs)) <= MEAN_LOG_TOLERANCE, token.symbol
+        assert abs(statistics.median(xs)) <= MEAN_LOG_TOLERANCE, token.symbol
+        # Still moving: each tick's log return is about as wide as the volatility's own shock
+        # (uniform over ±volatility/2, standard deviation volatility/√12)...
+        returns = [b - a for a, b in itertools.pairwise(xs)]
+        assert statistics.pstdev(returns) >= 0.9 * token.volatility / math.sqrt(12), token.symbol
+        # ...and the price keeps crossing its anchor, spending time on both sides of it.
+        above = sum(x > 0 for x in xs) / len(xs)
+        assert 0.3 <= above <= 0.7, (token.symbol, above)
+        crossings = sum((a > 0) != (b > 0) for a, b in itertools.pairwise(xs))
+        assert crossings >= 100, (token.symbol, crossings)
+        # The 24-hour volume is pulled back to its seed the same way instead of decaying to 0.
+        vs = volumes[token.symbol]
+        assert all(-math.log(4) <= v <= math.log(4) for v in vs), token.symbol
+        assert abs(statistics.fmean(vs)) <= MEAN_LOG_TOLERANCE, token.symbol
 
 
 # ---- payloads ----------------------------------------------------------------------------

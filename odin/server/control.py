@@ -2,11 +2,12 @@
 
 One socket per server process (``odin-<pid>.sock`` in a per-user directory, see
 ``odin.control.paths``). Who may attach is checked twice: the socket is mode 0600 in a 0700
-directory, and the peer's uid (SO_PEERCRED) must be the server's, root's, or in
-``control.allowed_uids``. It never hurts the data plane: consoles are few (``max_clients``),
-their lines bounded (``MAX_LINE_BYTES``), their commands rate-limited, replies are bounded
-pages, and a console that stops reading only misses updates (the next one carries every event
-since the last it got).
+directory (for an explicit ``control.path``, one only its owner may write; a directory that
+fails the checks is refused, never followed or chmodded), and the peer's uid (SO_PEERCRED)
+must be the server's, root's, or in ``control.allowed_uids``. It never hurts the data plane:
+consoles are few (``max_clients``), their lines bounded (``MAX_LINE_BYTES``), their commands
+rate-limited, replies are bounded pages, and a console that stops reading only misses updates
+(the next one carries every event since the last it got).
 
 Each console is one nursery: the reader in the nursery's own task, a writer draining a small
 bounded channel, and, while it watches, an updater. Closing the connection, or the server
@@ -79,21 +80,73 @@ def socket_path(config: ControlSection) -> Path:
     return paths.default_directory() / paths.socket_name(os.getpid())
 
 
-def _prepare_directory(directory: Path, uid: int) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
+_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+"""The last component must be a directory itself: a symlink fails (ENOTDIR or ELOOP)."""
+
+
+def _prepare_directory(directory: Path, uid: int, *, explicit: bool) -> int:
+    """An fd on the socket's directory, which is created (the last component only, mode 0700)
+    if missing. A directory that fails ``_check_directory`` is refused as it is: Odin never
+    follows a symlink there nor chmods a directory it did not create (running as root, a
+    planted ``/tmp/odin-0 -> /tmp`` would otherwise make it ``chmod 0700 /tmp``)."""
+    try:
+        os.mkdir(directory, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    except FileNotFoundError:
+        raise ControlUnavailable(f"{directory.parent} does not exist") from None
+    try:
+        fd = os.open(directory, _OPEN_DIRECTORY)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        what = "a symlink" if directory.is_symlink() else "not a directory"
+        raise ControlUnavailable(f"{directory} is {what}") from None
+    try:
+        # fstat the fd, not the path: what is checked is what the socket goes into.
+        info = os.fstat(fd)
+        if created and info.st_uid == uid:
+            # Ours from mkdir (the owner check: not one swapped in since): undo the umask.
+            os.fchmod(fd, 0o700)
+            info = os.fstat(fd)
+        _check_directory(directory, info, uid, explicit=explicit)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_directory(directory: Path, info: os.stat_result, uid: int, *, explicit: bool) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if explicit:
+        # An operator's choice, often made for us (systemd's RuntimeDirectory=, 0755 unless
+        # RuntimeDirectoryMode= says otherwise): enough that only its owner, we or root, can
+        # put or replace files there. The socket's 0600 and SO_PEERCRED keep others out.
+        if info.st_uid not in (uid, 0):
+            raise ControlUnavailable(f"{directory} belongs to uid {info.st_uid}, not {uid} or root")
+        if mode & 0o022:
+            raise ControlUnavailable(f"{directory} has mode {mode:#o}: others may write there")
+        return
+    # The default per-user directory is Odin's own: exactly what Odin would have created.
     if info.st_uid != uid:
         raise ControlUnavailable(f"{directory} belongs to uid {info.st_uid}, not {uid}")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        # Ours, but others may enter: close it rather than expose the socket.
-        directory.chmod(0o700)
+    if mode & 0o777 != 0o700:
+        raise ControlUnavailable(f"{directory} has mode {mode:#o}, not 0o700")
 
 
-def _remove_stale(path: Path) -> None:
-    """Remove a socket left by a process that died; refuse if one still answers there."""
-    if not path.exists() and not path.is_symlink():
+def _remove_stale(path: Path, directory: int) -> None:
+    """Remove a socket left by a process that died; refuse if one still answers there.
+
+    ``directory`` is the checked directory's fd: the name is looked up and removed there,
+    never through a symlink, and only if it is a socket."""
+    try:
+        info = os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
+    if stat.S_ISLNK(info.st_mode):
+        raise ControlUnavailable(f"{path} is a symlink, not a socket")
+    if not stat.S_ISSOCK(info.st_mode):
         raise ControlUnavailable(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -101,7 +154,8 @@ def _remove_stale(path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ControlUnavailable(f"{path}: {exc.strerror}") from None
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=directory)
     else:
         raise ControlUnavailable(f"{path} is in use by another process")
     finally:
@@ -163,22 +217,28 @@ class ControlServer:
                     self.path.unlink()
 
     async def _listen(self) -> trio.SocketListener:
-        _prepare_directory(self.path.parent, self.uid)
-        _remove_stale(self.path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        explicit = bool(self.config.path)
+        directory = _prepare_directory(self.path.parent, self.uid, explicit=explicit)
         try:
-            # umask first, chmod after: the socket is never reachable with wider permissions
-            # (and the directory, 0700, already keeps others out).
-            previous = os.umask(0o177)
+            _remove_stale(self.path, directory)
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                await sock.bind(str(self.path))
-            finally:
-                os.umask(previous)
-            self.path.chmod(0o600)
-            sock.listen(self.config.max_clients + 2)
-        except BaseException:
-            sock.close()
-            raise
+                # umask first, chmod after: the socket is never reachable with wider
+                # permissions (and the directory, checked above, keeps others from
+                # replacing it).
+                previous = os.umask(0o177)
+                try:
+                    await sock.bind(str(self.path))
+                finally:
+                    os.umask(previous)
+                # Relative to the checked directory's fd: the socket just bound, nothing else.
+                os.chmod(self.path.name, 0o600, dir_fd=directory)
+                sock.listen(self.config.max_clients + 2)
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            os.close(directory)
         return trio.SocketListener(sock)
 
     async def _sample_rates(self) -> None:

@@ -5,10 +5,15 @@ Clients post what they hear as messages; the app folds them into the model at on
 at most every ``flush_every`` seconds, so a burst of updates costs one repaint. The tables ask
 the selected server for a page when shown, on a change of sort, filter or server, and every
 ``refresh_every`` seconds while visible.
+
+Paused (``p``), the model still takes in every update but the views stand still: the event
+log, the overview and the tables' periodic refresh; the header stays live and says PAUSED.
+Resuming paints what arrived meanwhile.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -19,7 +24,8 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.css.query import NoMatches
-from textual.widgets import Footer, Header, Label, Select, Static, TabbedContent, TabPane
+from textual.widget import Widget
+from textual.widgets import Footer, Label, Select, Static, TabbedContent, TabPane
 from textual.worker import Worker
 
 from console.cli import DEFAULT_GRAFANA
@@ -27,15 +33,16 @@ from console.client import ControlClient, NotConnected, RequestFailed
 from console.link import LinkStatus
 from console.messages import ActionOutcome, LinkChanged, UpdateArrived
 from console.model import ConsoleModel, LoggedEvent, ServerView
-from console.screens.confirm import ConfirmScreen
+from console.screens.confirm import ConfirmScreen, ReloadScope, ReloadScreen
 from console.screens.help import HelpScreen
 from console.widgets.channels import ChannelsView
 from console.widgets.connections import ConnectionsView
 from console.widgets.events import EventLog
+from console.widgets.header import StatusLine
 from console.widgets.overview import Overview
 from console.widgets.tables import PagedTable
 from odin.control.paths import default_directory, find_sockets
-from odin.control.protocol import Drain, Draining, Update
+from odin.control.protocol import Drain, Draining, Reload, Reloaded, Update
 
 TABS = ("overview", "connections", "channels", "events")
 
@@ -51,6 +58,11 @@ class ConsoleApp(App[None]):
         Binding("4", "show_tab('events')", "Events", show=False),
         Binding("s", "next_server", "Next server"),
         Binding("d", "drain", "Drain"),
+        # R, not r: r reverses a table's order. Asks first.
+        Binding("R", "reload", "Reload config", key_display="R"),
+        # One key, two bindings: the footer says which one p does now.
+        Binding("p", "pause", "Pause"),
+        Binding("p", "resume", "Resume (paused)"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
@@ -80,6 +92,9 @@ class ConsoleApp(App[None]):
         self.selected: str | None = None
         self.outcomes: list[str] = []
         """Every action's outcome, as notified."""
+        self.paused = False
+        self._missed = 0
+        """Events that arrived while paused."""
         self._links: dict[str, Worker[None]] = {}
         self._fresh: list[LoggedEvent] = []
         self._dirty = True
@@ -89,7 +104,7 @@ class ConsoleApp(App[None]):
     # ---- layout ------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
+        yield StatusLine(id="header")
         yield Static("", id="banner")
         with Horizontal(id="server-bar"):
             yield Label("server", id="server-label")
@@ -106,7 +121,9 @@ class ConsoleApp(App[None]):
                 yield ChannelsView(self.selected_client, id="channels-view")
             with TabPane("4 Events", id="events"):
                 yield EventLog(self.model, id="events-view")
-        yield Footer()
+        # Compact, without the palette's hint (ctrl+p still opens it): at 80 columns the
+        # footer then holds a table's keys and most of the global ones.
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.sub_title = f"deeper history in Grafana: {self.grafana_url}"
@@ -190,7 +207,7 @@ class ConsoleApp(App[None]):
         self._dirty = True
         for table in self.query(PagedTable):
             table.reset()
-        self._refresh_table()
+        self._refresh_table(asked=True)
 
     def action_next_server(self) -> None:
         keys = list(self.model.servers)
@@ -220,7 +237,12 @@ class ConsoleApp(App[None]):
 
     @on(UpdateArrived)
     def _update_arrived(self, message: UpdateArrived) -> None:
-        self._fresh += self.model.apply_update(message.key, message.update)
+        added = self.model.apply_update(message.key, message.update)
+        if self.paused:
+            # Counted, not kept: on resume the log is rebuilt from the (bounded) model.
+            self._missed += len(message.update.events) + message.update.events_dropped
+        else:
+            self._fresh += added
         self._dirty = True
 
     @on(ActionOutcome)
@@ -257,10 +279,12 @@ class ConsoleApp(App[None]):
         banner = self.query_one("#banner", Static)
         banner.update(Text("\n".join(lines)))
         banner.display = bool(lines)
-        self.query_one(Overview).sync(self.model, self.selected)
-        if self._fresh:
-            fresh, self._fresh = self._fresh, []
-            self.query_one(EventLog).append(fresh)
+        self.query_one(StatusLine).show(self.model, self.paused)
+        if not self.paused:
+            self.query_one(Overview).sync(self.model, self.selected)
+            if self._fresh:
+                fresh, self._fresh = self._fresh, []
+                self.query_one(EventLog).append(fresh)
         self._sync_select()
 
     def _sync_select(self) -> None:
@@ -279,9 +303,10 @@ class ConsoleApp(App[None]):
             shown = view.path.name if view.path.parent == self.directory else view.path
             info = f"socket {shown}"
             if identity is not None:
+                # Two short lines beside the list: they fit in the 42 columns left at 80.
                 info = (
                     f"instance {identity.instance}  pid {identity.pid}  {identity.server}"
-                    f" {identity.version}  {', '.join(identity.websocket)}  ·  {info}"
+                    f" {identity.version}\n{', '.join(identity.websocket)}  {shown}"
                 )
             if not view.up:
                 info = f"{info}  ·  link {view.status.state.value}"
@@ -290,7 +315,23 @@ class ConsoleApp(App[None]):
     # ---- tabs and tables ---------------------------------------------------------------------
 
     def action_show_tab(self, tab: str) -> None:
+        # Focus first, into the view shown: a focused widget that is hidden hands its focus to
+        # a sibling in its own (hidden) pane, and the tabs follow the focus back there.
+        target = self._focus_target(tab)
+        if target is not None:
+            self.screen.set_focus(target, scroll_visible=False)
         self.query_one(TabbedContent).active = tab
+
+    def _focus_target(self, tab: str) -> Widget | None:
+        if tab == "overview":
+            return self.query_one(Overview)
+        if tab == "connections":
+            return self.query_one(ConnectionsView).table
+        if tab == "channels":
+            return self.query_one(ChannelsView).table
+        if tab == "events":
+            return self.query_one(EventLog).table
+        return None
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, _: TabbedContent.TabActivated) -> None:
@@ -310,8 +351,10 @@ class ConsoleApp(App[None]):
             return self.query_one(EventLog)
         return None
 
-    def _refresh_table(self) -> None:
-        if self._shutting_down():
+    def _refresh_table(self, *, asked: bool = False) -> None:
+        """Fetch the shown table's page again; while paused only when ``asked`` (another
+        server chosen), not on the timer."""
+        if (self.paused and not asked) or self._shutting_down():
             return
         try:
             view = self._active_view()
@@ -359,6 +402,86 @@ class ConsoleApp(App[None]):
                 )
             )
 
+    def action_reload(self) -> None:
+        view = self.selected_view()
+        if view is None or not view.up:
+            self.notify("no connected server selected", severity="warning")
+            return
+        live = [other.key for other in self.model.live()]
+        question = (
+            f"Reload the configuration of {view.label} ({view.path.name})"
+            + (f", or of all {len(live)} servers" if len(live) > 1 else "")
+            + "?\nAs on SIGHUP: what can change while running applies at once; what cannot is"
+            " listed as needing a restart. A file with errors changes nothing."
+        )
+        key = view.key
+
+        def decided(scope: ReloadScope | None) -> None:
+            if scope is not None:
+                keys = live if scope == "all" else [key]
+                for each in keys:
+                    self.run_worker(self._reload(each), group="action")
+
+        self.push_screen(ReloadScreen(question, view.label, len(live)), decided)
+
+    async def _reload(self, key: str) -> None:
+        client = self.clients.get(key)
+        label = self.model.servers[key].label if key in self.model.servers else key
+        if client is None:
+            self.post_message(ActionOutcome(f"reload {label}: no longer attached", error=True))
+            return
+        try:
+            reloaded = await client.request(Reload(), Reloaded)
+        except (NotConnected, RequestFailed) as exc:
+            # Kept in the log as well: the notification goes, the problems are worth reading.
+            self._log_note(label, "reload_failed", str(exc))
+            self.post_message(ActionOutcome(f"reload {label} failed: {exc}", error=True))
+            return
+        changed = ", ".join(reloaded.changed) or "nothing"
+        text = f"{label} reloaded: changed {changed}"
+        if reloaded.restart_required:
+            text += f"; needs a restart: {', '.join(reloaded.restart_required)}"
+        # The server's own reload event says it in every console's log.
+        self.post_message(ActionOutcome(text))
+
+    def _log_note(self, server: str, kind: str, problem: str) -> None:
+        logged = self.model.note(server, kind, {"error": problem}, time.time())
+        if not self.paused:
+            self._fresh.append(logged)
+        self._dirty = True
+
+    # ---- pause -------------------------------------------------------------------------------
+
+    def check_action(
+        self,
+        action: str,
+        parameters: tuple[object, ...],  # noqa: ARG002 (Textual's signature)
+    ) -> bool | None:
+        if action == "pause":
+            return not self.paused
+        if action == "resume":
+            return self.paused
+        return True
+
+    def action_pause(self) -> None:
+        self.paused = True
+        self._missed = 0
+        self._fresh = []
+        self._dirty = True
+        self.refresh_bindings()
+        self.paint()
+
+    def action_resume(self) -> None:
+        self.paused = False
+        self._fresh = []
+        self.refresh_bindings()
+        self.query_one(EventLog).refill()
+        self._dirty = True
+        self.paint()
+        self._refresh_table()
+        missed = self._missed
+        self.report(f"resumed: {missed:,} event{'s' if missed != 1 else ''} arrived while paused")
+
     def action_help(self) -> None:
         sections = [
             ("everywhere", self.BINDINGS),
@@ -366,6 +489,7 @@ class ConsoleApp(App[None]):
             ("connections", ConnectionsView.BINDINGS),
             ("events", EventLog.BINDINGS),
             ("kick and drain questions", ConfirmScreen.BINDINGS),
+            ("reload question", ReloadScreen.BINDINGS),
         ]
         self.push_screen(HelpScreen(_bindings(sections), self.grafana_url))
 

@@ -54,7 +54,9 @@ def _socket(text: str) -> Path:
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     environ = dict(os.environ) if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="odin-console", description=(__doc__ or "").splitlines()[0]
+        prog="odin-console",
+        description="The operator's console: live state of every Odin server on this host, "
+        "through their control sockets.",
     )
     parser.add_argument(
         "--socket",

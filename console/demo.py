@@ -1,10 +1,10 @@
 """A fake Odin control server with invented data, for the tests and the screenshots.
 
 It speaks the real control protocol (the same parser and encoders as the server) over a Unix
-socket: it answers hello, snapshot, connections, channels, slow, inspect, kick and drain from
-its ``FakeData``, sends updates after watch, and records every command it received. Nothing
-random is left to chance: the data come from a seeded generator and fixed clocks, so the
-screenshots are the same on every run.
+socket: it answers hello, snapshot, connections, channels, slow, inspect, kick, drain and
+reload from its ``FakeData``, sends updates after watch, and records every command it
+received. Nothing random is left to chance: the data come from a seeded generator and fixed
+clocks, so the screenshots are the same on every run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from odin.control.protocol import (
+    KICKED,
     PROTOCOL_VERSION,
     ChannelInfo,
     Command,
@@ -38,6 +39,8 @@ from odin.control.protocol import (
     NatsState,
     Page,
     Recoveries,
+    Reload,
+    Reloaded,
     ServerEvent,
     ServerIdentity,
     SlowConsumers,
@@ -178,7 +181,7 @@ def sample_events(instance: str, count: int = 14) -> list[ServerEvent]:
             {"channel": "ETH.liquidity", "outcome": "not_recovered", "reason": "history_expired"},
         ),
         ("conn_close", {"code": 1008, "reason": "slow consumer", "why": "slow_consumer"}),
-        ("kick", {"code": 4001, "by_pid": 5120}),
+        ("kick", {"code": KICKED, "by_pid": 5120}),
     ]
     events = []
     for seq in range(1, count + 1):
@@ -208,6 +211,9 @@ class FakeData:
     tick: int = 0
     scale: float = 1.0
     """Of the invented rates."""
+    reload: Reloaded | list[str] | None = attrs.Factory(lambda: Reloaded([], []))
+    """What ``reload`` answers: a result, the problems of a bad configuration
+    (``config_invalid``), or None (``unavailable``)."""
 
 
 def demo_data(
@@ -419,7 +425,25 @@ class FakeServer:
                     ServerEvent(0, data.snapshot.time, "drain", "", {"by_pid": 5120})
                 )
                 return encode_result(request_id, Draining(len(data.connections), 30.0))
+            case Reload():
+                return self._reload(request_id)
         raise AssertionError(f"unanswered {command!r}")
+
+    def _reload(self, request_id: object) -> bytes:
+        """As the server: an error changes nothing; a reload is an event for every console."""
+        outcome = self.data.reload
+        if outcome is None:
+            message = "this server cannot reload its configuration"
+            return encode_error(request_id, ErrorCode.UNAVAILABLE, message)
+        if isinstance(outcome, list):
+            return encode_error(request_id, ErrorCode.CONFIG_INVALID, "; ".join(outcome))
+        detail: dict[str, str | int | float | bool | None] = {
+            "by_pid": 5120,
+            "changed": ", ".join(outcome.changed),
+            "restart_required": ", ".join(outcome.restart_required),
+        }
+        self.data.events.append(ServerEvent(0, self.data.snapshot.time, "reload", "", detail))
+        return encode_result(request_id, outcome)
 
     def _find(self, conn: str) -> ConnectionInfo | None:
         return next((c for c in self.data.connections if c.id == conn), None)

@@ -16,6 +16,17 @@ def rate(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
+def compact(value: float) -> str:
+    """A rate in at most 6 characters, for the header: 12.3, 2,400, 92.2k, 118k, 3.4M."""
+    if value < 10_000:
+        return rate(value)
+    if value < 100_000:
+        return f"{value / 1000:.1f}k"
+    if value < 1_000_000:
+        return f"{value / 1000:.0f}k"
+    return f"{value / 1_000_000:.1f}M"
+
+
 def duration(seconds: float) -> str:
     """Whole units, the two largest: 45s, 3m12s, 2h05m, 3d04h."""
     whole = int(seconds)
@@ -51,6 +62,12 @@ def nbytes(value: int) -> str:
 
 def clock(unix_time: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(unix_time))
+
+
+def span(first: float, last: float) -> str:
+    """From the first to the last of a group: ``10:00:01–10:00:40``; one time if the same."""
+    start, end = clock(first), clock(last)
+    return start if start == end else f"{start}–{end}"
 
 
 def reasons(counts: dict[str, int]) -> str:

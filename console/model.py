@@ -3,6 +3,11 @@
 Per server: the link state, the identity, the latest snapshot and the recent rates (bounded
 histories for the sparklines). Across servers: the event log (bounded) and the totals. The app
 feeds it the client's reports and renders from it; the tests drive it directly.
+
+Repeats of a kind that floods (``GROUPED``: a slow consumer is reported every time its queue
+fills, many times a second) are one entry per connection, counted, with the first and last
+time, for as long as they keep coming (``GROUP_GAP``); every other event is an entry of its
+own.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from odin.control.protocol import (
 HISTORY: Final = 120
 """Points in each sparkline: two minutes at the default interval."""
 EVENTS: Final = 1000
+GROUPED: Final = frozenset({"slow_consumer"})
+"""Kinds whose repeats for one connection are counted on one entry."""
+GROUP_GAP: Final = 60.0
+"""Seconds (server time) after a group's last event when a repeat starts a new entry: the
+log then shows that it came back, instead of counting it on an entry far up."""
 
 
 def describe_detail(detail: dict[str, str | int | float | bool | None]) -> str:
@@ -40,16 +50,36 @@ def describe_detail(detail: dict[str, str | int | float | bool | None]) -> str:
     return " ".join(parts)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class LoggedEvent:
+    """An entry of the log: one event, or a group of repeats (``count``) that shows the last
+    one's details. Groups change in place; ``number`` stays."""
+
     number: int
     """Its place in the order of arrival at this console."""
     server: str
     event: ServerEvent
+    """The last of the group."""
+    count: int = 1
+    first_time: float = attrs.field(
+        default=attrs.Factory(lambda self: self.event.time, takes_self=True)
+    )
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What its repeats share: the server, the connection and the kind."""
+        return self.server, self.event.conn, self.event.kind
 
     @property
     def details(self) -> str:
-        return describe_detail(self.event.detail)
+        last = describe_detail(self.event.detail)
+        if self.count == 1:
+            return last
+        return f"×{self.count:,}, last: {last}" if last else f"×{self.count:,}"
+
+    def repeat(self, event: ServerEvent) -> None:
+        self.event = event
+        self.count += 1
 
     def matches(self, text: str) -> bool:
         """Whether ``text`` (case-insensitive) is in its kind, connection or details."""
@@ -107,7 +137,9 @@ class ConsoleModel:
         self.servers: dict[str, ServerView] = {}
         self.events: deque[LoggedEvent] = deque(maxlen=events)
         self.event_count = 0
-        """Events ever logged: the number of the next one."""
+        """Entries ever logged: the number of the next one."""
+        self._groups: dict[tuple[str, str, str], LoggedEvent] = {}
+        """The open group of each grouped kind and connection (entries still in the log)."""
 
     def attach(self, key: str, path: Path) -> ServerView:
         view = self.servers.get(key)
@@ -135,14 +167,17 @@ class ConsoleModel:
             view.was_connected = True
 
     def apply_update(self, key: str, update: Update) -> list[LoggedEvent]:
-        """Take in an update; returns the events it added to the log."""
+        """Take in an update; returns the entries it added to the log or changed (a group that
+        counted a repeat), each once, in the order of the log."""
         view = self.servers.get(key)
         if view is None:
             return []
         view.snapshot = update.snapshot
         view.rate_in.append(update.snapshot.in_per_s)
         view.rate_out.append(update.snapshot.out_per_s)
-        added = [self._log(view.label, event) for event in update.events]
+        # A group that counted several repeats is returned once (entries compare by identity).
+        entries = dict.fromkeys(self._log(view.label, event) for event in update.events)
+        added = sorted(entries, key=lambda logged: logged.number)
         if update.events_dropped:
             view.events_dropped += update.events_dropped
             # Said in the log itself, where the missing events would have been.
@@ -155,10 +190,32 @@ class ConsoleModel:
             added.append(self._log(view.label, note))
         return added
 
+    def note(
+        self,
+        server: str,
+        kind: str,
+        detail: dict[str, str | int | float | bool | None],
+        when: float,
+    ) -> LoggedEvent:
+        """Log what the console itself has to say about a server (a failed reload)."""
+        return self._log(server, ServerEvent(seq=0, time=when, kind=kind, detail=detail))
+
     def _log(self, server: str, event: ServerEvent) -> LoggedEvent:
+        grouped = event.kind in GROUPED and bool(event.conn)
+        if grouped:
+            group = self._groups.get((server, event.conn, event.kind))
+            if group is not None and event.time - group.event.time <= GROUP_GAP:
+                group.repeat(event)
+                return group
         logged = LoggedEvent(self.event_count, server, event)
         self.event_count += 1
+        if len(self.events) == self.events.maxlen:
+            oldest = self.events[0]  # about to fall out: its group (if any) closes with it
+            if self._groups.get(oldest.key) is oldest:
+                del self._groups[oldest.key]
         self.events.append(logged)
+        if grouped:
+            self._groups[logged.key] = logged
         return logged
 
     def events_matching(self, text: str) -> list[LoggedEvent]:

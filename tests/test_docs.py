@@ -12,6 +12,8 @@ import yaml
 
 from odin.broker.memory import MemoryBroker
 from odin.config import SECTIONS, env_name
+from odin.control.protocol import KICK_CODES, KICKED
+from odin.control.protocol import ErrorCode as ControlErrorCode
 from odin.metrics import Metrics
 from odin.protocol.close_codes import CloseCode
 from odin.protocol.errors import ErrorCode
@@ -21,6 +23,19 @@ OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
 METRICS_DOC = (ROOT / "docs" / "operations" / "metrics.md").read_text()
 LOGS_DOC = (ROOT / "docs" / "operations" / "logs.md").read_text()
 PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()
+CONTROL_DOC = (ROOT / "docs" / "operations" / "control.md").read_text()
+
+
+def close_code_table() -> dict[int, list[str]]:
+    """docs/protocol.md's close-code table: each code's meanings (a code may have several
+    rows, one per reason)."""
+    section = PROTOCOL.split("\n## Close codes\n", 1)[1].split("\n## ", 1)[0]
+    table: dict[int, list[str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit():
+            table.setdefault(int(cells[0]), []).append(cells[2])
+    return table
 
 
 def test_every_setting_is_documented_with_its_environment_name() -> None:
@@ -65,7 +80,26 @@ def test_every_error_code_is_in_the_protocol_doc(code: ErrorCode) -> None:
 
 @pytest.mark.parametrize("code", list(CloseCode))
 def test_every_close_code_is_in_the_protocol_doc(code: CloseCode) -> None:
-    assert f"| {int(code)} |" in PROTOCOL
+    meanings = close_code_table().get(int(code), [])
+    assert meanings, f"{int(code)} has no row in the close-code table"
+    assert all(meanings), f"{int(code)}: a row without its meaning"
+
+
+def test_every_code_the_console_offers_is_in_the_close_code_table() -> None:
+    from console.screens.confirm import OFFERED_CODES
+
+    # The kick dialog offers what the control protocol accepts by name, the default first.
+    assert list(OFFERED_CODES) == [KICKED, *KICK_CODES]
+    assert int(CloseCode.KICKED) == KICKED
+    table = close_code_table()
+    missing = [code for code in OFFERED_CODES if not all(table.get(code, [""]))]
+    assert missing == []
+    assert any("operator" in meaning for meaning in table[CloseCode.KICKED])
+
+
+@pytest.mark.parametrize("code", list(ControlErrorCode))
+def test_every_control_error_code_is_in_the_control_doc(code: ControlErrorCode) -> None:
+    assert f"`{code.value}`" in CONTROL_DOC
 
 
 def test_readme_starts_with_the_two_setup_commands() -> None:

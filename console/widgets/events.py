@@ -1,4 +1,7 @@
-"""The event log of every attached server, newest at the bottom, with a filter."""
+"""The event log of every attached server, newest at the bottom, with a filter.
+
+A group of repeats (see ``console.model``) is one row, changed in place as it counts: its
+times from first to last, its count and the last one's details."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ STYLES = {
     "events_dropped": "red",
     "recover": "cyan",
     "conn_open": "green",
+    "reload": "bold yellow",
+    "reload_failed": "bold red",
 }
 
 
@@ -37,6 +42,8 @@ class EventLog(Vertical):
         self.model = model
         self.filter_text = ""
         self.shown: list[LoggedEvent] = []
+        self._rows: set[int] = set()
+        """The numbers of the entries shown (row keys)."""
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter events: kind, connection or details (/)", classes="filter")
@@ -60,9 +67,22 @@ class EventLog(Vertical):
         self.table.focus()
 
     def append(self, events: list[LoggedEvent]) -> None:
-        """Add the events that pass the filter, dropping the oldest beyond the model's bound."""
-        fresh = [event for event in events if event.matches(self.filter_text)]
+        """Add the new entries that pass the filter and change the rows of groups that counted
+        more, dropping the oldest beyond the model's bound."""
+        fresh: list[LoggedEvent] = []
+        for logged in dict.fromkeys(events):  # a group may come several times
+            shown = logged.number in self._rows
+            if shown != logged.matches(self.filter_text) and logged.number < self._next():
+                # A group whose new details enter or leave the filter: its row is not at the
+                # end, so the whole view is rebuilt (at most the model's thousand entries).
+                self.refill()
+                return
+            if shown:
+                self._change(logged)
+            elif logged.matches(self.filter_text):
+                fresh.append(logged)
         if not fresh:
+            self.table.check_idle()
             return
         table = self.table
         following = not table.has_focus or table.cursor_row >= table.row_count - 1
@@ -70,7 +90,9 @@ class EventLog(Vertical):
             self._add(event)
         limit = self.model.events.maxlen or len(self.shown)
         while len(self.shown) > limit:
-            table.remove_row(str(self.shown.pop(0).number))
+            oldest = self.shown.pop(0)
+            self._rows.discard(oldest.number)
+            table.remove_row(str(oldest.number))
         if following:
             table.move_cursor(row=table.row_count - 1, animate=False)
             table.scroll_end(animate=False)
@@ -81,6 +103,7 @@ class EventLog(Vertical):
         table = self.table
         table.clear()
         self.shown = []
+        self._rows = set()
         for event in self.model.events_matching(self.filter_text):
             self._add(event)
         if self.shown:
@@ -89,11 +112,15 @@ class EventLog(Vertical):
         table.check_idle()
         self._show_status()
 
+    def _next(self) -> int:
+        """The number after the newest shown: a smaller one is an entry seen before."""
+        return self.shown[-1].number + 1 if self.shown else 0
+
     def _add(self, logged: LoggedEvent) -> None:
         event = logged.event
         style = STYLES.get(event.kind, "")
         self.table.add_row(
-            format.clock(event.time),
+            format.span(logged.first_time, event.time),
             logged.server,
             Text(event.kind, style=style),
             event.conn,
@@ -101,6 +128,14 @@ class EventLog(Vertical):
             key=str(logged.number),
         )
         self.shown.append(logged)
+        self._rows.add(logged.number)
+
+    def _change(self, logged: LoggedEvent) -> None:
+        key = str(logged.number)
+        table = self.table
+        time = format.span(logged.first_time, logged.event.time)
+        table.update_cell(key, "time", time, update_width=True)
+        table.update_cell(key, "details", logged.details, update_width=True)
 
     def _show_status(self) -> None:
         total = len(self.model.events)

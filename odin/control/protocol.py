@@ -9,6 +9,9 @@ the same id, ``{"id": 7, "ok": true, "result": {...}}`` or
 ``watch``, the server also sends ``{"stream": "update", ...}`` lines, about once a second,
 until ``unwatch`` or the end of the connection. ``hello`` answers the protocol version; a
 client that sees a different major version should stop.
+
+Commands added later (``reload``) are answered ``unknown_command`` by older servers, so a
+client needs no new protocol version to try them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class ErrorCode(enum.StrEnum):
     PERMISSION_DENIED = "permission_denied"
     NOT_FOUND = "not_found"
     DRAINING = "draining"
+    CONFIG_INVALID = "config_invalid"
+    """``reload``: the configuration has errors (each named in the message); nothing changed."""
+    UNAVAILABLE = "unavailable"
+    """The server cannot do this here (``reload`` in a server started without that ability)."""
 
 
 class ControlError(Exception):
@@ -54,6 +61,10 @@ class ControlError(Exception):
 
 CONNECTION_SORTS: Final = ("id", "age", "queue", "queue_age", "sent", "dropped", "channels")
 CHANNEL_SORTS: Final = ("name", "subscribers", "rate", "last_seq", "retained")
+KICKED: Final = 4001
+"""``kick``'s default close code, "closed by an operator": ``CloseCode.KICKED`` of
+``odin.protocol.close_codes``, which this module may not import (the control protocol depends
+on nothing of the server's); tests/test_docs.py keeps the two equal."""
 KICK_CODES: Final = (1000, 1001, 1008, 1011)
 """Besides these, any code from 4000 to 4999 (the application's range)."""
 
@@ -150,7 +161,7 @@ class Inspect:
 @attrs.frozen
 class Kick:
     conn: str = attrs.field(validator=_short(64))
-    code: int = attrs.field(default=4001, validator=_close_code)
+    code: int = attrs.field(default=KICKED, validator=_close_code)
     reason: str = attrs.field(default="closed by operator", validator=_short(120))
     """Sent in the close frame (at most 123 bytes fit)."""
 
@@ -158,6 +169,12 @@ class Kick:
 @attrs.frozen
 class Drain:
     """Start the graceful drain, as SIGTERM does: clients are told to reconnect elsewhere."""
+
+
+@attrs.frozen
+class Reload:
+    """Read the configuration again and apply what can change while running, as SIGHUP
+    does. Answered ``Reloaded``, or ``config_invalid`` (nothing applied)."""
 
 
 Command: TypeAlias = (
@@ -171,6 +188,7 @@ Command: TypeAlias = (
     | Inspect
     | Kick
     | Drain
+    | Reload
 )
 
 COMMANDS: Final[dict[str, type[Command]]] = {
@@ -184,6 +202,7 @@ COMMANDS: Final[dict[str, type[Command]]] = {
     "inspect": Inspect,
     "kick": Kick,
     "drain": Drain,
+    "reload": Reload,
 }
 COMMAND_NAMES: Final = {kind: name for name, kind in COMMANDS.items()}
 
@@ -318,6 +337,16 @@ class Draining:
 
 
 @attrs.frozen
+class Reloaded:
+    """What a ``reload`` did, as ``section.field`` names."""
+
+    changed: list[str]
+    """Settings that changed and now apply."""
+    restart_required: list[str]
+    """Settings that changed in the file but apply only after a restart (not applied)."""
+
+
+@attrs.frozen
 class WatchStarted:
     interval: float
 
@@ -334,7 +363,7 @@ class ServerEvent:
     seq: int
     time: float
     kind: str
-    """conn_open, conn_close, slow_consumer, recover, rate_limited, kick, drain."""
+    """conn_open, conn_close, slow_consumer, recover, rate_limited, kick, drain, reload."""
     conn: str = ""
     detail: dict[str, str | int | float | bool | None] = attrs.Factory(dict)
 

@@ -24,6 +24,9 @@ class CloseCode(enum.IntEnum):
     """A server bug ended this connection; reconnect with positions."""
     IDLE_TIMEOUT = 4000
     """Nothing arrived (no frame, no pong) within the idle timeout."""
+    KICKED = 4001
+    """Closed by an operator (``odin-console``'s kick, or ``kick`` on the control socket);
+    the reason is the operator's. The client may reconnect."""
 
 
 SLOW_CONSUMER_REASON = "slow consumer"

@@ -22,11 +22,12 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from odin.config import ControlSection
+from odin.config import ConfigError, ControlSection
 from odin.control import paths
 from odin.control.protocol import (
     COMMAND_NAMES,
@@ -44,6 +45,8 @@ from odin.control.protocol import (
     ListChannels,
     ListConnections,
     Page,
+    Reload,
+    Reloaded,
     SlowConsumers,
     Snapshot,
     SnapshotRequest,
@@ -177,6 +180,7 @@ class ControlServer:
         *,
         websocket: list[str] | None = None,
         uid: int | None = None,
+        reload: Callable[[], tuple[list[str], list[str]]] | None = None,
     ) -> None:
         self.server = server
         self.context = server.context
@@ -185,6 +189,10 @@ class ControlServer:
         self.uid = os.getuid() if uid is None else uid
         """The server's user: who may attach, with root and ``config.allowed_uids``."""
         self.websocket = websocket or []
+        self.reload = reload
+        """Applies the configuration file again, as SIGHUP: returns (changed,
+        restart_required) ``section.field`` names, or raises ConfigError. None: this server
+        cannot (``reload`` is answered ``unavailable``)."""
         self.clients = 0
         self.log = server.context.log
         self._rates = control_state.Rates(lambda: (server.fanout.received, server.fanout.delivered))
@@ -406,6 +414,8 @@ class _Console:
                 return self._kick(command)
             case Drain():
                 return self._drain()
+            case Reload():
+                return self._reload()
         raise AssertionError(f"unhandled command {command!r}")
 
     def _kick(self, kick: Kick) -> Kicked:
@@ -429,6 +439,36 @@ class _Console:
         context.events.emit("drain", by_pid=self.pid)
         control.server.request_shutdown()
         return Draining(len(context.connections), context.config.shutdown.drain_timeout)
+
+    def _reload(self) -> Reloaded:
+        control = self.control
+        if control.reload is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this server cannot reload its configuration")
+        try:
+            changed, restart_required = control.reload()
+        except (ConfigError, OSError) as exc:
+            # A file that does not parse or cannot be read: nothing was applied.
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            control.log.warning(
+                "control_reload", pid=self.pid, uid=self.uid, outcome="invalid", problems=problems
+            )
+            raise ControlError(ErrorCode.CONFIG_INVALID, "; ".join(problems)) from None
+        control.log.warning(
+            "control_reload",
+            pid=self.pid,
+            uid=self.uid,
+            outcome="applied",
+            changed=changed,
+            restart_required=restart_required,
+        )
+        # Every console's event log says it, not only the one that asked.
+        control.context.events.emit(
+            "reload",
+            by_pid=self.pid,
+            changed=", ".join(changed),
+            restart_required=", ".join(restart_required),
+        )
+        return Reloaded(list(changed), list(restart_required))
 
     def _watch(self, interval: float) -> None:
         if self.watching is not None:

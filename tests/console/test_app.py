@@ -5,6 +5,7 @@ link breaks."""
 from __future__ import annotations
 
 import io
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,21 +15,26 @@ import pytest
 from rich.console import Console
 from textual.pilot import Pilot
 from textual.widget import Widget
-from textual.widgets import DataTable, Input, Select, Sparkline, Static
+from textual.widgets import DataTable, Input, Select, Sparkline, Static, TabbedContent, TabPane
 
-from console.app import ConsoleApp
-from console.demo import FakeServer, channels_page, connections_page, demo_data
+from console import format
+from console.app import TABS, ConsoleApp
+from console.demo import BASE_TIME, FakeServer, channels_page, connections_page, demo_data
 from console.link import LinkState
-from console.screens.confirm import ConfirmScreen, KickScreen
+from console.screens.confirm import OFFERED_CODES, ConfirmScreen, KickScreen, ReloadScreen
 from console.screens.detail import DetailScreen
 from console.screens.help import HelpScreen
+from console.widgets.header import StatusLine
 from console.widgets.tables import PAGE_SIZE
 from odin.control.protocol import (
+    KICKED,
     Drain,
     Inspect,
     Kick,
     ListChannels,
     ListConnections,
+    Reload,
+    Reloaded,
     ServerEvent,
     Watch,
 )
@@ -41,7 +47,9 @@ GRAFANA = "https://grafana.example/d/odin"
 def console(*sockets: Path, **options: object) -> ConsoleApp:
     options.setdefault("flush_every", 0.05)
     options.setdefault("grafana_url", GRAFANA)
-    return ConsoleApp(sockets=list(sockets), **options)  # type: ignore[arg-type]
+    app = ConsoleApp(sockets=list(sockets), **options)  # type: ignore[arg-type]
+    app.animation_level = "none"  # a tab's underline glides for 0.3 s: the tests need not wait
+    return app
 
 
 async def wait_until(
@@ -64,6 +72,15 @@ def rendered(widget: Static) -> str:
 
 def figures(app: ConsoleApp) -> str:
     return rendered(app.query_one("#figures", Static))
+
+
+def lines(widget: Widget) -> list[str]:
+    """What a widget shows on the screen, line by line, cut to its size as a terminal cuts."""
+    return [widget.render_line(y).text for y in range(widget.size.height)]
+
+
+def header(app: ConsoleApp) -> str:
+    return "\n".join(lines(app.query_one(StatusLine)))
 
 
 def banner(app: ConsoleApp) -> str:
@@ -274,9 +291,9 @@ async def test_kick_asks_first_then_kicks_the_selected_connection(
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "asked again")
         await pilot.press("y")
         await wait_until(pilot, lambda: server.commands(Kick), "the kick")
-        assert server.commands(Kick) == [Kick(chosen, 4001, "closed by operator")]
+        assert server.commands(Kick) == [Kick(chosen, KICKED, "closed by operator")]
         await wait_until(
-            pilot, lambda: f"kicked {chosen} (close code 4001)" in app.outcomes, "said"
+            pilot, lambda: f"kicked {chosen} (close code {KICKED})" in app.outcomes, "said"
         )
         await wait_until(pilot, lambda: chosen not in row_keys(app, "connections"), "gone")
 
@@ -317,6 +334,10 @@ async def test_kick_takes_another_code_and_refuses_a_bad_one(fake_server: Server
         await pilot.press("k")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "the question")
         code = app.screen.query_one("#code", Input)
+        assert code.value == str(KICKED)
+        offered = rendered(app.screen.query_one("#codes", Static))
+        for number, meaning in OFFERED_CODES.items():
+            assert f"{number} {meaning}" in offered
         code.value = "3999"
         await pilot.click("#yes")
         problem = app.screen.query_one("#problem", Static)
@@ -411,7 +432,8 @@ async def test_a_stopped_server_shows_the_reconnect_banner_until_it_is_back(
         assert "(down)" in figures(app)
         await server.start()
         await wait_until(pilot, lambda: banner(app) == "", "the banner gone")
-        assert len(server.commands(Watch)) == 2
+        # (Up once hello is answered; the watch follows the snapshot.)
+        await wait_until(pilot, lambda: len(server.commands(Watch)) == 2, "watching again")
         await wait_until(pilot, lambda: "(down)" not in figures(app), "up again")
 
 
@@ -499,7 +521,19 @@ async def test_help_lists_the_keys_and_the_grafana_link(fake_server: ServerFacto
         await pilot.press("question_mark")
         await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
         keys = rendered(app.screen.query_one("#help-keys", Static))
-        for words in ("Kick", "Drain", "Next server", "Sort", "Reverse", "Filter", "Quit"):
+        for words in (
+            "Kick",
+            "Drain",
+            "Reload config",
+            "Reload every server",
+            "Pause",
+            "Resume",
+            "Next server",
+            "Sort",
+            "Reverse",
+            "Filter",
+            "Quit",
+        ):
             assert words in keys
         assert GRAFANA in "".join(str(s.content) for s in app.screen.query(Static))
         await pilot.press("escape")
@@ -509,3 +543,278 @@ async def test_help_lists_the_keys_and_the_grafana_link(fake_server: ServerFacto
 def test_fake_server_paths_fit_a_unix_socket(socket_dir: Path) -> None:
     assert len(str(socket_dir / "odin-99999.sock").encode()) < 107
     assert FakeServer(socket_dir / "x.sock", demo_data()).watchers == 0
+
+
+# ---- moving between views ----------------------------------------------------------------
+
+
+def pane_of(widget: Widget | None) -> str | None:
+    while widget is not None and not isinstance(widget, TabPane):
+        widget = widget.parent if isinstance(widget.parent, Widget) else None
+    return widget.id if widget is not None else None
+
+
+@pytest.mark.asyncio
+async def test_every_view_key_works_from_every_view(fake_server: ServerFactory) -> None:
+    server = await fake_server()
+    app = console(server.path, refresh_every=60)
+    async with app.run_test(size=SIZE) as pilot:
+        await attached(pilot, app)
+        tabs = app.query_one(TabbedContent)
+
+        # Every ordered pair of views, each once: a de Bruijn sequence over the four keys.
+        path = "11213142232433441"
+        pairs = set(itertools.pairwise(path))
+        assert pairs == {(a, b) for a in "1234" for b in "1234"}
+
+        def showing(tab: str) -> Callable[[], bool]:
+            return lambda: tabs.active == tab and pane_of(app.focused) == tab
+
+        came_from = "the start"
+        for key in path:
+            tab = TABS[int(key) - 1]
+            await pilot.press(key)
+            await wait_until(
+                pilot, showing(tab), f"{key} from {came_from} shows {tab}, with the focus there"
+            )
+            await pilot.pause()  # and stays: nothing switches back
+            assert (tabs.active, pane_of(app.focused)) == (tab, tab), f"{key} from {came_from}"
+            came_from = tab
+
+
+# ---- the header at 80 x 24 -----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_header_fits_80_columns_by_24_rows(
+    fake_server: ServerFactory, socket_dir: Path
+) -> None:
+    await fake_server(demo_data("a3f9", 101), pid=101)
+    await fake_server(demo_data("c81e", 202, connections=30), pid=202)
+    app = console(directory=socket_dir, scan_every=0.1)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: len(app.model.live()) == 2, "both servers up")
+        total = app.model.total()
+        assert total is not None
+        facts = [
+            "2/2 servers up",
+            "270 connections",
+            f"in {format.compact(total.in_per_s)}/s",
+            f"out {format.compact(total.out_per_s)}/s",
+        ]
+        await wait_until(pilot, lambda: all(fact in header(app) for fact in facts), "the facts")
+        shown = lines(app.query_one(StatusLine))
+        assert len(shown) == 1  # one line, nothing wrapped away
+        assert shown[0].startswith(" Odin console · ")
+        assert len(shown[0].rstrip()) <= 80
+        assert app.query_one(StatusLine).region.right <= 80
+        # The selected server's bar: its two lines whole, inside the screen.
+        bar = app.query_one("#server-info", Static)
+        view = app.selected_view()
+        assert view is not None and view.identity is not None
+        expected = [
+            f"instance {view.identity.instance}  pid {view.identity.pid}  odin 0.1.0",
+            f"ws://0.0.0.0:3002/ws  {view.path.name}",
+        ]
+        await wait_until(pilot, lambda: lines(bar)[-2:] == expected, "the server bar")
+        assert bar.region.right <= 80
+
+        await pilot.press("p")  # paused: the title makes room, the facts stay
+        await wait_until(pilot, lambda: "PAUSED" in header(app), "paused")
+        assert all(fact in header(app) for fact in facts)
+
+
+# ---- pause ---------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_pause_freezes_the_views_and_resume_shows_what_arrived(
+    fake_server: ServerFactory,
+) -> None:
+    server = await fake_server(auto=True)
+    app = console(server.path, interval=0.2, refresh_every=0.05)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await attached(pilot, app)
+        view = app.model.servers[str(server.path)]
+        await pilot.press("4")
+        events = table(app, "events")
+        await wait_until(pilot, lambda: events.row_count == 14, "the first events")
+
+        await pilot.press("p")
+        await wait_until(pilot, lambda: "PAUSED" in header(app), "PAUSED in the header")
+        assert app.paused
+        server.data.events = [
+            ServerEvent(30, BASE_TIME, "kick", "a3f9-9"),
+            ServerEvent(31, 1.0, "drain"),
+        ]
+        await wait_until(pilot, lambda: len(app.model.events) == 16, "received while paused")
+        await pilot.pause()
+        assert events.row_count == 14  # received, not shown
+
+        # The tables: shown when asked, not refreshed while paused.
+        await pilot.press("2")
+        await wait_until(pilot, lambda: table(app, "connections").row_count > 0, "asked for")
+        asked = len(server.commands(ListConnections))
+        first = row_keys(app, "connections")[0]
+        server.data.connections = [c for c in server.data.connections if c.id != first]
+        updates = len(view.rate_in)
+        # Three more updates: many refresh periods (0.05 s) pass, and the model goes on.
+        await wait_until(pilot, lambda: len(view.rate_in) >= updates + 3, "three updates")
+        assert len(server.commands(ListConnections)) == asked
+        assert row_keys(app, "connections")[0] == first
+
+        await pilot.press("p")
+        await wait_until(
+            pilot, lambda: "resumed: 2 events arrived while paused" in app.outcomes, "said"
+        )
+        assert "PAUSED" not in header(app)
+        await wait_until(pilot, lambda: first not in row_keys(app, "connections"), "refreshed")
+        await pilot.press("4")
+        await wait_until(pilot, lambda: events.row_count == 16, "what arrived meanwhile")
+        assert [str(events.get_row_at(row)[2]) for row in (14, 15)] == ["kick", "drain"]
+
+
+# ---- grouping ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_repeated_slow_consumer_events_are_one_counted_line(
+    fake_server: ServerFactory,
+) -> None:
+    server = await fake_server()
+    app = console(server.path)
+    async with app.run_test(size=SIZE) as pilot:
+        await attached(pilot, app)
+        await pilot.press("4")
+        events = table(app, "events")
+        await wait_until(pilot, lambda: events.row_count == 14, "the first events")
+
+        def slow(conn: str, second: int, dropped: int) -> ServerEvent:
+            detail: dict[str, str | int | float | bool | None] = {
+                "action": "conflated",
+                "dropped": dropped,
+            }
+            return ServerEvent(100 + second, BASE_TIME + second, "slow_consumer", conn, detail)
+
+        # Two clients, interleaved, as a flood looks.
+        server.data.events = [slow("a3f9-5" if n % 2 else "a3f9-6", n, n) for n in range(40)]
+        server.data.events.append(ServerEvent(200, BASE_TIME + 40, "conn_close", "a3f9-6"))
+        await server.push()
+        await wait_until(pilot, lambda: events.row_count == 17, "two groups and the close")
+
+        def row(conn: str) -> list[str]:
+            index = next(
+                i
+                for i in range(events.row_count)
+                if str(events.get_row_at(i)[3]) == conn
+                and str(events.get_row_at(i)[2]) == "slow_consumer"
+            )
+            return [str(cell) for cell in events.get_row_at(index)]
+
+        assert row("a3f9-5")[4] == "×20, last: action=conflated dropped=39"
+        assert row("a3f9-6")[4] == "×20, last: action=conflated dropped=38"
+        start, end = format.clock(BASE_TIME + 1), format.clock(BASE_TIME + 39)
+        assert row("a3f9-5")[0] == f"{start}–{end}"
+        assert str(events.get_row_at(16)[2]) == "conn_close"  # other events: a line each
+
+        # More of the same: the line counts on, in place.
+        server.data.events = [slow("a3f9-5", 41, 5)]
+        await server.push()
+        await wait_until(pilot, lambda: row("a3f9-5")[4].startswith("×21,"), "counted on")
+        assert events.row_count == 17
+        assert row("a3f9-5")[4] == "×21, last: action=conflated dropped=5"
+
+
+# ---- reload --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_reload_asks_first_then_says_what_changed_or_why_not(
+    fake_server: ServerFactory,
+) -> None:
+    server = await fake_server()
+    server.data.reload = Reloaded(["log.level", "connection.idle_timeout"], ["server.port"])
+    app = console(server.path)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await attached(pilot, app)
+        await pilot.press("R")
+        await wait_until(pilot, lambda: isinstance(app.screen, ReloadScreen), "the question")
+        assert "Reload the configuration of a3f9" in rendered(
+            app.screen.query_one(".question", Static)
+        )
+        assert not app.screen.query("#all")  # one server: nothing more to offer
+        await pilot.press("a")  # not offered: ignored
+        await pilot.press("n")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ReloadScreen), "cancelled")
+        assert server.commands(Reload) == []
+
+        await pilot.press("R", "y")
+        await wait_until(pilot, lambda: server.commands(Reload) == [Reload()], "the reload")
+        said = (
+            "a3f9 reloaded: changed log.level, connection.idle_timeout;"
+            " needs a restart: server.port"
+        )
+        await wait_until(pilot, lambda: said in app.outcomes, "what changed")
+        await server.push()  # the server's reload event, in the log
+        await pilot.press("4")
+        events = table(app, "events")
+        await wait_until(
+            pilot,
+            lambda: any(str(events.get_row_at(r)[2]) == "reload" for r in range(events.row_count)),
+            "the reload event",
+        )
+
+        # A bad configuration: the problems, in a notification and in the log.
+        server.data.reload = ["server.port: must be from 1 to 65535", "log.level: unknown"]
+        await pilot.press("R", "y")
+        await wait_until(pilot, lambda: len(server.commands(Reload)) == 2, "the second reload")
+        await wait_until(pilot, lambda: "failed" in app.outcomes[-1], "the error")
+        assert app.outcomes[-1] == (
+            "reload a3f9 failed: config_invalid: server.port: must be from 1 to 65535;"
+            " log.level: unknown"
+        )
+        await wait_until(
+            pilot,
+            lambda: str(events.get_row_at(events.row_count - 1)[2]) == "reload_failed",
+            "logged",
+        )
+        assert "server.port: must be from 1 to 65535" in str(
+            events.get_row_at(events.row_count - 1)[4]
+        )
+
+        server.data.reload = None
+        await pilot.press("R", "y")
+        await wait_until(pilot, lambda: "unavailable" in app.outcomes[-1], "unavailable")
+
+
+@pytest.mark.asyncio
+async def test_reload_all_reloads_every_server(
+    fake_server: ServerFactory, socket_dir: Path
+) -> None:
+    first = await fake_server(demo_data("a3f9", 101), pid=101)
+    second = await fake_server(demo_data("c81e", 202, connections=30), pid=202)
+    second.data.reload = Reloaded([], ["nats.url"])
+    app = console(directory=socket_dir, scan_every=0.1)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await attached(pilot, app, 2)
+        await pilot.press("R")
+        await wait_until(pilot, lambda: isinstance(app.screen, ReloadScreen), "the question")
+        assert "or of all 2 servers" in rendered(app.screen.query_one(".question", Static))
+        await pilot.press("a")
+        await wait_until(
+            pilot,
+            lambda: first.commands(Reload) == [Reload()] and second.commands(Reload) == [Reload()],
+            "both reloaded",
+        )
+        await wait_until(pilot, lambda: len(app.outcomes) >= 2, "both said")
+        assert "a3f9 reloaded: changed nothing" in app.outcomes
+        assert "c81e reloaded: changed nothing; needs a restart: nats.url" in app.outcomes
+
+
+@pytest.mark.asyncio
+async def test_reload_with_no_server_says_so(socket_dir: Path) -> None:
+    app = console(directory=socket_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("R")
+        await pilot.pause()
+        assert not isinstance(app.screen, ReloadScreen)

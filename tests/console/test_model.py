@@ -14,7 +14,7 @@ import pytest
 from console import format
 from console.demo import sample_snapshot
 from console.link import LinkState, LinkStatus
-from console.model import ConsoleModel, LoggedEvent, sum_snapshots
+from console.model import GROUP_GAP, ConsoleModel, LoggedEvent, sum_snapshots
 from odin.control.protocol import NatsState, ServerEvent, ServerIdentity, Update
 
 PATH = Path("/run/odin/odin-41.sock")
@@ -31,6 +31,11 @@ def up(model: ConsoleModel, key: str = "a", instance: str = "a3f9") -> None:
 
 def event(kind: str, conn: str = "a3f9-1", **detail: str | int) -> ServerEvent:
     return ServerEvent(seq=1, time=0.0, kind=kind, conn=conn, detail=dict(detail))
+
+
+def slow(conn: str, at: float, dropped: int) -> ServerEvent:
+    detail: dict[str, str | int | float | bool | None] = {"action": "conflated", "dropped": dropped}
+    return ServerEvent(seq=1, time=at, kind="slow_consumer", conn=conn, detail=detail)
 
 
 def test_an_update_sets_the_snapshot_and_the_rate_histories_stay_bounded() -> None:
@@ -61,6 +66,51 @@ def test_the_event_log_keeps_the_newest_and_says_when_the_server_dropped_some() 
     assert len(model.events) == 5
     assert [logged.number for logged in model.events] == [2, 3, 4, 5, 6]
     assert model.events[0].server == "a3f9"
+
+
+def test_repeated_slow_consumers_are_one_entry_per_connection_counted() -> None:
+    model = ConsoleModel()
+    up(model)
+    flood = [slow("a3f9-5" if n % 2 else "a3f9-6", 100.0 + n, n) for n in range(10)]
+    added = model.apply_update("a", Update(sample_snapshot("a3f9"), [event("conn_open"), *flood]))
+    # Each entry once, in the order of the log, however many events it took in.
+    assert [(e.event.kind, e.event.conn, e.count) for e in added] == [
+        ("conn_open", "a3f9-1", 1),
+        ("slow_consumer", "a3f9-6", 5),
+        ("slow_consumer", "a3f9-5", 5),
+    ]
+    five = added[2]
+    assert five.details == "×5, last: action=conflated dropped=9"
+    assert (five.first_time, five.event.time) == (101.0, 109.0)
+    assert len(model.events) == 3
+
+    # More of the same later: the same entry counts on and is returned as changed.
+    again = model.apply_update("a", Update(sample_snapshot("a3f9"), [slow("a3f9-5", 150.0, 2)]))
+    assert again == [five]
+    assert (five.count, five.details) == (6, "×6, last: action=conflated dropped=2")
+    # The same connection on another server is another entry.
+    up(model, "b", "c81e")
+    other = model.apply_update("b", Update(sample_snapshot("c81e"), [slow("a3f9-5", 151.0, 1)]))
+    assert other[0] is not five and other[0].count == 1
+    # Other kinds are never grouped.
+    kicks = model.apply_update("a", Update(sample_snapshot("a3f9"), [event("kick", "a3f9-5")] * 2))
+    assert [e.count for e in kicks] == [1, 1]
+    assert model.events_matching("×6") == [five]
+
+
+def test_a_repeat_after_a_quiet_minute_or_out_of_the_log_starts_a_new_entry() -> None:
+    model = ConsoleModel(events=3)
+    up(model)
+    snapshot = sample_snapshot("a3f9")
+    [first] = model.apply_update("a", Update(snapshot, [slow("a3f9-5", 0.0, 1)]))
+    [late] = model.apply_update("a", Update(snapshot, [slow("a3f9-5", 0.0 + GROUP_GAP + 1, 1)]))
+    assert late is not first and late.count == 1
+    # The log stays bounded, and a group that fell out of it is not counted on unseen.
+    for n in range(3):
+        model.apply_update("a", Update(snapshot, [event("conn_open", f"a3f9-{n}")]))
+    assert len(model.events) == 3 and late not in model.events
+    [back] = model.apply_update("a", Update(snapshot, [slow("a3f9-5", 62.0, 1)]))
+    assert back is not late and back in model.events and back.count == 1
 
 
 def test_the_event_filter_looks_at_kind_connection_and_details_ignoring_case() -> None:
@@ -157,6 +207,10 @@ def test_the_formats_operators_read() -> None:
     assert format.count(1234567) == "1,234,567"
     assert format.rate(12.34) == "12.3"
     assert format.rate(46080.4) == "46,080"
+    compact = [format.compact(v) for v in (12.34, 2400, 92_160, 118_000, 3_420_000)]
+    assert compact == ["12.3", "2,400", "92.2k", "118k", "3.4M"]
+    assert format.span(0.0, 0.4) == format.clock(0.0)
+    assert format.span(0.0, 39.0) == f"{format.clock(0.0)}–{format.clock(39.0)}"
     assert [format.duration(s) for s in (45, 192, 7500, 277_200)] == [
         "45s",
         "3m12s",

@@ -1,5 +1,6 @@
 """The control socket: who may attach, what it answers, that bad input and greedy consoles
-get an error and never a crash, and that kick and drain really act on clients."""
+get an error and never a crash, that kick and drain really act on clients, and that reload
+calls the server's reload and reports what it did or why it refused."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 import trio
 
-from odin.config import ControlSection
+from odin.config import ConfigError, ControlSection
 from odin.control.protocol import MAX_LINE_BYTES, PROTOCOL_VERSION
+from odin.protocol.close_codes import CloseCode
 from odin.server.control import ControlServer
 from tests.helpers import Harness, capture_logs, make_config, running_server
 
@@ -84,10 +86,16 @@ def socket_dir() -> Any:
 
 @asynccontextmanager
 async def control_for(
-    harness: Harness, directory: Path, **settings: Any
+    harness: Harness,
+    directory: Path,
+    *,
+    reload: Callable[[], tuple[list[str], list[str]]] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[ControlServer]:
     config = ControlSection(path=str(directory / "odin.sock"), **settings)
-    control = ControlServer(harness.server, config, websocket=harness.listening.websocket)
+    control = ControlServer(
+        harness.server, config, websocket=harness.listening.websocket, reload=reload
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(control.run)
         yield control
@@ -138,7 +146,7 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_is_left_alone(socket_di
 async def test_a_user_who_is_not_allowed_is_refused(socket_dir: Path) -> None:
     me = os.getuid()
     async with running_server() as harness:
-        settings = {"allow_root": False}
+        settings: dict[str, Any] = {"allow_root": False}
         with capture_logs() as logs:
             async with control_for(harness, socket_dir, **settings) as control:
                 control.uid = me + 4242  # as if the server ran as another user
@@ -236,7 +244,7 @@ async def test_consoles_beyond_the_limit_are_refused(socket_dir: Path) -> None:
 
 
 async def test_commands_beyond_the_rate_limit_are_refused(socket_dir: Path) -> None:
-    settings = {"command_burst": 3, "commands_per_second": 0.01}
+    settings: dict[str, Any] = {"command_burst": 3, "commands_per_second": 0.01}
     async with (
         running_server() as harness,
         control_for(harness, socket_dir, **settings) as control,
@@ -356,10 +364,10 @@ async def test_kick_closes_the_connection_with_the_code(socket_dir: Path) -> Non
         await victim.subscribe(["BTC.trade"])
         await bystander.subscribe(["BTC.trade"])
         conn = victim.hello["connection_id"]
-        kicked = await c.result("kick", conn=conn, code=4001, reason="bye")
-        assert kicked == {"conn": conn, "code": 4001}
+        kicked = await c.result("kick", conn=conn, reason="bye")  # the default code
+        assert kicked == {"conn": conn, "code": CloseCode.KICKED}
         _, code, reason = await victim.until_closed()
-        assert (code, reason) == (4001, "bye")
+        assert (code, reason) == (CloseCode.KICKED, "bye")
         harness.publish("BTC.trade", {"n": 1})
         assert len(await bystander.events(1)) == 1
         reply = await c.call("kick", conn=conn)
@@ -385,3 +393,82 @@ async def test_drain_tells_clients_to_reconnect_and_stops_the_server(socket_dir:
         with trio.fail_after(10):
             await harness.server.stopped.wait()
         assert (await c.call("drain"))["error"]["code"] == "draining"
+
+
+class FakeReload:
+    """The server's reload as the control socket sees it: what it answers, and each call."""
+
+    def __init__(self, answer: tuple[list[str], list[str]] | ConfigError) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def __call__(self) -> tuple[list[str], list[str]]:
+        self.calls += 1
+        if isinstance(self.answer, ConfigError):
+            raise self.answer
+        return self.answer
+
+
+async def test_reload_applies_and_says_what_changed_and_what_needs_a_restart(
+    socket_dir: Path,
+) -> None:
+    reload = FakeReload((["log.level", "connection.idle_timeout"], ["server.port"]))
+    async with (
+        running_server() as harness,
+        control_for(harness, socket_dir, reload=reload) as control,
+        console(control) as c,
+    ):
+        await c.result("watch", interval=0.2)
+        with capture_logs() as logs:
+            reloaded = await c.result("reload")
+        assert reloaded == {
+            "changed": ["log.level", "connection.idle_timeout"],
+            "restart_required": ["server.port"],
+        }
+        assert reload.calls == 1
+        said = [log for log in logs if log["event"] == "control_reload"]
+        assert len(said) == 1
+        assert said[0]["level"] == "warning"
+        assert (said[0]["pid"], said[0]["uid"]) == (os.getpid(), os.getuid())
+        assert said[0]["changed"] == ["log.level", "connection.idle_timeout"]
+        # Every watching console hears of it in its event log.
+        reloads: list[dict[str, Any]] = []
+        with trio.fail_after(5):
+            while not reloads:
+                update = await c.update()
+                reloads = [event for event in update["events"] if event["kind"] == "reload"]
+        assert reloads[0]["detail"]["changed"] == "log.level, connection.idle_timeout"
+        assert reloads[0]["detail"]["restart_required"] == "server.port"
+        assert reloads[0]["detail"]["by_pid"] == os.getpid()
+
+
+async def test_a_bad_configuration_is_refused_with_its_problems(socket_dir: Path) -> None:
+    problems = ["server.port: must be from 1 to 65535", "log.level: unknown level 'loud'"]
+    reload = FakeReload(ConfigError(problems))
+    async with (
+        running_server() as harness,
+        control_for(harness, socket_dir, reload=reload) as control,
+        console(control) as c,
+    ):
+        with capture_logs() as logs:
+            reply = await c.call("reload")
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == "config_invalid"
+        for problem in problems:
+            assert problem in reply["error"]["message"]
+        refused = [log for log in logs if log["event"] == "control_reload"]
+        assert refused and refused[0]["level"] == "warning"
+        assert refused[0]["problems"] == problems
+        counted = harness.server.context.metrics.samples(["odin_control_errors_total"])
+        assert counted[("odin_control_errors_total", ("config_invalid",))] == 1
+        assert (await c.result("hello"))["server"] == "odin"  # the console stays
+
+
+async def test_reload_without_a_reload_to_call_is_unavailable(socket_dir: Path) -> None:
+    async with (
+        running_server() as harness,
+        control_for(harness, socket_dir) as control,
+        console(control) as c,
+    ):
+        reply = await c.call("reload")
+        assert reply["error"]["code"] == "unavailable"

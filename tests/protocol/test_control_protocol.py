@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 from odin.control import paths
 from odin.control.protocol import (
     COMMANDS,
+    KICKED,
     ControlError,
     ErrorCode,
     Kick,
     ListConnections,
+    Reload,
+    Reloaded,
     Reply,
     decode_line,
     encode_error,
@@ -23,6 +26,7 @@ from odin.control.protocol import (
     encode_result,
     parse_request,
 )
+from odin.protocol.close_codes import CloseCode
 from odin.server.events import EventRing
 
 
@@ -41,6 +45,7 @@ from odin.server.events import EventRing
         (b'{"id": 1, "cmd": "kick"}', ErrorCode.BAD_REQUEST, "conn"),
         (b'{"id": 1, "cmd": "kick", "conn": "a-1", "code": 1006}', ErrorCode.BAD_REQUEST, "code"),
         (b'{"id": 1, "cmd": "watch", "interval": 0}', ErrorCode.BAD_REQUEST, "interval"),
+        (b'{"id": 1, "cmd": "reload", "force": true}', ErrorCode.BAD_REQUEST, "force"),
         (b'{"id": [1], "cmd": "hello"}', ErrorCode.BAD_REQUEST, "id"),
     ],
 )
@@ -85,6 +90,35 @@ def test_results_decode_to_their_types() -> None:
     assert isinstance(reply, Reply)
     assert reply.ok
     assert reply.result == {"conn": "a-1", "code": 4001}
+
+
+def test_reload_is_a_command_and_its_reply_says_what_changed() -> None:
+    assert parse_request(b'{"id": 5, "cmd": "reload"}') == (5, Reload())
+    reloaded = Reloaded(changed=["log.level"], restart_required=["server.port", "nats.url"])
+    reply = decode_line(encode_result(5, reloaded))
+    assert isinstance(reply, Reply)
+    assert reply.result == {
+        "changed": ["log.level"],
+        "restart_required": ["server.port", "nats.url"],
+    }
+    assert reply.result_as(Reloaded) == reloaded
+    assert reply.result_as(Reloaded) != Reloaded([], [])
+
+
+def test_a_refused_reload_carries_the_problems() -> None:
+    message = "server.port: must be from 1 to 65535; log.level: unknown level"
+    reply = decode_line(encode_error(5, ErrorCode.CONFIG_INVALID, message))
+    assert reply == Reply(5, False, None, "config_invalid", message)
+    assert ErrorCode("config_invalid") is ErrorCode.CONFIG_INVALID
+    assert ErrorCode("unavailable") is ErrorCode.UNAVAILABLE
+
+
+def test_kick_closes_with_the_operator_code_by_default() -> None:
+    # The control protocol may not import the client protocol's codes: the two must agree.
+    assert KICKED == int(CloseCode.KICKED) == 4001
+    assert Kick("a-1").code == CloseCode.KICKED
+    _, kick = parse_request(b'{"id": 1, "cmd": "kick", "conn": "a-1"}')
+    assert kick == Kick("a-1", CloseCode.KICKED, "closed by operator")
 
 
 def test_the_event_ring_says_what_a_reader_missed() -> None:

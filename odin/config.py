@@ -116,7 +116,13 @@ class ServerSection:
     handshake_timeout: float = attrs.field(default=10.0, validator=positive)
     """Seconds a client has to complete the HTTP upgrade."""
     allowed_origins: tuple[str, ...] = ()
-    """Exact Origin values allowed to connect; empty allows any (non-browser clients)."""
+    """Exact Origin values allowed to connect; empty allows any. Requests without an Origin
+    (non-browser clients) are allowed unless ``require_origin`` is set."""
+    require_origin: bool = False
+    """Refuse upgrades that carry no Origin header (only browsers may connect)."""
+    cors_allow_origin: str = ""
+    """``Access-Control-Allow-Origin`` for /health and /ready (``*`` or an origin, for a
+    dashboard in a browser); empty sends no CORS headers."""
     retry_after: int = attrs.field(default=5, validator=v.ge(1))
     """Seconds suggested in Retry-After when at capacity or draining."""
     max_message_size: int = attrs.field(default=16 * 1024, validator=v.ge(256))
@@ -261,8 +267,9 @@ class ControlSection:
 class LogSection:
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged."""
-    format: Literal["json", "console"] = "json"
-    """json: one object per line (for Loki); console: for a human at a terminal."""
+    format: Literal["auto", "json", "console"] = "auto"
+    """json: one object per line (for Loki); console: for a human at a terminal; auto:
+    console when standard error is a terminal, json otherwise."""
 
 
 def events_validator(

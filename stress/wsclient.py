@@ -41,7 +41,9 @@ def upgrade_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        # Odin's protocol v1: gap notices and reconnect hints, which the checks count.
+        "Sec-WebSocket-Protocol: odin.v1\r\n\r\n"
     ).encode()
     return request, base64.b64encode(hashlib.sha1(key + GUID).digest())
 

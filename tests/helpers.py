@@ -18,6 +18,7 @@ from odin.broker.base import Broker
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, load_config
 from odin.logs import get_logger
+from odin.protocol.negotiation import SUBPROTOCOL_V1
 from odin.server.app import Listening, OdinServer
 from odin.server.websocket import OdinWebSocket
 
@@ -31,6 +32,7 @@ async def wrap_client_stream(
     resource: str,
     *,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
+    subprotocols: Sequence[str] = (),
 ) -> WebSocketConnection:
     """trio-websocket's client wrapper, on the connection class that does not answer pings
     after its own close frame (see odin.server.websocket)."""
@@ -40,6 +42,7 @@ async def wrap_client_stream(
         host=host,
         path=resource,
         client_extra_headers=extra_headers,
+        client_subprotocols=list(subprotocols),
     )
     nursery.start_soon(connection._reader_task)
     await connection._open_handshake.wait()
@@ -120,9 +123,16 @@ class Harness:
         return await trio.open_tcp_stream("127.0.0.1", self.port)
 
     def client(
-        self, *, headers: Sequence[tuple[bytes, bytes]] = (), read_hello: bool = True
+        self,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        read_hello: bool = True,
+        v1: bool = True,
+        resource: str = "/ws",
     ) -> AbstractAsyncContextManager[Client]:
-        return open_client(self.open_stream, headers=headers, read_hello=read_hello)
+        return open_client(
+            self.open_stream, headers=headers, read_hello=read_hello, v1=v1, resource=resource
+        )
 
     async def settle(self, timeout: float = 5, upto: int | None = None) -> None:
         """Wait until the fan-out has handled everything published so far (or ``upto``)."""
@@ -142,8 +152,13 @@ async def open_client(
     *,
     headers: Sequence[tuple[bytes, bytes]] = (),
     read_hello: bool = True,
+    v1: bool = True,
+    resource: str = "/ws",
 ) -> AsyncIterator[Client]:
-    """A WebSocket client on a stream it owns (and always closes); an int is a loopback port."""
+    """A WebSocket client on a stream it owns (and always closes); an int is a loopback port.
+
+    ``v1`` offers the ``odin.v1`` subprotocol (Odin's additions, starting with ``hello``);
+    without it the client is one written for the original server, which gets no hello."""
     async with trio.open_nursery() as nursery:
         if isinstance(open_stream, int):
             stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", open_stream)
@@ -151,10 +166,15 @@ async def open_client(
             stream = await open_stream()
         try:
             ws = await wrap_client_stream(
-                nursery, stream, "127.0.0.1", "/ws", extra_headers=list(headers)
+                nursery,
+                stream,
+                "127.0.0.1",
+                resource,
+                extra_headers=list(headers),
+                subprotocols=[SUBPROTOCOL_V1] if v1 else [],
             )
             client = Client(ws, stream)
-            if read_hello:
+            if read_hello and v1:
                 client.hello = await client.expect("hello")
             yield client
             with trio.move_on_after(2):
@@ -285,7 +305,8 @@ class RawClient:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect(("127.0.0.1", port))
         client = cls(sock)
-        await sock.send(client.ws.send(Request(host="127.0.0.1", target="/ws")))
+        request = Request(host="127.0.0.1", target="/ws", subprotocols=[SUBPROTOCOL_V1])
+        await sock.send(client.ws.send(request))
         events = await client.read_events(lambda events: any(
             isinstance(e, AcceptConnection) for e in events))  # fmt: skip
         assert any(isinstance(e, AcceptConnection) for e in events)

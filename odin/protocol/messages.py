@@ -167,6 +167,9 @@ class ReplayIncomplete:
     TYPE: ClassVar[str] = "replay_incomplete"
     channel: str
     sent: int
+    total: int
+    """Messages the request asked for: ``sent`` plus the positions in ``missing`` (the
+    original's field, which its clients read)."""
     missing: list[Range]
     """Position ranges that could not be served."""
     reason: str

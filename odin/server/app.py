@@ -17,6 +17,7 @@ jittered delay, close them with 1001, and cut off whoever is left at the deadlin
 
 from __future__ import annotations
 
+import errno
 import itertools
 import random
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from odin.config import Config
 from odin.logs import Log, get_logger
 from odin.metrics import Metrics
 from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
+from odin.protocol.negotiation import UnsupportedVersion, negotiate
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
 from odin.server.endpoints import answer
@@ -109,7 +111,7 @@ class OdinServer:
         config = context.config.server
         context.epoch = context.broker.epoch
         if listeners is None:
-            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+            listeners = await _listen(config.host, config.port)
         async with trio.open_nursery() as root:
             await root.start(self._pump)
             root.start_soon(self._housekeeping)
@@ -173,6 +175,7 @@ class OdinServer:
         context = self.context
         metrics = context.metrics
         while True:
+            context.cpu.sample(trio.current_time())
             metrics.subscriptions.set(context.hub.subscriptions)
             metrics.channels.set(len(context.history.channels()))
             context.history.expire_all(trio.current_time())
@@ -256,6 +259,12 @@ class OdinServer:
                 if refusal is not None:
                     await writer.send_all(refusal)
                     return
+                try:
+                    protocol = negotiate(head.subprotocols, head.query_values("protocol"))
+                except UnsupportedVersion as exc:
+                    context.metrics.rejected["bad_request"].inc()
+                    await writer.send_all(response(400, f"{exc}\n".encode()))
+                    return
                 origin = head.headers.get("origin")
                 context.admitted += 1
                 admitted = True
@@ -266,7 +275,7 @@ class OdinServer:
                     message_queue_size=_WS_MESSAGE_QUEUE,
                     max_message_size=config.max_message_size,
                 )
-                websocket = await accept(request)
+                websocket = await accept(request, protocol.subprotocol)
             if handshake.cancelled_caught:
                 context.metrics.rejected["handshake_timeout"].inc()
                 self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
@@ -278,6 +287,7 @@ class OdinServer:
                 number=next(self._numbers),
                 peer=peer,
                 origin=origin,
+                v1=protocol.v1,
             )
             if context.draining:
                 self._close_for_shutdown(connection)
@@ -298,7 +308,11 @@ class OdinServer:
                 426, b"this endpoint speaks WebSocket\n", headers=[(b"Upgrade", b"websocket")]
             )
         origin = head.headers.get("origin")
-        if config.allowed_origins and origin not in config.allowed_origins:
+        # Browsers always send Origin; other clients need not (docs/protocol.md), unless
+        # server.require_origin says every client must be a browser on the list.
+        if (origin is None and config.require_origin) or (
+            origin is not None and config.allowed_origins and origin not in config.allowed_origins
+        ):
             metrics.rejected["origin"].inc()
             self.log.warning("origin_rejected", peer=peer, origin=origin)
             return response(403, b"origin not allowed\n")
@@ -313,6 +327,26 @@ class OdinServer:
                 self.log.warning("at_capacity", peer=peer, limit=context.max_connections)
             return response(503, b"server at capacity\n", headers=retry)
         return None
+
+
+class StartError(Exception):
+    """The server cannot start; the message says what, for the operator."""
+
+
+_LISTEN_PROBLEMS = {
+    errno.EADDRINUSE: "already in use (server.port)",
+    errno.EACCES: "not permitted to this user (ports below 1024 need privileges; server.port)",
+    errno.EADDRNOTAVAIL: "not an address of this host (server.host)",
+}
+
+
+async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        problem = _LISTEN_PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
+        shown = f"[{host}]" if ":" in host else host
+        raise StartError(f"address {shown}:{port} {problem}") from None
 
 
 def peer_address(transport: trio.abc.Stream) -> str:

@@ -24,6 +24,7 @@ from odin.protocol.close_codes import (
 )
 from odin.protocol.codec import encode, text_frame
 from odin.protocol.messages import Hello, Reconnect, ServerMessage
+from odin.protocol.negotiation import V1_ONLY_TYPES
 from odin.protocol.session import (
     Action,
     BadMessage,
@@ -69,6 +70,7 @@ class Connection:
         number: int,
         peer: str,
         origin: str | None,
+        v1: bool = True,
     ) -> None:
         self.context = context
         self.ws = websocket
@@ -76,6 +78,9 @@ class Connection:
         self.id = f"{context.instance}-{number}"
         self.peer = peer
         self.origin = origin
+        self.v1 = v1
+        """Speaks Odin's protocol v1 (hello, gap, reconnect, replay_complete); otherwise only
+        the message types the original server sent (odin.protocol.negotiation)."""
         self.opened_at = trio.current_time()
         self.session = Session(context.limits, context.rules, last_activity=self.opened_at)
         self.log = context.log.bind(conn=self.id, peer=peer)
@@ -102,7 +107,7 @@ class Connection:
         context.metrics.connections.inc()
         context.metrics.connections_active.inc()
         context.changed.unpark_all()
-        self.log.info("conn_open", origin=self.origin)
+        self.log.info("conn_open", origin=self.origin, protocol=1 if self.v1 else 0)
         context.events.emit("conn_open", self.id, peer=self.peer)
         try:
             self.send_message(self._hello())
@@ -202,7 +207,7 @@ class Connection:
             dropped = self.writer.discard_events()
             self.dropped += dropped
             self.context.metrics.dropped_slow.inc(dropped)
-        if reconnect_after_ms is not None:
+        if reconnect_after_ms is not None and self.v1:
             hint = Reconnect(after_ms=reconnect_after_ms, reason=reason)
             self.writer.offer(text_frame(encode(hint)), force=True)
         self._close_requested.set()
@@ -290,6 +295,8 @@ class Connection:
     # ---- outbound ------------------------------------------------------------------------
 
     def send_message(self, message: ServerMessage) -> None:
+        if not self.v1 and message.TYPE in V1_ONLY_TYPES:
+            return
         self.context.metrics.frames_sent.inc()
         self.send_frame(text_frame(encode(message)))
 
@@ -306,6 +313,8 @@ class Connection:
         """The fan-out's hot path: hand one event to this connection."""
         publication = event.publication
         channel = publication.channel
+        if event.refused is not None and not self.v1:
+            return False  # its frame is a gap notice, which only v1 clients get
         if self.recovering and channel in self.recovering:
             self._buffer_during_recovery(event)
             return False
@@ -323,7 +332,13 @@ class Connection:
         self.delivered += 1
         return True
 
+    def wants(self, event: Event) -> bool:
+        """Whether this client gets ``event``'s frame (gap notices only go to v1 clients)."""
+        return event.refused is None or self.v1
+
     def send_gap(self, channel: str, frame: bytes) -> bool:
+        if not self.v1:
+            return False
         if self.recovering and channel in self.recovering:
             # Announced after the replay, when the recovery joins the live stream.
             return False
@@ -343,7 +358,7 @@ class Connection:
         metrics = context.metrics
         if context.config.connection.slow_consumer_policy == "conflate":
             dropped, gaps = self.writer.conflate(
-                lambda ch, first, last: gap_frame(ch, first, last, "conflated")
+                lambda ch, first, last: gap_frame(ch, first, last, "conflated") if self.v1 else None
             )
             if dropped:
                 self.dropped += dropped

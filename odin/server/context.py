@@ -18,6 +18,7 @@ from odin.logs import Log
 from odin.metrics import Metrics
 from odin.protocol.channels import ChannelRules
 from odin.protocol.session import SessionLimits
+from odin.server.endpoints import CpuSampler
 from odin.server.events import EventRing
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class ServerContext:
     events: EventRing = attrs.Factory(EventRing)
     """Recent connection events, for the control socket's watchers."""
     started_at: float = attrs.Factory(time.time)
+    cpu: CpuSampler = attrs.Factory(CpuSampler)
+    """This process's recent CPU use, for /health."""
     capacity: Capacity = attrs.field(init=False)
     """The connection limit in force, and the limits it was derived from."""
     rules: ChannelRules = attrs.field(init=False)
@@ -67,14 +70,7 @@ class ServerContext:
             max_channels=history.max_channels,
         )
         self.rules = ChannelRules()
-        connection = self.config.connection
-        self.limits = SessionLimits(
-            max_subscriptions=connection.max_subscriptions,
-            rate_burst=connection.rate_limit_burst,
-            rate_per_second=connection.rate_limit_per_second,
-            abuse_threshold=connection.rate_limit_abuse_threshold,
-            idle_timeout=connection.idle_timeout,
-        )
+        self.limits = session_limits(self.config)
         self.capacity = plan(self.config.server.max_connections, read_limits())
         self.metrics.connections_max.set(self.capacity.max_connections)
         self.metrics.watch_broker(self.broker.stats)
@@ -85,3 +81,15 @@ class ServerContext:
             (connection.writer.queued_messages, connection.writer.oldest_queued_at())
             for connection in self.connections.values()
         ]
+
+
+def session_limits(config: Config) -> SessionLimits:
+    """The protocol rules every connection lives by, from the configuration."""
+    connection = config.connection
+    return SessionLimits(
+        max_subscriptions=connection.max_subscriptions,
+        rate_burst=connection.rate_limit_burst,
+        rate_per_second=connection.rate_limit_per_second,
+        abuse_threshold=connection.rate_limit_abuse_threshold,
+        idle_timeout=connection.idle_timeout,
+    )

@@ -1,7 +1,8 @@
 """``/health``, ``/ready`` and ``/metrics``: what operators and load balancers ask the server.
 
 ``/health`` keeps the original's JSON shape (status, healthy, checks, warnings, errors,
-uptime): 200 when healthy or degraded, 503 when unhealthy (the broker is unreachable).
+uptime, and ``checks.cpu``/``memory``/``capacity`` with their ``percentage``): 200 when
+healthy or degraded, 503 when unhealthy (the broker is unreachable).
 ``/ready`` says whether this instance should get new clients: 503 while the broker is down,
 while draining, or at the connection limit.
 """
@@ -20,11 +21,6 @@ from odin.server.http import RequestHead, response
 if TYPE_CHECKING:
     from odin.server.context import ServerContext
 
-_CORS = [
-    (b"Access-Control-Allow-Origin", b"*"),
-    (b"Access-Control-Allow-Methods", b"GET, OPTIONS"),
-    (b"Access-Control-Allow-Headers", b"Content-Type"),
-]
 _JSON = "application/json"
 _START = time.monotonic()
 
@@ -36,6 +32,22 @@ def rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+class CpuSampler:
+    """This process's CPU use over the last sampling interval, in percent of one core (the
+    original's ``checks.cpu.percentage``; load scripts read it)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, float] | None = None
+        self.percentage = 0.0
+
+    def sample(self, now: float) -> None:
+        """Called about once a second by the server's housekeeping."""
+        used = time.process_time()
+        if self._last is not None and now > self._last[0]:
+            self.percentage = round(100.0 * (used - self._last[1]) / (now - self._last[0]), 2)
+        self._last = (now, used)
 
 
 def health(context: ServerContext) -> tuple[int, dict[str, object]]:
@@ -52,33 +64,37 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
         warnings.append(f"Server near capacity ({percentage}%)")
     if context.draining:
         warnings.append("draining: not accepting new connections")
-    rss = rss_bytes()
     healthy = broker.connected
+    broker_status = "connected" if broker.connected else "disconnected"
+    checks: dict[str, object] = {
+        "broker": {
+            "status": broker_status,
+            "healthy": broker.connected,
+            "detail": broker.detail,
+            "location": broker.location,
+            "epoch": context.epoch or context.broker.epoch,
+        },
+        "capacity": {
+            "current": current,
+            "max": limit,
+            "percentage": percentage,
+            "healthy": current < limit,
+            **{
+                key: value
+                for key, value in context.capacity.describe().items()
+                if key != "max_connections"
+            },
+        },
+        "memory": _memory(rss_bytes(), context.capacity.limits.memory_bytes),
+        "cpu": {"percentage": context.cpu.percentage, "cores": context.capacity.limits.cpu_cores},
+        "accepting": {"healthy": not context.draining},
+    }
+    if context.config.broker.kind == "nats":  # the original's name for the broker check
+        checks["nats"] = {"status": broker_status, "healthy": broker.connected}
     body: dict[str, object] = {
         "status": "unhealthy" if not healthy else ("degraded" if warnings else "healthy"),
         "healthy": healthy,
-        "checks": {
-            "broker": {
-                "status": "connected" if broker.connected else "disconnected",
-                "healthy": broker.connected,
-                "detail": broker.detail,
-                "location": broker.location,
-                "epoch": context.epoch or context.broker.epoch,
-            },
-            "capacity": {
-                "current": current,
-                "max": limit,
-                "percentage": percentage,
-                "healthy": current < limit,
-                **{
-                    key: value
-                    for key, value in context.capacity.describe().items()
-                    if key != "max_connections"
-                },
-            },
-            "memory": {"rss_mb": round(rss / 2**20, 1) if rss is not None else None},
-            "accepting": {"healthy": not context.draining},
-        },
+        "checks": checks,
         "warnings": warnings,
         "errors": errors,
         "uptime": round(time.monotonic() - _START, 3),
@@ -86,6 +102,18 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
         "instance": context.instance,
     }
     return (200 if healthy else 503), body
+
+
+def _memory(rss: int | None, limit: int | None) -> dict[str, object]:
+    """RSS against the memory limit, in the original's fields (``used_mb``, ``limit_mb``,
+    ``percentage``) beside Odin's ``rss_mb``."""
+    used = round(rss / 2**20, 1) if rss is not None else None
+    return {
+        "rss_mb": used,
+        "used_mb": used,
+        "limit_mb": round(limit / 2**20, 1) if limit else None,
+        "percentage": round(100.0 * rss / limit, 2) if rss is not None and limit else None,
+    }
 
 
 def ready(context: ServerContext) -> tuple[int, dict[str, object]]:
@@ -104,8 +132,9 @@ def answer(context: ServerContext, head: RequestHead) -> bytes:
     handlers = {"/health": health, "/ready": ready}
     if head.path not in (*handlers, "/metrics"):
         return response(404, b"not found\n")
+    cors = _cors(context.config.server.cors_allow_origin)
     if head.method == "OPTIONS":
-        return response(204, headers=_CORS)
+        return response(204, headers=[(b"Allow", b"GET, HEAD, OPTIONS"), *cors])
     if head.method not in ("GET", "HEAD"):
         return response(405, b"method not allowed\n", headers=[(b"Allow", b"GET, HEAD, OPTIONS")])
     head_only = head.method == "HEAD"
@@ -113,4 +142,17 @@ def answer(context: ServerContext, head: RequestHead) -> bytes:
         body, content_type = context.metrics.render(head.headers.get("accept"))
         return response(200, body, content_type, head_only=head_only)
     status, document = handlers[head.path](context)
-    return response(status, orjson.dumps(document), _JSON, _CORS, head_only=head_only)
+    return response(status, orjson.dumps(document), _JSON, cors, head_only=head_only)
+
+
+def _cors(allow_origin: str) -> list[tuple[bytes, bytes]]:
+    """CORS headers for a browser dashboard, only when ``server.cors_allow_origin`` names one:
+    a wildcard by default would let any web page read the server's state."""
+    if not allow_origin:
+        return []
+    return [
+        (b"Access-Control-Allow-Origin", allow_origin.encode()),
+        (b"Access-Control-Allow-Methods", b"GET, OPTIONS"),
+        (b"Access-Control-Allow-Headers", b"Content-Type"),
+        (b"Vary", b"Origin"),
+    ]

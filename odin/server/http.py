@@ -8,6 +8,7 @@ complete response and the connection is closed (no keep-alive: these are rare re
 
 from __future__ import annotations
 
+import urllib.parse
 from http import HTTPStatus
 
 import attrs
@@ -23,6 +24,8 @@ class RequestHead:
     method: str
     path: str
     """The target without its query string."""
+    query: str
+    """The query string, without the ``?`` (empty if none)."""
     headers: dict[str, str]
     """Lower-case names; repeated headers joined with ", "."""
     raw: bytes
@@ -31,6 +34,15 @@ class RequestHead:
     @property
     def is_websocket_upgrade(self) -> bool:
         return self.method == "GET" and "websocket" in self.headers.get("upgrade", "").lower()
+
+    @property
+    def subprotocols(self) -> list[str]:
+        """The ``Sec-WebSocket-Protocol`` values the client offers, in its order."""
+        offered = self.headers.get("sec-websocket-protocol", "")
+        return [name.strip() for name in offered.split(",") if name.strip()]
+
+    def query_values(self, name: str) -> list[str]:
+        return urllib.parse.parse_qs(self.query, keep_blank_values=True).get(name, [])
 
 
 class BadRequest(Exception):
@@ -66,10 +78,11 @@ async def read_request_head(stream: trio.abc.ReceiveStream, max_size: int) -> Re
                 key = name.decode("latin-1").lower()
                 text = value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
-            target = event.target.decode("latin-1")
+            path, _, query = event.target.decode("latin-1").partition("?")
             return RequestHead(
                 method=event.method.decode("ascii"),
-                path=target.split("?", 1)[0],
+                path=path,
+                query=query,
                 headers=headers,
                 raw=bytes(raw),
             )

@@ -51,6 +51,7 @@ async def replay(connection: Connection, action: ReplayAction) -> None:
             reply = ReplayIncomplete(
                 channel=channel,
                 sent=sent,
+                total=sent + sum(last - first + 1 for first, last in missing),
                 missing=[Range(first, last) for first, last in missing],
                 reason=reason.value,
                 message=_EXPLANATIONS[reason],
@@ -80,8 +81,9 @@ async def _replay_channel(
         await connection.writer.wait_for_room()
         if connection.closing is not None:
             break
-        connection.send_frame(event.frame, force=True)
-        sent += 1
+        if connection.wants(event):
+            connection.send_frame(event.frame, force=True)
+            sent += 1
     return sent, plan.reason, plan.missing
 
 

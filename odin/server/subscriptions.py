@@ -181,6 +181,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     if not epoch:  # the broker has not said which history this is: positions mean nothing
         positions.clear()
     connection.send_message(connection.session.subscription_ack(action, positions, reports))
+    sends = [event for event in sends if connection.wants(event)]
     for event in sends:
         connection.send_frame(event.frame, force=True)
     context.metrics.frames_sent.inc(len(sends))

@@ -58,8 +58,9 @@ async def wrap_server_stream(
     return await connection._get_request()
 
 
-async def accept(request: WebSocketRequest) -> OdinWebSocket:
-    """Complete the handshake of a request made by ``wrap_server_stream``."""
-    connection = await request.accept()
+async def accept(request: WebSocketRequest, subprotocol: str | None = None) -> OdinWebSocket:
+    """Complete the handshake of a request made by ``wrap_server_stream``, echoing
+    ``subprotocol`` if given."""
+    connection = await request.accept(subprotocol=subprotocol)
     assert isinstance(connection, OdinWebSocket)
     return connection

@@ -66,7 +66,8 @@ class _Item:
         """For a gap notice: (channel, from, to), so later drops can widen it."""
 
 
-GapEncoder = Callable[[str, int, int], bytes]
+GapEncoder = Callable[[str, int, int], bytes | None]
+"""The notice for a conflated range, or None where the client gets none (legacy protocol)."""
 
 
 class ConnectionWriter(trio.abc.Stream):
@@ -79,11 +80,8 @@ class ConnectionWriter(trio.abc.Stream):
     ) -> None:
         self._transport = transport
         self._fd = transport.socket.fileno() if isinstance(transport, trio.SocketStream) else -1
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        # Control frames are not refused, but a peer that sends pings and never reads must
-        # not grow the queue without bound: past this the connection is declared broken.
-        self._hard_limit = 2 * max_bytes + 64 * 1024
+        self.max_messages = self.max_bytes = self._hard_limit = 0
+        self.set_limits(max_messages, max_bytes)
         self._queue: deque[_Item] = deque()
         self._queued_bytes = 0
         self._wakeup = trio.lowlevel.ParkingLot()
@@ -92,6 +90,15 @@ class ConnectionWriter(trio.abc.Stream):
         self._closed = False
         self._error: BaseException | None = None
         self.bytes_written = 0
+
+    def set_limits(self, max_messages: int, max_bytes: int) -> None:
+        """The queue's bounds (at start, and on a configuration reload). Frames already queued
+        stay; a queue now over its bound takes nothing new until it drains."""
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        # Control frames are not refused, but a peer that sends pings and never reads must
+        # not grow the queue without bound: past this the connection is declared broken.
+        self._hard_limit = 2 * max_bytes + 64 * 1024
 
     # ---- inspection ----------------------------------------------------------------------
 
@@ -157,7 +164,8 @@ class ConnectionWriter(trio.abc.Stream):
         self._wakeup.unpark_all()
 
     def conflate(self, encode_gap: GapEncoder) -> tuple[int, list[tuple[str, int, int]]]:
-        """Keep only the newest queued event of each channel, with a gap notice before it.
+        """Keep only the newest queued event of each channel, with a gap notice before it
+        (when ``encode_gap`` gives one).
 
         Returns the number of events dropped and the (channel, from, to) gaps announced.
         """
@@ -180,10 +188,12 @@ class ConnectionWriter(trio.abc.Stream):
                     if gap_item is not None and gap_item.gap is not None:
                         # Widen the notice already queued instead of adding a second one.
                         first = min(first, gap_item.gap[1])
+                        notice = encode_gap(channel, first, last)
+                        assert notice is not None  # the same encoder made the first one
                         gap_item.gap = (channel, first, last)
-                        gap_item.data = encode_gap(channel, first, last)
-                    else:
-                        gap_item = _Item(encode_gap(channel, first, last), None, 0, item.queued_at)
+                        gap_item.data = notice
+                    elif (notice := encode_gap(channel, first, last)) is not None:
+                        gap_item = _Item(notice, None, 0, item.queued_at)
                         gap_item.gap = (channel, first, last)
                         kept.append(gap_item)
                         open_gaps[channel] = gap_item

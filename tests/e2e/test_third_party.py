@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
+from odin.protocol.negotiation import SUBPROTOCOL_V1 as V1
 from tests.e2e.process import odin_process, port_of
 
 pytestmark = pytest.mark.slow
@@ -49,7 +51,8 @@ def test_websockets_client_streams_reconnects_and_recovers() -> None:
     with odin_process(args) as odin:
         url = odin.wait_for("listening")["websocket"][0]
         last: dict[str, int] = {}
-        with connect(url, open_timeout=10) as ws:
+        with connect(url, open_timeout=10, subprotocols=[Subprotocol(V1)]) as ws:
+            assert ws.subprotocol == "odin.v1"
             hello = json.loads(ws.recv(timeout=10))
             assert hello["type"] == "hello"
             ack = request(
@@ -69,7 +72,7 @@ def test_websockets_client_streams_reconnects_and_recovers() -> None:
             pong = request(ws, {"type": "heartbeat", "id": 1}, "pong")
             assert pong["id"] == 1
         # Gone for a moment while the simulator keeps publishing, then back with positions.
-        with connect(url, open_timeout=10) as ws:
+        with connect(url, open_timeout=10, subprotocols=[Subprotocol(V1)]) as ws:
             json.loads(ws.recv(timeout=10))
             recover = {channel: {"epoch": epoch, "seq": seq} for channel, seq in last.items()}
             ack = request(
@@ -92,13 +95,14 @@ def websocat() -> str | None:
 def test_websocat_watches_events_from_a_shell() -> None:
     with odin_process(["serve", "--port", "0", "--simulate", "--rate", "100"]) as odin:
         port = port_of(odin.wait_for("listening"))
-        # README's one-liner, with the first six lines taken: hello, the ack, four events.
+        # README's one-liner, with the first five lines taken: the ack, four events (websocat
+        # asks for no subprotocol, so it gets the original protocol: no hello).
         subscribe = """'{"type":"subscribe","data":{"channels":["BTC.trade"]}}'"""
-        command = f"echo {subscribe} | {websocat()} -n ws://127.0.0.1:{port}/ws | head -n 6"
+        command = f"echo {subscribe} | {websocat()} -n ws://127.0.0.1:{port}/ws | head -n 5"
         result = subprocess.run(
             ["bash", "-c", command], capture_output=True, text=True, timeout=20, check=False
         )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["type"] for line in lines[:2]] == ["hello", "subscription_ack"]
-    assert len(lines) == 6
-    assert all(line["channel"] == "BTC.trade" for line in lines[2:])
+    assert lines[0]["type"] == "subscription_ack"
+    assert len(lines) == 5
+    assert all(line["channel"] == "BTC.trade" for line in lines[1:])

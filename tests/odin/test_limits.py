@@ -4,11 +4,13 @@ never affects other clients."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from odin.server.endpoints import CpuSampler
 from tests.helpers import http_exchange, make_config, running_server, upgrade_request
 
 pytestmark = pytest.mark.trio
@@ -139,7 +141,23 @@ async def test_origin_allow_list() -> None:
         assert status == 101
         async with harness.client(headers=[(b"Origin", b"https://app.example")]) as client:
             assert client.hello["type"] == "hello"
+        # Non-browser clients send no Origin: they are let in (docs/protocol.md).
+        status, _, _ = await http_exchange(harness.port, upgrade_request())
+        assert status == 101
         assert harness.context.metrics.rejected["origin"]._value.get() == 1
+
+
+async def test_require_origin_refuses_requests_without_one() -> None:
+    config = make_config(
+        **{"server.allowed_origins": "https://app.example", "server.require_origin": True}
+    )
+    async with running_server(config) as harness:
+        status, _, body = await http_exchange(harness.port, upgrade_request())
+        assert (status, body) == (403, b"origin not allowed\n")
+        status, _, _ = await http_exchange(
+            harness.port, upgrade_request(headers=[("Origin", "https://app.example")])
+        )
+        assert status == 101
 
 
 async def test_connection_limit_answers_503_with_retry_after() -> None:
@@ -187,7 +205,7 @@ async def test_http_endpoints() -> None:
         health = json.loads(body)
         assert status == 200
         assert headers["content-type"] == "application/json"
-        assert headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-origin" not in headers  # no CORS unless configured
         assert health["status"] == "healthy" and health["healthy"] is True
         assert health["checks"]["capacity"]["current"] == 1
         assert health["checks"]["broker"]["epoch"] == harness.broker.epoch
@@ -206,3 +224,36 @@ async def test_http_endpoints() -> None:
             (b"NOT HTTP AT ALL\r\n\r\n", 400),
         ]:
             assert (await http_exchange(port, request))[0] == expected, request
+
+
+async def test_health_keeps_the_original_shape_that_load_scripts_read() -> None:
+    async with running_server() as harness, harness.client():
+        _, _, body = await http_exchange(harness.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        checks = json.loads(body)["checks"]
+    capacity = checks["capacity"]
+    assert (capacity["current"], capacity["max"]) == (1, harness.context.max_connections)
+    assert capacity["percentage"] == round(100 / capacity["max"], 2)
+    assert checks["cpu"]["percentage"] >= 0
+    memory = checks["memory"]
+    assert 0 < memory["percentage"] < 100
+    assert memory["used_mb"] == memory["rss_mb"] and memory["limit_mb"] > memory["used_mb"]
+
+
+async def test_cors_headers_only_for_the_configured_origin() -> None:
+    config = make_config(**{"server.cors_allow_origin": "https://dash.example"})
+    async with running_server(config) as harness:
+        for method in (b"GET", b"OPTIONS"):
+            request = method + b" /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            _, headers, _ = await http_exchange(harness.port, request)
+            assert headers["access-control-allow-origin"] == "https://dash.example"
+
+
+async def test_cpu_percentage_is_this_process_over_the_last_interval() -> None:
+    sampler = CpuSampler()
+    sampler.sample(100.0)
+    before = time.process_time()
+    while time.process_time() - before < 0.05:  # burn 50 ms of CPU
+        pass
+    burned = time.process_time() - before
+    sampler.sample(101.0)  # one second of "now" later: 50 ms is 5 % of a core
+    assert burned * 100 - 0.01 <= sampler.percentage < burned * 100 + 5

@@ -390,6 +390,7 @@ def test_encode_ranges_use_from_and_to():
     incomplete = ReplayIncomplete(
         channel="A.trade",
         sent=2,
+        total=7,
         missing=[Range(1, 4), Range(9, 9)],
         reason="history_expired",
         message="gone",
@@ -398,6 +399,7 @@ def test_encode_ranges_use_from_and_to():
         "type": "replay_incomplete",
         "channel": "A.trade",
         "sent": 2,
+        "total": 7,
         "missing": [{"from": 1, "to": 4}, {"from": 9, "to": 9}],
         "reason": "history_expired",
         "message": "gone",
@@ -611,6 +613,7 @@ def test_replay_incomplete_round_trip(channel, sent, ranges, reason, message, re
     reply = ReplayIncomplete(
         channel=channel,
         sent=sent,
+        total=sent + 1,
         missing=[Range(first, last) for first, last in ranges],
         reason=reason,
         message=message,
@@ -620,6 +623,7 @@ def test_replay_incomplete_round_trip(channel, sent, ranges, reason, message, re
         "type": "replay_incomplete",
         "channel": channel,
         "sent": sent,
+        "total": sent + 1,
         "missing": [{"from": first, "to": last} for first, last in ranges],
         "reason": reason,
         "message": message,

@@ -1,8 +1,8 @@
 """``odin`` / ``python -m odin``: the command line, and the only ``trio.run``.
 
-Exit codes: 0 after a clean stop (SIGTERM or SIGINT, drained), 1 on a runtime failure (for
-example the port is taken), 2 on a usage error, 78 (EX_CONFIG) on a bad configuration, 130 when
-a second signal cuts the drain short.
+Exit codes (``EPILOG``, shown by ``--help``): 0 after a clean stop, 1 when it cannot start, 2 on
+a usage error, 78 (EX_CONFIG) on a bad configuration, 130 when a second signal cuts the drain
+short. SIGHUP reloads the configuration (odin.server.reload).
 """
 
 from __future__ import annotations
@@ -24,13 +24,33 @@ from odin.broker.base import Broker
 from odin.broker.embedded import EmbeddedNatsError, run_embedded_nats
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, ConfigError, as_dict, load_config, set_options
-from odin.server.app import Listening, OdinServer
+from odin.server.app import Listening, OdinServer, StartError
 from odin.server.control import ControlServer
+from odin.server.reload import apply, plan_reload
 from odin.simulator.model import Market
 from odin.simulator.runner import run_simulator, wall_clock
 
+EX_START = 1
 EX_CONFIG = 78
 EX_FORCED = 130
+
+DESCRIPTION = (
+    "Odin streams live market events to WebSocket clients, in order, with positions that let "
+    "a client that reconnects get exactly what it missed."
+)
+EPILOG = """\
+signals:
+  SIGTERM, SIGINT  drain: clients are told to reconnect, then the server exits 0;
+                   a second signal exits at once with 130
+  SIGHUP           reload the configuration file and environment (config_reloaded)
+
+exit codes:
+  0   stopped cleanly
+  1   could not start (an address already in use, the embedded NATS failed)
+  2   usage error
+  78  bad configuration (the message names the field)
+  130 stopped by a second signal before the drain finished
+"""
 
 
 def _add_common(command: argparse.ArgumentParser) -> None:
@@ -40,8 +60,14 @@ def _add_common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--rate", type=float, help="simulated events per second (simulator.rate)")
     command.add_argument("--tokens", help="comma-separated symbols (simulator.tokens)")
     command.add_argument("--events", help="comma-separated event types (simulator.events)")
-    command.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    command.add_argument("--log-format", choices=["json", "console"])
+    command.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="(log.level)"
+    )
+    command.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        help="json lines, or readable lines; auto: readable on a terminal (log.format)",
+    )
     command.add_argument(
         "--set",
         action="append",
@@ -55,10 +81,19 @@ def _add_common(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="odin", description=__doc__.splitlines()[0])
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="odin", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
+    )
     parser.add_argument("--version", action="version", version=f"odin {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the WebSocket fan-out server")
+    serve = commands.add_parser(
+        "serve",
+        help="run the WebSocket fan-out server",
+        description="Run the WebSocket fan-out server.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
     _add_common(serve)
     serve.add_argument(
         "--broker", choices=["nats", "memory"], help="broker to use (broker.kind; default nats)"
@@ -70,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="an embedded NATS, the price simulator publishing into it, and the server",
+        description="Run the server with simulated market events and print where to look.",
+        epilog=EPILOG,
+        formatter_class=formatter,
     )
     _add_common(demo)
     demo.set_defaults(broker="nats", nats_url=None, simulate=True, demo=True)
@@ -111,20 +149,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logs.configure(config.log.level, config.log.format)
     log = logs.get_logger(service="odin")
-    log.info("config", version=__version__, **as_dict(config))
+    log.info(
+        "starting",
+        version=__version__,
+        broker=config.broker.kind,
+        embedded_nats=config.broker.kind == "nats" and not config.nats.url,
+        simulate=config.simulator.enabled,
+        config_file=str(args.config) if args.config else None,
+    )
+    log.debug("config", **as_dict(config))
     if unknown_env:
         log.warning("config_unknown_environment", names=unknown_env)
-    failures: list[BaseException] = []
-    announce = _banner if getattr(args, "demo", False) else None
+    run = _Run(args=args)
+    if getattr(args, "demo", False):
+        announce: Announce | None = _banner
+    else:
+        announce = _where_to_connect if sys.stdout.isatty() else None
     try:
-        code = trio.run(serve, config, log, announce)
-    except* (OSError, EmbeddedNatsError) as group:  # e.g. the port is taken: one line
-        failures.extend(group.exceptions)
-    if failures:
-        log.error("start_failed", error="; ".join(str(exc) for exc in failures))
-        code = 1
+        code = trio.run(serve, config, log, announce, run)
+    except* (StartError, EmbeddedNatsError) as group:
+        # One line naming what could not be had (an address, the embedded NATS), never a
+        # nursery's traceback.
+        log.error("start_failed", error="; ".join(str(exc) for exc in _leaves(group)))
+        code = EX_START
+    except* Exception as group:
+        # A bug: still one JSON line (the traceback in its ``exception`` field), not a dump.
+        log.error("crashed", exc_info=group)
+        code = EX_START
     log.lifecycle().info("exited", code=code)
     return code
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in a (possibly nested) group: nurseries nest their groups."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def build_broker(config: Config) -> MemoryBroker:
@@ -164,14 +225,30 @@ async def open_broker(config: Config, log: logs.Log) -> AsyncIterator[Broker]:
             yield broker
 
 
-async def _simulate(config: Config, broker: Broker, log: logs.Log) -> None:
-    """The market simulator, publishing into the broker once it is ready."""
+async def _simulate(run: _Run, broker: Broker, log: logs.Log) -> None:
+    """The market simulator, publishing into the broker once it is ready. A reload that
+    changes its settings restarts its pacing; the market (every price) carries on."""
     await broker.wait_ready()
-    simulator = config.simulator
+    settings = run.config().simulator
     market = Market(
-        simulator.tokens, simulator.events, rng=random.Random(simulator.seed), clock=wall_clock
+        settings.tokens, settings.events, rng=random.Random(settings.seed), clock=wall_clock
     )
-    await run_simulator(broker.publish, market, simulator.rate, log=log)
+    while True:
+        settings = run.config().simulator
+        market.set_tokens(settings.tokens)
+        market.set_events(settings.events)
+        with trio.CancelScope() as run.simulator:
+            await run_simulator(broker.publish, market, settings.rate, log=log)
+
+
+def _where_to_connect(listening: Listening, _: Broker) -> None:
+    """What ``odin serve`` prints on a terminal: where clients and operators connect."""
+    http = listening.http[0]
+    print(
+        f"Odin is serving clients at {listening.websocket[0]} "
+        f"(health {http}/health, metrics {http}/metrics). Stop with Ctrl-C.",
+        flush=True,
+    )
 
 
 def _banner(listening: Listening, broker: Broker) -> None:
@@ -193,16 +270,42 @@ def _banner(listening: Listening, broker: Broker) -> None:
 
 @attrs.define
 class _Run:
+    args: argparse.Namespace
     server: OdinServer | None = None
     forced: bool = False
+    simulator: trio.CancelScope | None = None
+    """The simulator's pacing loop, cancelled (and restarted) when a reload changes it."""
+
+    def config(self) -> Config:
+        assert self.server is not None
+        return self.server.context.config
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Load the configuration again and apply what can change live; raises ConfigError
+        (the running configuration is then untouched)."""
+        assert self.server is not None
+        config, _ = load_config(file=self.args.config, overrides=_overrides(self.args))
+        outcome = plan_reload(self.server.context.config, config)
+        apply(self.server.context, outcome)
+        if self.simulator is not None and any(
+            name.startswith("simulator.") for name in outcome.changed
+        ):
+            self.simulator.cancel()
+        self.server.log.lifecycle().info(
+            "config_reloaded", changed=outcome.changed, restart_required=outcome.restart_required
+        )
+        return outcome.changed, outcome.restart_required
 
 
 async def _watch_signals(run: _Run, everything: trio.CancelScope, log: logs.Log) -> None:
-    """First SIGTERM or SIGINT: drain (or, while starting, just stop). Second: stop now."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """First SIGTERM or SIGINT: drain (or, while starting, just stop). Second: stop now.
+    SIGHUP: reload the configuration."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if run.server is not None and not run.server.stopping:
+            if signum == signal.SIGHUP:
+                _reload_on_signal(run, log)
+            elif run.server is not None and not run.server.stopping:
                 log.info("signal", signal=name, action="drain")
                 run.server.request_shutdown()
             elif run.server is None:
@@ -214,21 +317,36 @@ async def _watch_signals(run: _Run, everything: trio.CancelScope, log: logs.Log)
                 everything.cancel()
 
 
+def _reload_on_signal(run: _Run, log: logs.Log) -> None:
+    if run.server is None or run.server.stopping:
+        log.info("signal", signal="SIGHUP", action="ignored", why="not serving")
+        return
+    log.info("signal", signal="SIGHUP", action="reload")
+    try:
+        run.reload()
+    except ConfigError as exc:
+        log.warning("config_reload_failed", errors=exc.problems, kept="the running configuration")
+
+
 Announce = Callable[[Listening, Broker], None]
 
 
-async def serve(config: Config, log: logs.Log, announce: Announce | None = None) -> int:
-    run = _Run()
+async def serve(
+    config: Config, log: logs.Log, announce: Announce | None = None, run: _Run | None = None
+) -> int:
+    run = run or _Run(args=argparse.Namespace(config=None))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, run, nursery.cancel_scope, log)
         async with open_broker(config, log) as broker, trio.open_nursery() as tasks:
             server = run.server = OdinServer(config, broker, log=log)
             listening = await tasks.start(server.run)
             if config.control.enabled:
-                control = ControlServer(server, config.control, websocket=listening.websocket)
+                control = ControlServer(
+                    server, config.control, websocket=listening.websocket, reload=run.reload
+                )
                 await tasks.start(control.run)
             if config.simulator.enabled:
-                tasks.start_soon(_simulate, config, broker, log)
+                tasks.start_soon(_simulate, run, broker, log)
             if announce is not None:
                 announce(listening, broker)
             await server.stopped.wait()

@@ -66,8 +66,12 @@ def _dumps(value: object, **_: object) -> str:
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Send every log record of the process to ``stream`` (stderr), formatted."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    """Send every log record of the process to ``stream`` (stderr), formatted: ``auto`` is
+    readable lines on a terminal and JSON lines (for a log pipeline) anywhere else."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(_JsonLines(json_serializer=_dumps) if fmt == "json" else _Console())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -75,8 +79,13 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     # Odin's own events at the configured level; libraries (trio-websocket logs every frame
     # at debug level) only from warnings up. Lifecycle events (listening, draining, stopped)
     # are always written: scripts wait for them.
-    logging.getLogger("odin").setLevel(_LEVELS[level])
+    set_level(level)
     logging.getLogger(LIFECYCLE).setLevel(logging.INFO)
+
+
+def set_level(level: str) -> None:
+    """Change the level of Odin's own events (a configuration reload)."""
+    logging.getLogger("odin").setLevel(_LEVELS[level])
 
 
 class Log:

@@ -35,7 +35,13 @@ EX_CONFIG = 78
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="odin-publisher", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="odin-publisher",
+        description="Publish simulated market events into NATS JetStream, driven by an HTTP "
+        "control API.",
+        epilog="Exit codes: 0 after SIGTERM or SIGINT, 1 if it cannot start, 2 on a usage error, "
+        "78 on a bad configuration.",
+    )
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     parser.add_argument("--host", help="address of the control API (http.host)")
     parser.add_argument("--port", type=int, help="port of the control API, 0 for any (http.port)")
@@ -47,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--autostart", action="store_true", help="publish at once (simulation.autostart)"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["json", "console"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="set any configuration field, e.g. --set simulation.statistics_interval=10s",

@@ -49,7 +49,11 @@ def _positive(kind: type[float] | type[int]) -> Callable[[str], float | int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="odin-stress", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="odin-stress",
+        description="Load, continuity and latency checks against an Odin server, and the "
+        "benchmarks beside its peers.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     go = commands.add_parser("run", help="a load run against a server")
     go.add_argument("--profile", choices=sorted(PROFILES), default="light")

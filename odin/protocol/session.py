@@ -129,6 +129,16 @@ class Session:
         )
         self._abuse = LeakyCounter(self.limits.rate_per_second, 0.0, self.last_activity)
 
+    def set_limits(self, limits: SessionLimits, now: float) -> None:
+        """New limits (a configuration reload); tokens already earned are kept up to the new
+        burst."""
+        self._bucket.try_take(now, 0.0)  # bring the bucket up to ``now`` at the old rate
+        self.limits = limits
+        self._bucket.capacity = limits.rate_burst
+        self._bucket.rate = limits.rate_per_second
+        self._bucket.tokens = min(self._bucket.tokens, limits.rate_burst)
+        self._abuse.drain_per_second = limits.rate_per_second
+
     # ---- liveness ---------------------------------------------------------------------
 
     def note_activity(self, now: float) -> None:

@@ -45,14 +45,17 @@ class OdinProcess:
         self.lines.extend(line.decode() for line in complete)
         return True
 
-    def wait_for(self, event: str, timeout: float = 15) -> dict[str, Any]:
-        """The first log record with this ``event`` (reading stderr until it appears)."""
+    def wait_for(self, event: str, timeout: float = 15, **fields: object) -> dict[str, Any]:
+        """The first log record with this ``event`` (and these field values), reading stderr
+        until it appears."""
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
             for line in self.lines[seen:]:
                 record = json.loads(line)
-                if record.get("event") == event:
+                if record.get("event") == event and all(
+                    record.get(key) == value for key, value in fields.items()
+                ):
                     return dict(record)
             seen = len(self.lines)
             remaining = deadline - time.monotonic()

@@ -94,19 +94,34 @@ def test_port_in_use_is_a_clean_failure() -> None:
     assert result.returncode == 1
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert [r["event"] for r in records[-2:]] == ["start_failed", "exited"]
+    assert records[-2]["error"] == f"address 127.0.0.1:{port} already in use (server.port)"
     assert "Traceback" not in result.stderr
+    assert "nursery" not in result.stderr
 
 
-def test_start_logs_the_effective_config_and_every_url() -> None:
+def test_help_speaks_to_users_and_lists_signals_and_exit_codes() -> None:
+    for command in (["--help"], ["serve", "--help"], ["demo", "--help"]):
+        result = run(*command)
+        assert result.returncode == 0
+        assert "``" not in result.stdout and "trio" not in result.stdout
+        assert "SIGHUP" in result.stdout and "78" in result.stdout
+
+
+def test_start_logs_a_short_line_every_url_and_the_config_only_at_debug() -> None:
     with odin_process(["serve", "--port", "0"], env={"ODIN_TYPO_SETTING": "1"}) as odin:
         listening = odin.wait_for("listening")
         assert listening["websocket"][0].startswith("ws://127.0.0.1:")
         assert listening["websocket"][0].endswith("/ws")
         assert listening["http"][0].startswith("http://127.0.0.1:")
-        config = next(r for r in odin.records() if r["event"] == "config")
-        assert config["server"]["port"] == 0
+        starting = next(r for r in odin.records() if r["event"] == "starting")
+        assert (starting["broker"], starting["embedded_nats"]) == ("nats", True)
+        assert not [r for r in odin.records() if r["event"] == "config"]
         warning = odin.wait_for("config_unknown_environment")
         assert "ODIN_TYPO_SETTING" in warning["names"]
+    with odin_process(["serve", "--port", "0", "--log-level", "debug"]) as odin:
+        odin.wait_for("listening")
+        config = next(r for r in odin.records() if r["event"] == "config")
+        assert config["server"]["port"] == 0
 
 
 def test_lifecycle_events_are_logged_at_any_level() -> None:

@@ -194,11 +194,15 @@ class Proxy:
         except OSError:
             await client.aclose()
             return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-            nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
-        for stream in (client, server):
-            await trio.aclose_forcefully(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+        finally:  # also when the test cancels the proxy mid-partition (shielded: under
+            # cancellation the first close would raise Cancelled and skip the second)
+            with trio.CancelScope(shield=True):
+                for stream in (client, server):
+                    await trio.aclose_forcefully(stream)
 
     async def _pump(
         self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope

@@ -527,15 +527,21 @@ class NatsBroker:
         await self._publisher.drain()
 
     async def close(self) -> None:
-        """Flush what is being published and close the connection (asyncio side)."""
+        """Close the management connection (asyncio side).
+
+        Publications leave through the Trio connection, drained before this, so there is
+        nothing of ours to flush here. ``close`` rather than nats-py's ``drain``: a drain
+        while NATS is down, reconnecting or partitioned times out and leaves a cancelled
+        gather behind, which trio-asyncio re-raises into Trio as a CancelledError traceback
+        at exit."""
         nc = self._nc
         self._closing = True
         if nc is None or nc.is_closed:
             return
         try:
-            await asyncio.wait_for(nc.drain(), timeout=5)
-        except (TimeoutError, nats.errors.Error):
-            await nc.close()
+            await asyncio.wait_for(nc.close(), timeout=5)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            self._log.warning("nats_close_failed", error=repr(exc))
 
 
 @asynccontextmanager

@@ -128,3 +128,32 @@ def test_lifecycle_events_are_logged_at_any_level() -> None:
     with odin_process(["serve", "--port", "0", "--log-level", "error"]) as odin:
         assert odin.wait_for("listening")["websocket"]
         assert not [r for r in odin.records() if r["event"] == "config"]  # info: filtered
+
+
+def test_serve_on_a_terminal_prints_where_to_connect(tmp_path: Path) -> None:
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        odin_command("serve", "--broker", "memory", "--port", "0"),
+        cwd=ROOT,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        while b"Ctrl-C" not in seen:
+            ready, _, _ = select.select([leader], [], [], 15)
+            assert ready, f"nothing printed on the terminal: {seen!r}"
+            seen += os.read(leader, 4096)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        os.close(leader)
+    line = seen.decode()
+    assert "Odin is serving clients at ws://127.0.0.1:" in line
+    assert "/health" in line and "/metrics" in line

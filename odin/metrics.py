@@ -73,6 +73,7 @@ CLOSE_REASONS = (
     "rate_limit",
     "idle",
     "message_too_big",
+    "protocol_error",
     "shutdown",
     "operator",
     "error",

@@ -87,7 +87,7 @@ async def _run(count: int) -> None:
     rng = random.Random(count)
     for number in range(count):
         connection = _Connection(number, rng)
-        context.connections[connection.id] = connection  # type: ignore[assignment]
+        context.registry.connections[connection.id] = connection  # type: ignore[assignment]
     rates = control_state.Rates(lambda: (0, 0))
     by_queue = ListConnections(0, 200, "queue")
     filtered = ListConnections(0, 200, "age", True, "ETH.liq")

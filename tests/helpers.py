@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
+import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 
@@ -20,7 +21,6 @@ from odin.config import Config, load_config
 from odin.logs import get_logger
 from odin.protocol.negotiation import SUBPROTOCOL_V1
 from odin.server.app import Listening, OdinServer
-from odin.server.websocket import OdinWebSocket
 
 Message = dict[str, Any]
 
@@ -34,19 +34,15 @@ async def wrap_client_stream(
     extra_headers: list[tuple[bytes, bytes]] | None = None,
     subprotocols: Sequence[str] = (),
 ) -> WebSocketConnection:
-    """trio-websocket's client wrapper, on the connection class that does not answer pings
-    after its own close frame (see odin.server.websocket)."""
-    connection = OdinWebSocket(
-        stream,
-        WSConnection(ConnectionType.CLIENT),
-        host=host,
-        path=resource,
-        client_extra_headers=extra_headers,
-        client_subprotocols=list(subprotocols),
+    """A trio-websocket client on ``stream`` (a loopback socket or an in-memory stream)."""
+    return await trio_websocket.wrap_client_stream(
+        nursery,
+        stream,  # type: ignore[arg-type]  # typed for sockets; any trio Stream works
+        host,
+        resource,
+        subprotocols=list(subprotocols),
+        extra_headers=extra_headers,
     )
-    nursery.start_soon(connection._reader_task)
-    await connection._open_handshake.wait()
-    return connection
 
 
 def make_config(**overrides: object) -> Config:

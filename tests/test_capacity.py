@@ -136,7 +136,7 @@ def test_a_configured_limit_wins() -> None:
 async def test_the_limit_shows_in_health_metrics_and_the_start_log() -> None:
     with capture_logs() as logs:
         async with running_server(make_config()) as harness:
-            capacity = harness.server.context.capacity
+            capacity = harness.server.context.registry.capacity
             assert capacity.source == "derived"
             status, _, body = await http_get(harness.port, "/health")
             check = json.loads(body)["checks"]["capacity"]

@@ -16,6 +16,10 @@ class CloseCode(enum.IntEnum):
     """The client asked to close."""
     GOING_AWAY = 1001
     """Server shutdown or drain; a ``reconnect`` message with ``after_ms`` came first."""
+    PROTOCOL_ERROR = 1002
+    """The client broke the WebSocket framing rules (an unmasked frame, a bad opcode, ...)."""
+    INVALID_DATA = 1007
+    """A text message that is not valid UTF-8."""
     POLICY_VIOLATION = 1008
     """Slow consumer (reason ``slow consumer``) or sustained rate-limit abuse."""
     MESSAGE_TOO_BIG = 1009

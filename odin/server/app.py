@@ -35,13 +35,11 @@ from odin.server.connection import Connection
 from odin.server.context import ServerContext
 from odin.server.endpoints import answer
 from odin.server.fanout import Fanout
+from odin.server.handshake import HandshakeRefused, accept
 from odin.server.http import BadRequest, RequestHead, read_request_head, response
-from odin.server.websocket import accept, wrap_server_stream
-from odin.server.writer import ConnectionWriter
+from odin.server.outbox import Outbox
+from odin.server.writer import Writer
 
-# trio-websocket hands messages to our reader through a queue of this many; the reader
-# drains it continuously, so it only needs to absorb a short burst.
-_WS_MESSAGE_QUEUE = 16
 # Publications the fan-out takes from the feed per wake-up before yielding to other tasks.
 _FEED_BATCH = 256
 
@@ -109,17 +107,19 @@ class OdinServer:
     ) -> None:
         context = self.context
         config = context.config.server
-        context.epoch = context.broker.epoch
+        context.reader.epoch = context.broker.epoch
         if listeners is None:
             listeners = await _listen(config.host, config.port)
         async with trio.open_nursery() as root:
             await root.start(self._pump)
             root.start_soon(self._housekeeping)
+            root.start_soon(context.flusher.run)
+            root.start_soon(context.liveness.run, context.flusher.flush)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
                 listening = self._describe(listeners)
-                self.log.info("capacity", **context.capacity.describe())
+                self.log.info("capacity", **context.registry.capacity.describe())
                 self.log.lifecycle().info(
                     "listening", websocket=listening.websocket, http=listening.http
                 )
@@ -156,6 +156,7 @@ class OdinServer:
 
     async def _pump(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         handle = self.fanout.handle
+        flush = self.context.flusher.flush
         async with self.context.broker.open_feed() as feed:
             task_status.started()
             async for item in feed:
@@ -170,6 +171,8 @@ class OdinServer:
                     except trio.WouldBlock:
                         break
                     handle(item, now)
+                # One write per connection for everything this batch gave it.
+                flush()
 
     async def _housekeeping(self) -> None:
         context = self.context
@@ -177,29 +180,29 @@ class OdinServer:
         while True:
             context.cpu.sample(trio.current_time())
             metrics.subscriptions.set(context.hub.subscriptions)
-            metrics.channels.set(len(context.history.channels()))
-            context.history.expire_all(trio.current_time())
+            metrics.channels.set(len(context.reader.window.channels()))
+            context.reader.window.expire_all(trio.current_time())
             await trio.sleep(1.0)
 
     async def _drain(self) -> None:
         context = self.context
         shutdown = context.config.shutdown
-        context.draining = True
+        context.registry.draining = True
         self.log.lifecycle().info(
-            "draining", connections=len(context.connections), timeout=shutdown.drain_timeout
+            "draining",
+            connections=len(context.registry.connections),
+            timeout=shutdown.drain_timeout,
         )
-        for connection in list(context.connections.values()):
+        for connection in list(context.registry.connections.values()):
             self._close_for_shutdown(connection)
         with trio.move_on_after(shutdown.drain_timeout) as scope:
             await self.wait_connections(lambda count: count == 0)
         if scope.cancelled_caught:
-            self.log.warning("drain_timeout", remaining=len(context.connections))
+            self.log.warning("drain_timeout", remaining=len(context.registry.connections))
 
     async def wait_connections(self, condition: Callable[[int], bool]) -> None:
         """Wait until ``condition(number of open connections)`` holds."""
-        context = self.context
-        while not condition(len(context.connections)):
-            await context.changed.park()
+        await self.context.registry.wait(condition)
 
     def _close_for_shutdown(self, connection: Connection) -> None:
         shutdown = self.context.config.shutdown
@@ -218,84 +221,80 @@ class OdinServer:
         # here would end serve_listeners and with it the whole server.
         try:
             async with trio.open_nursery() as nursery:
-                writer = ConnectionWriter(
-                    transport,
-                    max_messages=self.context.config.connection.queue_max_messages,
-                    max_bytes=self.context.config.connection.queue_max_bytes,
-                )
-                nursery.start_soon(writer.run)
                 try:
-                    await self._serve(transport, writer, nursery)
+                    await self._serve(transport, nursery)
                 finally:
-                    writer.mark_closed()
                     nursery.cancel_scope.cancel()
         except* Exception as group:
             # except*: a failure in one of the connection's tasks arrives grouped with the
             # Cancelled of its siblings; log the failure, let the cancellation go on.
             self.log.error("conn_error", peer=peer_address(transport), exc_info=group)
+        finally:
+            await trio.aclose_forcefully(transport)
 
-    async def _serve(
-        self, transport: trio.abc.Stream, writer: ConnectionWriter, nursery: trio.Nursery
-    ) -> None:
+    async def _serve(self, transport: trio.abc.Stream, nursery: trio.Nursery) -> None:
         context = self.context
         config = context.config.server
+        queue = context.config.connection
         peer = peer_address(transport)
+        writer = Writer(
+            transport, Outbox(queue.queue_max_messages, queue.queue_max_bytes), context.flusher
+        )
+        writer.attach(nursery)
         admitted = False
-        origin: str | None = None
         try:
             with trio.move_on_after(config.handshake_timeout) as handshake:
                 try:
-                    head = await read_request_head(writer, config.max_request_head)
+                    head = await read_request_head(transport, config.max_request_head)
                 except BadRequest as exc:
                     context.metrics.rejected["bad_request"].inc()
-                    await writer.send_all(response(exc.status, f"{exc}\n".encode()))
+                    await _answer(writer, response(exc.status, f"{exc}\n".encode()))
                     return
                 if head is None:
                     return
                 if head.path != config.ws_path:
-                    await writer.send_all(answer(context, head))
+                    await _answer(writer, answer(context, head))
                     return
                 refusal = self._refusal(head, peer)
                 if refusal is not None:
-                    await writer.send_all(refusal)
+                    await _answer(writer, refusal)
                     return
                 try:
                     protocol = negotiate(head.subprotocols, head.query_values("protocol"))
+                    accepted = accept(head, protocol.subprotocol)
                 except UnsupportedVersion as exc:
                     context.metrics.rejected["bad_request"].inc()
-                    await writer.send_all(response(400, f"{exc}\n".encode()))
+                    await _answer(writer, response(400, f"{exc}\n".encode()))
                     return
-                origin = head.headers.get("origin")
-                context.admitted += 1
+                except HandshakeRefused as exc:
+                    context.metrics.rejected["bad_request"].inc()
+                    await _answer(writer, exc.answer)
+                    return
+                context.registry.admit()
                 admitted = True
-                writer.replay_on_receive(head.raw)
-                request = await wrap_server_stream(
-                    nursery,
-                    writer,
-                    message_queue_size=_WS_MESSAGE_QUEUE,
-                    max_message_size=config.max_message_size,
-                )
-                websocket = await accept(request, protocol.subprotocol)
+                writer.offer(accepted, force=True)
+                origin, trailing = head.headers.get("origin"), head.trailing
             if handshake.cancelled_caught:
                 context.metrics.rejected["handshake_timeout"].inc()
                 self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
                 return
             connection = Connection(
                 context,
-                websocket,
+                transport,
                 writer,
                 number=next(self._numbers),
                 peer=peer,
                 origin=origin,
                 v1=protocol.v1,
+                trailing=trailing,
             )
-            if context.draining:
+            if context.registry.draining:
                 self._close_for_shutdown(connection)
             admitted = False  # from here the connection gives its place back itself
             await connection.run(nursery)
         finally:
             if admitted:
-                context.admitted -= 1
+                context.registry.release()
 
     def _refusal(self, head: RequestHead, peer: str) -> bytes | None:
         """The response refusing an upgrade, or None to accept it."""
@@ -316,15 +315,15 @@ class OdinServer:
             metrics.rejected["origin"].inc()
             self.log.warning("origin_rejected", peer=peer, origin=origin)
             return response(403, b"origin not allowed\n")
-        if context.draining:
+        if context.registry.draining:
             metrics.rejected["draining"].inc()
             return response(503, b"server is shutting down\n", headers=retry)
-        if context.admitted >= context.max_connections:
+        if context.registry.full:
             metrics.rejected["at_capacity"].inc()
             now = trio.current_time()
             if now - self._last_capacity_log >= 1.0:  # at most one line a second under a storm
                 self._last_capacity_log = now
-                self.log.warning("at_capacity", peer=peer, limit=context.max_connections)
+                self.log.warning("at_capacity", peer=peer, limit=context.registry.max_connections)
             return response(503, b"server at capacity\n", headers=retry)
         return None
 
@@ -347,6 +346,12 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
         problem = _LISTEN_PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
         shown = f"[{host}]" if ":" in host else host
         raise StartError(f"address {shown}:{port} {problem}") from None
+
+
+async def _answer(writer: Writer, data: bytes) -> None:
+    """Send a complete HTTP response (the socket is closed after it)."""
+    writer.offer(data, force=True)
+    await writer.wait_flushed()
 
 
 def peer_address(transport: trio.abc.Stream) -> str:

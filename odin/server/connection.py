@@ -1,11 +1,15 @@
-"""One client connection: its tasks, its queue, its session, and how it ends.
+"""One Odin client connection: its session, subscriptions, deliveries, and how it ends.
 
-Everything a connection holds lives in one nursery opened by the server for it: the writer
-task draining its queue, trio-websocket's reader task, the heartbeat, the closer, and (in the
-nursery's own task) the loop that reads client messages. Whatever ends the connection (the
-client leaving, a slow-consumer or idle close, shutdown, an error) cancels that nursery, and
-``run``'s ``finally`` removes it from the index and the registry without awaiting, so nothing
-it held survives it.
+After the upgrade a connection is one task: ``WebSocket.run`` (websocket.py) reads frames
+and hands whole messages to ``on_message``, which applies the protocol's rules (``Session``)
+and carries out what they decide. Frames out go through the connection's ``Writer``, which
+needs a task of its own only while the socket pushes back. Pings and idle deadlines come from
+the server-wide ``Wheel`` (liveness.py). Closing is inline: the close frame is queued (after a
+``reconnect`` hint for a drain), the socket reads on until the client's close arrives or the
+close deadline passes, then the socket is closed.
+
+Everything a connection holds lives in the nursery the server opened for it, and ``run``'s
+``finally`` forgets it everywhere without awaiting, so cancellation always cleans up.
 """
 
 from __future__ import annotations
@@ -15,13 +19,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
 
-from odin.protocol.close_codes import (
-    IDLE_REASON,
-    SLOW_CONSUMER_REASON,
-    CloseCode,
-)
+from odin.protocol.close_codes import IDLE_REASON, SLOW_CONSUMER_REASON, CloseCode
 from odin.protocol.codec import encode, text_frame
 from odin.protocol.messages import Hello, Reconnect, ServerMessage
 from odin.protocol.negotiation import V1_ONLY_TYPES
@@ -38,13 +37,20 @@ from odin.protocol.session import (
     UnsubscribeAction,
 )
 from odin.server.fanout import Event, gap_frame
-from odin.server.websocket import OdinWebSocket
-from odin.server.writer import ConnectionWriter, Offer
+from odin.server.liveness import PING_FRAME
+from odin.server.websocket import PROTOCOL_ERROR_REASONS, WebSocket
+from odin.server.writer import Offer, Writer
 
 if TYPE_CHECKING:
     from odin.server.context import ServerContext
 
 PROTOCOL_VERSION = 1
+# The metric label of each close code wsproto reports for what it could not parse.
+_PROTOCOL_ERROR_LABELS = {
+    CloseCode.PROTOCOL_ERROR: "protocol_error",
+    CloseCode.INVALID_DATA: "protocol_error",
+    CloseCode.MESSAGE_TOO_BIG: "message_too_big",
+}
 
 
 def wall_ms() -> int:
@@ -56,25 +62,31 @@ class CloseRequest:
     code: int
     reason: str
     label: str
-    """Metric label for why it closed (slow_consumer, rate_limit, idle, shutdown)."""
-    timeout: float
+    """Metric label for why it closed (slow_consumer, rate_limit, idle, shutdown, ...)."""
 
 
 class Connection:
     def __init__(
         self,
         context: ServerContext,
-        websocket: OdinWebSocket,
-        writer: ConnectionWriter,
+        transport: trio.abc.Stream,
+        writer: Writer,
         *,
         number: int,
         peer: str,
         origin: str | None,
         v1: bool = True,
+        trailing: bytes = b"",
     ) -> None:
         self.context = context
-        self.ws = websocket
+        self.transport = transport
         self.writer = writer
+        self.socket = WebSocket(
+            transport,
+            writer,
+            max_message_size=context.config.server.max_message_size,
+            trailing=trailing,
+        )
         self.id = f"{context.instance}-{number}"
         self.peer = peer
         self.origin = origin
@@ -84,7 +96,6 @@ class Connection:
         self.opened_at = trio.current_time()
         self.session = Session(context.limits, context.rules, last_activity=self.opened_at)
         self.log = context.log.bind(conn=self.id, peer=peer)
-        websocket.on_control_frame = self._control_frame
         self.recovering: dict[str, list[Event]] = {}
         """Channels being recovered: live events wait here until the replay is sent."""
         self.recovery_overflow: dict[str, tuple[int, int]] = {}
@@ -93,8 +104,6 @@ class Connection:
         self.delivered = 0
         self.dropped = 0
         self.closing: CloseRequest | None = None
-        self._close_requested = trio.Event()
-        self._nursery: trio.Nursery | None = None
         self._limited_frames = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -102,27 +111,15 @@ class Connection:
     async def run(self, nursery: trio.Nursery) -> None:
         """Serve the connection until it ends; ``nursery`` is the connection's own."""
         context = self.context
-        self._nursery = nursery
-        context.connections[self.id] = self
-        context.metrics.connections.inc()
-        context.metrics.connections_active.inc()
-        context.changed.unpark_all()
+        context.registry.add(self)
+        context.liveness.add(self)
         self.log.info("conn_open", origin=self.origin, protocol=1 if self.v1 else 0)
         context.events.emit("conn_open", self.id, peer=self.peer)
+        self.writer.attach(nursery)
         try:
             self.send_message(self._hello())
-            nursery.start_soon(self._closer)
-            nursery.start_soon(self._heartbeat)
-            try:
-                await self._read_loop()
-            except Exception:  # a bug of ours: this connection ends with 1011, others go on
-                self.log.exception("conn_error")
-                self.request_close(
-                    CloseCode.INTERNAL_ERROR, "internal error", "error", discard_queue=True
-                )
-            if self.closing is not None:
-                # Our side is closing: the closer finishes the handshake, then cancels us.
-                await trio.sleep_forever()
+            self.writer.flush()
+            await self.socket.run(self, context.config.server.close_timeout)
         finally:
             self._cleanup()
             nursery.cancel_scope.cancel()
@@ -153,11 +150,9 @@ class Connection:
         context = self.context
         self.writer.mark_closed()
         self._unindex()
+        context.liveness.discard(self)
         self.recovering.clear()
-        if context.connections.pop(self.id, None) is not None:
-            context.metrics.connections_active.dec()
-            context.admitted -= 1
-            context.changed.unpark_all()
+        context.registry.remove(self)
         code, reason, label = self._close_outcome()
         context.metrics.closed[label].inc()
         context.events.emit("conn_close", self.id, code=int(code), reason=reason, why=label)
@@ -179,12 +174,10 @@ class Connection:
     def _close_outcome(self) -> tuple[int, str, str]:
         if self.closing is not None:
             return self.closing.code, self.closing.reason, self.closing.label
-        closed = self.ws.closed
-        if closed is None:
+        remote = self.socket.remote_close
+        if remote is None:
             return 1006, "connection lost", "client"
-        if closed.code == CloseCode.MESSAGE_TOO_BIG:
-            return closed.code, closed.reason or "message too big", "message_too_big"
-        return closed.code, closed.reason or "", "client"
+        return remote[0], remote[1], "client"
 
     def request_close(
         self,
@@ -196,66 +189,61 @@ class Connection:
         reconnect_after_ms: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Start closing: stop deliveries now, send the close frame from the closer task."""
+        """Start closing: stop deliveries now, queue the close frame, and give the client
+        ``timeout`` seconds (server.close_timeout) to answer it."""
         if self.closing is not None:
             return
-        self.closing = CloseRequest(
-            code, reason, label, timeout or self.context.config.server.close_timeout
-        )
+        self.closing = CloseRequest(code, reason, label)
         self._unindex()
         if discard_queue:
-            dropped = self.writer.discard_events()
+            dropped = self.writer.outbox.discard_events()
             self.dropped += dropped
             self.context.metrics.dropped_slow.inc(dropped)
-        if reconnect_after_ms is not None and self.v1:
+        if reconnect_after_ms is not None and self.v1 and self.socket.open:
             hint = Reconnect(after_ms=reconnect_after_ms, reason=reason)
-            self.writer.offer(text_frame(encode(hint)), force=True)
-        self._close_requested.set()
+            self.socket.send(text_frame(encode(hint)))
+        self.socket.close(code, reason, timeout or self.context.config.server.close_timeout)
 
-    def _control_frame(self) -> None:
-        self.session.note_activity(trio.current_time())
+    # ---- liveness (the server's wheel calls these) ------------------------------------------
 
-    async def _closer(self) -> None:
-        await self._close_requested.wait()
-        request = self.closing
-        assert request is not None
-        with trio.move_on_after(request.timeout):
-            await self.ws.aclose(request.code, request.reason)
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
+    def idle_deadline(self) -> float:
+        return self.session.idle_deadline()
 
-    async def _heartbeat(self) -> None:
-        """Ping on an interval; close when nothing (no frame, no pong) came for too long."""
-        interval = self.context.config.connection.ping_interval
-        while True:
-            await trio.sleep(interval)
-            deadline = self.session.idle_deadline()
-            if trio.current_time() >= deadline:
-                self.log.info("idle_timeout", idle=round(trio.current_time() - deadline, 3))
-                self.request_close(CloseCode.IDLE_TIMEOUT, IDLE_REASON, "idle", discard_queue=True)
-                return
-            with trio.move_on_at(deadline):
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-                self.session.note_activity(trio.current_time())
+    def ping(self) -> None:
+        if self.closing is None:
+            self.writer.offer(PING_FRAME, force=True)
 
-    # ---- inbound -------------------------------------------------------------------------
+    def close_idle(self, now: float) -> None:
+        self.log.info("idle_timeout", idle=round(now - self.session.last_activity, 3))
+        self.request_close(CloseCode.IDLE_TIMEOUT, IDLE_REASON, "idle", discard_queue=True)
 
-    async def _read_loop(self) -> None:
+    # ---- inbound (WebSocket.run calls these) ----------------------------------------------
+
+    def on_activity(self, now: float) -> None:
+        self.session.note_activity(now)
+
+    def on_protocol_error(self, code: CloseCode, detail: str) -> None:
+        self.log.info("protocol_error", code=int(code), detail=detail)
+        self.request_close(
+            code,
+            PROTOCOL_ERROR_REASONS[code],
+            _PROTOCOL_ERROR_LABELS[code],
+            discard_queue=True,
+        )
+
+    async def on_message(self, message: str | bytes) -> None:
         metrics = self.context.metrics
-        while self.closing is None:
-            try:
-                frame = await self.ws.get_message()
-            except ConnectionClosed:
-                return
-            metrics.frames_received.inc()
-            metrics.bytes_received.inc(
-                len(frame) if isinstance(frame, bytes) else len(frame.encode())
-            )
-            action = self.session.receive(frame, now=trio.current_time(), wall_ms=wall_ms())
+        metrics.frames_received.inc()
+        size = len(message) if isinstance(message, bytes) else len(message.encode())
+        metrics.bytes_received.inc(size)
+        action = self.session.receive(message, now=trio.current_time(), wall_ms=wall_ms())
+        try:
             await self._execute(action)
+        except Exception:  # a bug of ours: this connection ends with 1011, others go on
+            self.log.exception("conn_error")
+            self.request_close(
+                CloseCode.INTERNAL_ERROR, "internal error", "error", discard_queue=True
+            )
 
     async def _execute(self, action: Action) -> None:
         # Imported here: these modules build on Connection.
@@ -303,13 +291,13 @@ class Connection:
     def send_frame(
         self, frame: bytes, channel: str | None = None, seq: int = 0, *, force: bool = False
     ) -> bool:
-        """Offer a frame; apply the slow-consumer policy if the queue is full."""
+        """Queue a frame; apply the slow-consumer policy if the queue is full."""
         result = self.writer.offer(frame, channel, seq, force=force)
         if result is Offer.FULL:
             return self._overflow(frame, channel, seq)
         return result is not Offer.CLOSED
 
-    def deliver(self, event: Event) -> bool:
+    def deliver(self, event: Event, now: float) -> bool:
         """The fan-out's hot path: hand one event to this connection."""
         publication = event.publication
         channel = publication.channel
@@ -324,7 +312,7 @@ class Connection:
                 if publication.seq <= floor:
                     return False
                 del self.floors[channel]
-        result = self.writer.offer(event.frame, channel, publication.seq)
+        result = self.writer.offer(event.frame, channel, publication.seq, now=now)
         if result is Offer.FULL and not self._overflow(event.frame, channel, publication.seq):
             return False
         if result is Offer.CLOSED:
@@ -346,7 +334,7 @@ class Connection:
 
     def _buffer_during_recovery(self, event: Event) -> None:
         buffer = self.recovering[event.channel]
-        if len(buffer) < self.writer.max_messages:
+        if len(buffer) < self.writer.outbox.max_messages:
             buffer.append(event)
             return
         first, _ = self.recovery_overflow.get(event.channel, (event.seq, 0))
@@ -356,8 +344,9 @@ class Connection:
         """The queue is full. Conflate (if that policy is on and it frees room) or close."""
         context = self.context
         metrics = context.metrics
+        outbox = self.writer.outbox
         if context.config.connection.slow_consumer_policy == "conflate":
-            dropped, gaps = self.writer.conflate(
+            dropped, gaps = outbox.conflate(
                 lambda ch, first, last: gap_frame(ch, first, last, "conflated") if self.v1 else None
             )
             if dropped:
@@ -374,12 +363,10 @@ class Connection:
         self.log.warning(
             "slow_consumer",
             action="closed",
-            queued_messages=self.writer.queued_messages,
-            queued_bytes=self.writer.queued_bytes,
+            queued_messages=len(outbox),
+            queued_bytes=outbox.queued_bytes,
         )
-        context.events.emit(
-            "slow_consumer", self.id, action="closed", queued=self.writer.queued_messages
-        )
+        context.events.emit("slow_consumer", self.id, action="closed", queued=len(outbox))
         self.request_close(
             CloseCode.POLICY_VIOLATION, SLOW_CONSUMER_REASON, "slow_consumer", discard_queue=True
         )

@@ -10,9 +10,8 @@ import attrs
 import trio
 
 from odin.broker.base import Broker
-from odin.capacity import Capacity, plan, read_limits
+from odin.capacity import plan, read_limits
 from odin.config import Config
-from odin.core.history import HistoryLog
 from odin.core.hub import Hub
 from odin.logs import Log
 from odin.metrics import Metrics
@@ -20,11 +19,13 @@ from odin.protocol.channels import ChannelRules
 from odin.protocol.session import SessionLimits
 from odin.server.endpoints import CpuSampler
 from odin.server.events import EventRing
+from odin.server.history_reads import HistoryReader
+from odin.server.liveness import Wheel
+from odin.server.registry import Registry
+from odin.server.writer import Flusher
 
 if TYPE_CHECKING:
     from odin.server.connection import Connection
-    from odin.server.fanout import Event
-    from odin.server.history_reads import SharedRead
 
 
 @attrs.define(eq=False)
@@ -34,52 +35,39 @@ class ServerContext:
     metrics: Metrics
     log: Log
     hub: Hub[Connection] = attrs.Factory(Hub)
-    history: HistoryLog[Event] = attrs.field(init=False)
-    connections: dict[str, Connection] = attrs.Factory(dict)
-    """Open connections by id (registered after the upgrade, removed at close)."""
-    admitted: int = 0
-    """Connections counted against the limit: registered or past admission in the upgrade."""
+    reader: HistoryReader = attrs.field(init=False)
+    """The window of recent events, its epoch, and reads of the broker's history."""
+    registry: Registry = attrs.field(init=False)
+    """Who is connected, and the connection limit."""
     instance: str = attrs.Factory(lambda: secrets.token_hex(3))
     """Distinguishes this process's connection ids from other processes'."""
-    epoch: str = ""
-    """The epoch of the last publication the fan-out handled."""
-    draining: bool = False
-    changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
-    """Unparked whenever a connection opens or closes."""
-    reads: dict[tuple[str, int, int], SharedRead] = attrs.Factory(dict)
-    """History reads in flight, by (channel, after, limit), shared by identical requests."""
     events: EventRing = attrs.Factory(EventRing)
     """Recent connection events, for the control socket's watchers."""
     started_at: float = attrs.Factory(time.time)
+    flusher: Flusher = attrs.Factory(Flusher)
+    """Writers with frames queued since their last flush (flushed once per fan-out batch)."""
+    liveness: Wheel = attrs.field(init=False)
+    """Pings and idle deadlines of every connection, from one task."""
     cpu: CpuSampler = attrs.Factory(CpuSampler)
     """This process's recent CPU use, for /health."""
-    capacity: Capacity = attrs.field(init=False)
-    """The connection limit in force, and the limits it was derived from."""
     rules: ChannelRules = attrs.field(init=False)
     limits: SessionLimits = attrs.field(init=False)
 
-    @property
-    def max_connections(self) -> int:
-        return self.capacity.max_connections
-
     def __attrs_post_init__(self) -> None:
-        history = self.config.history
-        self.history = HistoryLog(
-            max_messages=history.max_messages,
-            max_age=history.max_age,
-            max_channels=history.max_channels,
-        )
+        self.reader = HistoryReader(self.config, self.broker, self.metrics, self.log)
+        self.liveness = Wheel(self.config.connection.ping_interval)
         self.rules = ChannelRules()
         self.limits = session_limits(self.config)
-        self.capacity = plan(self.config.server.max_connections, read_limits())
-        self.metrics.connections_max.set(self.capacity.max_connections)
+        self.registry = Registry(
+            plan(self.config.server.max_connections, read_limits()), self.metrics
+        )
         self.metrics.watch_broker(self.broker.stats)
         self.metrics.watch_queues(self._queues, trio.current_time)
 
     def _queues(self) -> list[tuple[int, float | None]]:
         return [
             (connection.writer.queued_messages, connection.writer.oldest_queued_at())
-            for connection in self.connections.values()
+            for connection in self.registry.connections.values()
         ]
 
 

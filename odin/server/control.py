@@ -420,7 +420,7 @@ class _Console:
 
     def _kick(self, kick: Kick) -> Kicked:
         context = self.control.context
-        connection = context.connections.get(kick.conn)
+        connection = context.registry.connections.get(kick.conn)
         if connection is None:
             raise ControlError(ErrorCode.NOT_FOUND, f"no open connection {kick.conn!r}")
         self.control.log.warning(
@@ -438,7 +438,7 @@ class _Console:
         control.log.warning("control_drain", pid=self.pid, uid=self.uid)
         context.events.emit("drain", by_pid=self.pid)
         control.server.request_shutdown()
-        return Draining(len(context.connections), context.config.shutdown.drain_timeout)
+        return Draining(len(context.registry.connections), context.config.shutdown.drain_timeout)
 
     def _reload(self) -> Reloaded:
         control = self.control

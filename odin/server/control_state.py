@@ -94,7 +94,7 @@ _SNAPSHOT_METRICS = (
 
 async def chunks(context: ServerContext) -> AsyncIterator[list[Connection]]:
     """The open connections, a chunk at a time, with a checkpoint after each chunk."""
-    everyone = list(context.connections.values())
+    everyone = list(context.registry.connections.values())
     for start in range(0, len(everyone), CHUNK):
         yield everyone[start : start + CHUNK]
         await trio.lowlevel.checkpoint()
@@ -130,11 +130,11 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
         time=time.time(),
         uptime=time.time() - context.started_at,
         instance=context.instance,
-        connections=len(context.connections),
-        max_connections=context.max_connections,
+        connections=len(context.registry.connections),
+        max_connections=context.registry.max_connections,
         subscriptions=context.hub.subscriptions,
-        channels=len(context.history.channels()),
-        draining=context.draining,
+        channels=len(context.reader.window.channels()),
+        draining=context.registry.draining,
         publications=value("odin_publications_received_total"),
         deliveries=value("odin_deliveries_total"),
         in_per_s=round(rates.in_per_s, 2),
@@ -158,13 +158,13 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
         nats=NatsState(
             connected=status.connected,
             detail=status.detail,
-            epoch=context.epoch,
+            epoch=context.reader.epoch,
             pending=stats.pending,
             reconnects=stats.reconnects,
             ingest_dropped=stats.ingest_dropped,
         ),
         rss_bytes=rss_bytes() or 0,
-        memory_limit_bytes=context.capacity.limits.memory_bytes or 0,
+        memory_limit_bytes=context.registry.capacity.limits.memory_bytes or 0,
         cpu_seconds=round(times.user + times.system, 3),
         deepest_queue=deepest,
         oldest_queued_age=round(now - oldest, 3) if oldest is not None else 0.0,
@@ -250,7 +250,7 @@ async def slow_consumers(context: ServerContext, limit: int) -> list[ConnectionI
 
 
 def inspect(context: ServerContext, conn: str) -> ConnectionDetail | None:
-    connection = context.connections.get(conn)
+    connection = context.registry.connections.get(conn)
     if connection is None:
         return None
     return ConnectionDetail(
@@ -265,13 +265,13 @@ def inspect(context: ServerContext, conn: str) -> ConnectionDetail | None:
 def list_channels(context: ServerContext, request: ListChannels) -> Page[ChannelInfo]:
     """Channels in the history window and channels subscribed by name."""
     now = trio.current_time()
-    names = set(context.history.channels())
+    names = set(context.reader.window.channels())
     names.update(context.hub.exact_keys())
     if request.filter:
         names = {name for name in names if request.filter in name}
     channels = []
     for name in names:
-        retained, last_seq, recent = context.history.channel_stats(name, now, RATE_WINDOW)
+        retained, last_seq, recent = context.reader.window.channel_stats(name, now, RATE_WINDOW)
         channels.append(
             ChannelInfo(
                 name=name,

@@ -52,7 +52,7 @@ class CpuSampler:
 
 def health(context: ServerContext) -> tuple[int, dict[str, object]]:
     broker = context.broker.status()
-    current, limit = len(context.connections), context.max_connections
+    current, limit = len(context.registry.connections), context.registry.max_connections
     percentage = round(100.0 * current / limit, 2)
     warnings: list[str] = []
     errors: list[str] = []
@@ -62,7 +62,7 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
         warnings.append(f"Server at full capacity ({current}/{limit})")
     elif percentage > 90:
         warnings.append(f"Server near capacity ({percentage}%)")
-    if context.draining:
+    if context.registry.draining:
         warnings.append("draining: not accepting new connections")
     healthy = broker.connected
     broker_status = "connected" if broker.connected else "disconnected"
@@ -72,7 +72,7 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
             "healthy": broker.connected,
             "detail": broker.detail,
             "location": broker.location,
-            "epoch": context.epoch or context.broker.epoch,
+            "epoch": context.reader.epoch or context.broker.epoch,
         },
         "capacity": {
             "current": current,
@@ -81,13 +81,16 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
             "healthy": current < limit,
             **{
                 key: value
-                for key, value in context.capacity.describe().items()
+                for key, value in context.registry.capacity.describe().items()
                 if key != "max_connections"
             },
         },
-        "memory": _memory(rss_bytes(), context.capacity.limits.memory_bytes),
-        "cpu": {"percentage": context.cpu.percentage, "cores": context.capacity.limits.cpu_cores},
-        "accepting": {"healthy": not context.draining},
+        "memory": _memory(rss_bytes(), context.registry.capacity.limits.memory_bytes),
+        "cpu": {
+            "percentage": context.cpu.percentage,
+            "cores": context.registry.capacity.limits.cpu_cores,
+        },
+        "accepting": {"healthy": not context.registry.draining},
     }
     if context.config.broker.kind == "nats":  # the original's name for the broker check
         checks["nats"] = {"status": broker_status, "healthy": broker.connected}
@@ -120,9 +123,9 @@ def ready(context: ServerContext) -> tuple[int, dict[str, object]]:
     reasons = []
     if not context.broker.status().connected:
         reasons.append("broker disconnected")
-    if context.draining:
+    if context.registry.draining:
         reasons.append("draining")
-    if context.admitted >= context.max_connections:
+    if context.registry.full:
         reasons.append("at connection limit")
     return (503 if reasons else 200), {"ready": not reasons, "reasons": reasons}
 

@@ -93,7 +93,7 @@ class Fanout:
 
     @property
     def history(self) -> HistoryLog[Event]:
-        return self._context.history
+        return self._context.reader.window
 
     def handle(self, item: FeedItem, now: float) -> None:
         if isinstance(item, Gap):
@@ -107,7 +107,7 @@ class Fanout:
         context = self._context
         self.received += 1
         self.last_seq = publication.seq
-        if publication.epoch != context.epoch:
+        if publication.epoch != context.reader.epoch:
             self._new_epoch(publication.epoch)
         event = make_event(publication, self._max_payload)
         if event.refused is not None:
@@ -125,7 +125,7 @@ class Fanout:
             return
         delivered = 0
         for connection in connections:
-            if connection.deliver(event):
+            if connection.deliver(event, now):
                 delivered += 1
         if delivered:
             self.delivered += delivered
@@ -164,8 +164,8 @@ class Fanout:
 
     def _new_epoch(self, epoch: str) -> None:
         context = self._context
-        if context.epoch:
-            context.log.warning("epoch_changed", old=context.epoch, new=epoch)
+        if context.reader.epoch:
+            context.log.warning("epoch_changed", old=context.reader.epoch, new=epoch)
         # Positions of the old history mean nothing in the new one.
         self.history.clear()
-        context.epoch = epoch
+        context.reader.epoch = epoch

@@ -1,24 +1,25 @@
 """Reading history for recovery and replay: the server's window first, the broker beyond it.
 
-The window (``ServerContext.history``) answers most requests without awaiting, which also
-means without any live message slipping in between. When it cannot prove continuity (the
-position is older than the window, or the window has a hole from a feed gap) the broker's
-history is read, bounded by ``history.read_timeout``.
+``HistoryReader`` owns everything a recovery or a replay reads: the window of recent events
+the fan-out appends to (``window``), the epoch they belong to, and the broker reads in flight.
+The window answers most requests without awaiting, which also means without any live message
+slipping in between. When it cannot prove continuity (the position is older than the window,
+or the window has a hole from a feed gap) the broker's history is read, bounded by
+``history.read_timeout``; identical reads in flight at once share one broker read.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import attrs
 import trio
 
-from odin.broker.base import BrokerError
+from odin.broker.base import Broker, BrokerError
+from odin.config import Config
+from odin.core.history import HistoryLog
 from odin.core.recovery import linked
+from odin.logs import Log
+from odin.metrics import Metrics
 from odin.server.fanout import Event, make_event
-
-if TYPE_CHECKING:
-    from odin.server.context import ServerContext
 
 
 class HistoryUnavailable(Exception):
@@ -34,16 +35,6 @@ class Slice:
     events: list[Event]
     source: str
     """window or broker"""
-
-
-def current_epoch(context: ServerContext) -> str:
-    return context.epoch or context.broker.epoch
-
-
-def read_window(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
-    history = context.history
-    events = history.after(channel, after, limit, trio.current_time())
-    return Slice(current_epoch(context), history.last_seq(channel), events, "window")
 
 
 def window_proves(slice_: Slice, after: int, limit: int) -> bool:
@@ -69,56 +60,97 @@ class SharedRead:
     failed: bool = False
 
 
-async def read_broker(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
-    """Read the broker's history. Identical reads in flight at once (clients of one channel
-    reconnecting together after an outage) share one broker read."""
-    key = (channel, after, limit)
-    while (flight := context.reads.get(key)) is not None:
-        context.metrics.history_reads.labels("shared").inc()
-        await flight.done.wait()
-        if flight.result is not None:
+class HistoryReader:
+    def __init__(self, config: Config, broker: Broker, metrics: Metrics, log: Log) -> None:
+        history = config.history
+        self.window: HistoryLog[Event] = HistoryLog(
+            max_messages=history.max_messages,
+            max_age=history.max_age,
+            max_channels=history.max_channels,
+        )
+        """Recent events of every channel, appended by the fan-out."""
+        self.epoch = ""
+        """The epoch of the last publication the fan-out handled."""
+        self._config = config
+        self._broker = broker
+        self._metrics = metrics
+        self._log = log
+        self._reads: dict[tuple[str, int, int], SharedRead] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: read limits and timeouts change live (the window's size does not)."""
+        self._config = config
+
+    def current_epoch(self) -> str:
+        return self.epoch or self._broker.epoch
+
+    def read_window(self, channel: str, after: int, limit: int) -> Slice:
+        window = self.window
+        events = window.after(channel, after, limit, trio.current_time())
+        return Slice(self.current_epoch(), window.last_seq(channel), events, "window")
+
+    async def read_broker(self, channel: str, after: int, limit: int) -> Slice:
+        """Read the broker's history. Identical reads in flight at once (clients of one
+        channel reconnecting together after an outage) share one broker read."""
+        key = (channel, after, limit)
+        while (flight := self._reads.get(key)) is not None:
+            self._metrics.history_reads.labels("shared").inc()
+            await flight.done.wait()
+            if flight.result is not None:
+                return flight.result
+            if flight.failed:
+                raise HistoryUnavailable("the shared read failed")
+            # The reader was cancelled (its client left): read again.
+        flight = self._reads[key] = SharedRead()
+        try:
+            flight.result = await self._read_broker(channel, after, limit)
             return flight.result
-        if flight.failed:
-            raise HistoryUnavailable("the shared read failed")
-        # The reader was cancelled (its client left): read again.
-    flight = context.reads[key] = SharedRead()
-    try:
-        flight.result = await _read_broker(context, channel, after, limit)
-        return flight.result
-    except HistoryUnavailable:
-        flight.failed = True
-        raise
-    finally:
-        del context.reads[key]
-        flight.done.set()
+        except HistoryUnavailable:
+            flight.failed = True
+            raise
+        finally:
+            del self._reads[key]
+            flight.done.set()
 
+    async def _read_broker(self, channel: str, after: int, limit: int) -> Slice:
+        metrics = self._metrics
+        try:
+            with trio.fail_after(self._config.history.read_timeout):
+                page = await self._broker.read_after(channel, after, limit)
+        except (trio.TooSlowError, BrokerError) as exc:
+            metrics.history_reads.labels("error").inc()
+            self._log.warning("history_read_failed", channel=channel, error=repr(exc))
+            raise HistoryUnavailable(str(exc)) from exc
+        metrics.history_reads.labels("ok").inc()
+        max_payload = self._config.broker.max_payload
+        events = [make_event(publication, max_payload) for publication in page.messages]
+        return Slice(page.epoch, page.latest_seq, events, "broker")
 
-async def _read_broker(context: ServerContext, channel: str, after: int, limit: int) -> Slice:
-    metrics = context.metrics
-    try:
-        with trio.fail_after(context.config.history.read_timeout):
-            page = await context.broker.read_after(channel, after, limit)
-    except (trio.TooSlowError, BrokerError) as exc:
-        metrics.history_reads.labels("error").inc()
-        context.log.warning("history_read_failed", channel=channel, error=repr(exc))
-        raise HistoryUnavailable(str(exc)) from exc
-    metrics.history_reads.labels("ok").inc()
-    max_payload = context.config.broker.max_payload
-    events = [make_event(publication, max_payload) for publication in page.messages]
-    return Slice(page.epoch, page.latest_seq, events, "broker")
+    async def latest_event(self, channel: str) -> Event | None:
+        """The channel's newest message, from the window if it has one."""
+        event = self.window.latest(channel, trio.current_time())
+        if event is not None:
+            return event
+        try:
+            with trio.fail_after(self._config.history.read_timeout):
+                publication = await self._broker.latest(channel)
+        except (trio.TooSlowError, BrokerError):
+            self._metrics.history_reads.labels("error").inc()
+            return None
+        if publication is None:
+            return None
+        return make_event(publication, self._config.broker.max_payload)
 
-
-async def latest_event(context: ServerContext, channel: str) -> Event | None:
-    """The channel's newest message, from the window if it has one."""
-    event = context.history.latest(channel, trio.current_time())
-    if event is not None:
-        return event
-    try:
-        with trio.fail_after(context.config.history.read_timeout):
-            publication = await context.broker.latest(channel)
-    except (trio.TooSlowError, BrokerError):
-        context.metrics.history_reads.labels("error").inc()
-        return None
-    if publication is None:
-        return None
-    return make_event(publication, context.config.broker.max_payload)
+    async def latest_position(self, channel: str) -> int | None:
+        """The channel's newest position: from the window if it has seen the channel, else
+        from the broker (0: no message yet); None if the broker cannot say."""
+        if self.window.knows(channel):
+            return self.window.last_seq(channel)
+        try:
+            with trio.fail_after(self._config.history.read_timeout):
+                latest = await self._broker.latest(channel)
+        except (trio.TooSlowError, BrokerError):
+            self._metrics.history_reads.labels("error").inc()
+            return None
+        self._metrics.history_reads.labels("ok").inc()
+        return latest.seq if latest is not None else 0

@@ -28,8 +28,8 @@ class RequestHead:
     """The query string, without the ``?`` (empty if none)."""
     headers: dict[str, str]
     """Lower-case names; repeated headers joined with ", "."""
-    raw: bytes
-    """Every byte read so far, to replay into the WebSocket handshake."""
+    trailing: bytes = b""
+    """Bytes the client sent after the head (the first WebSocket frames of an eager client)."""
 
     @property
     def is_websocket_upgrade(self) -> bool:
@@ -84,7 +84,7 @@ async def read_request_head(stream: trio.abc.ReceiveStream, max_size: int) -> Re
                 path=path,
                 query=query,
                 headers=headers,
-                raw=bytes(raw),
+                trailing=bytes(connection.trailing_data[0]),
             )
         return None
 

@@ -96,14 +96,15 @@ def apply(context: ServerContext, reload: Reload) -> None:
     """Put ``reload.config`` in effect for the server and its open connections."""
     config = reload.config
     context.config = config
+    context.reader.reconfigure(config)
     logs.set_level(config.log.level)
     context.limits = session_limits(config)
     now = trio.current_time()
-    for connection in context.connections.values():
+    for connection in context.registry.connections.values():
         connection.session.set_limits(context.limits, now)
         connection.writer.set_limits(
             config.connection.queue_max_messages, config.connection.queue_max_bytes
         )
     if "server.max_connections" in reload.changed:
-        context.capacity = plan(config.server.max_connections, context.capacity.limits)
-        context.metrics.connections_max.set(context.capacity.max_connections)
+        registry = context.registry
+        registry.set_capacity(plan(config.server.max_connections, registry.capacity.limits))

@@ -17,9 +17,6 @@ from odin.protocol.session import ReplayAction
 from odin.server.history_reads import (
     HistoryUnavailable,
     Slice,
-    current_epoch,
-    read_broker,
-    read_window,
     window_proves,
 )
 
@@ -33,7 +30,8 @@ async def replay(connection: Connection, action: ReplayAction) -> None:
     channels = action.channels
     if channels is None:
         subscriptions = connection.session.subscriptions
-        channels = sorted(ch for ch in context.history.channels() if covered_by(ch, subscriptions))
+        known = context.reader.window.channels()
+        channels = sorted(channel for channel in known if covered_by(channel, subscriptions))
     budget = context.config.history.replay_max_messages
     for channel in channels:
         if connection.closing is not None:
@@ -67,9 +65,9 @@ async def _replay_channel(
     connection: Connection, channel: str, action: ReplayAction, budget: int
 ) -> tuple[int, Reason | None, list[tuple[int, int]]]:
     context = connection.context
-    top = action.until if action.until is not None else context.history.last_seq(channel)
+    top = action.until if action.until is not None else context.reader.window.last_seq(channel)
     everything = [(action.after + 1, max(action.after + 1, top))]
-    if action.epoch is not None and action.epoch != current_epoch(context):
+    if action.epoch is not None and action.epoch != context.reader.current_epoch():
         return 0, Reason.EPOCH_CHANGED, everything
     try:
         found = await _read(connection, channel, action.after, budget)
@@ -89,10 +87,10 @@ async def _replay_channel(
 
 async def _read(connection: Connection, channel: str, after: int, limit: int) -> Slice:
     context = connection.context
-    window = read_window(context, channel, after, limit)
+    window = context.reader.read_window(channel, after, limit)
     if window_proves(window, after, limit):
         return window
-    return await read_broker(context, channel, after, limit)
+    return await context.reader.read_broker(channel, after, limit)
 
 
 _EXPLANATIONS = {

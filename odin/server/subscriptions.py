@@ -12,9 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import attrs
-import trio
 
-from odin.broker.base import BrokerError
 from odin.core.recovery import (
     NotRecovered,
     Reason,
@@ -31,10 +29,6 @@ from odin.protocol.session import SubscribeAction, UnsubscribeAction
 from odin.server.fanout import Event, gap_frame
 from odin.server.history_reads import (
     HistoryUnavailable,
-    current_epoch,
-    latest_event,
-    read_broker,
-    read_window,
 )
 
 if TYPE_CHECKING:
@@ -53,10 +47,10 @@ class Outcome:
 
 async def recover(context: ServerContext, channel: str, position: Position) -> Outcome:
     """Decide one channel's recovery: from the window if it can, else from the broker."""
-    if not current_epoch(context):  # the broker has not told us its history yet
+    if not context.reader.current_epoch():  # the broker has not told us its history yet
         return Outcome(False, [], Reason.BROKER_UNAVAILABLE, "broker")
     limit = context.config.history.recovery_max_messages
-    window = read_window(context, channel, position.seq, limit)
+    window = context.reader.read_window(channel, position.seq, limit)
     local = assess_local(
         position.seq, position.epoch, window.epoch, window.latest_seq, window.events, limit
     )
@@ -64,7 +58,7 @@ async def recover(context: ServerContext, channel: str, position: Position) -> O
         return Outcome(True, list(local.messages), None, "window")
     if isinstance(local, Unknown):
         try:
-            page = await read_broker(context, channel, position.seq, limit)
+            page = await context.reader.read_broker(channel, position.seq, limit)
         except HistoryUnavailable:
             decided: Recovered[Event] | NotRecovered = NotRecovered(Reason.BROKER_UNAVAILABLE)
         else:
@@ -76,7 +70,7 @@ async def recover(context: ServerContext, channel: str, position: Position) -> O
         reason, source = decided.reason, "broker"
     else:
         reason, source = local.reason, "window"
-    latest = await latest_event(context, channel)
+    latest = await context.reader.latest_event(channel)
     return Outcome(False, [latest] if latest is not None else [], reason, source)
 
 
@@ -84,21 +78,6 @@ def gap_event(channel: str, first: int, last: int, reason: str) -> Event:
     """A gap notice that sits in a replay like the messages it stands for."""
     marker = Publication(channel, seq=last, prev=first - 1, epoch="", ts=0.0, payload=b"")
     return Event(marker, gap_frame(channel, first, last, reason), refused=reason)
-
-
-async def latest_position(context: ServerContext, channel: str) -> int | None:
-    """The channel's newest position: from the window if it has seen the channel, else from
-    the broker (0: no message yet); None if the broker cannot say."""
-    if context.history.knows(channel):
-        return context.history.last_seq(channel)
-    try:
-        with trio.fail_after(context.config.history.read_timeout):
-            latest = await context.broker.latest(channel)
-    except (trio.TooSlowError, BrokerError):
-        context.metrics.history_reads.labels("error").inc()
-        return None
-    context.metrics.history_reads.labels("ok").inc()
-    return latest.seq if latest is not None else 0
 
 
 def _hand_over(connection: Connection, channel: str, last: int, events: list[Event]) -> list[Event]:
@@ -120,7 +99,7 @@ def _hand_over(connection: Connection, channel: str, last: int, events: list[Eve
 async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     context = connection.context
     hub = context.hub
-    history = context.history
+    history = context.reader.window
     # Live messages wait for the channels being recovered, and for new concrete channels this
     # process has not seen yet (their position comes from the broker).
     unknown = [
@@ -138,7 +117,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         channel: await recover(context, channel, position)
         for channel, position in action.recover.items()
     }
-    starts = {channel: await latest_position(context, channel) for channel in unknown}
+    starts = {channel: await context.reader.latest_position(channel) for channel in unknown}
 
     # From here on nothing awaits: the ack, the replays and the held live messages are
     # queued in this order before any other message can reach the connection.
@@ -148,7 +127,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         return
     for key in action.added:
         hub.add(key, connection)
-    epoch = current_epoch(context)
+    epoch = context.reader.current_epoch()
     positions: dict[str, Position] = {}
     reports: dict[str, RecoveryReport] = {}
     sends: list[Event] = []

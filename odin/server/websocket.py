@@ -1,66 +1,157 @@
-"""trio-websocket's server connection, with a hook and a fix.
+"""The WebSocket side of one connection: wsproto's frame-level ``Connection`` driven directly.
 
-The hook: every ping or pong from the peer is reported, so liveness counts control frames too
-(trio-websocket handles them internally and tells the application nothing).
+Bytes from the socket go into wsproto; its events come out as calls on a ``Handler``: whole
+messages, and every ping or pong as proof the peer is alive. Pings are answered, the close
+handshake is completed, and what wsproto cannot parse is closed with the code it names (1002,
+1007, or 1009 from ``MessageSizeGuard`` on the header of an oversized frame) before the socket
+is. Frames out go through the connection's ``Writer``. This is hypercorn's ``ws_stream`` shape:
+one reading loop in the connection's own task, no task of its own for anything else.
 
-The fix: when our side has sent its close frame (wsproto state LOCAL_CLOSING) and the peer's ping
-arrives before its close reply, trio-websocket answers the ping, wsproto refuses to send a
-pong in that state, and the ``LocalProtocolError`` ends the connection's nursery with a
-traceback (python-trio/trio-websocket#184; the fix in PR #198 is not released). A ping that
-races our close needs no answer, so it is dropped here.
-
-``wrap_server_stream`` below is trio-websocket's function of the same name (three lines),
-using this class. It touches private members, so trio-websocket is pinned below 0.13.
+The Odin protocol is not here: ``Connection`` is the handler for Odin's clients, the
+conformance suite's echo server another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import Ping, Pong
+from wsproto.connection import Connection as FrameConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.events import Event as WsEvent
+
+from odin.protocol.close_codes import CloseCode
+from odin.server.handshake import MessageSizeGuard
+from odin.server.writer import Writer
+
+_READ_SIZE = 65536
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+PROTOCOL_ERROR_REASONS = {
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.INVALID_DATA: "invalid UTF-8 in a text message",
+    CloseCode.MESSAGE_TOO_BIG: "message too big",
+}
 
 
-class OdinWebSocket(WebSocketConnection):
-    on_control_frame: Callable[[], None] | None = None
-    """Called for every ping or pong from the peer: they prove it alive, like data frames."""
+class Handler(Protocol):
+    async def on_message(self, message: str | bytes) -> None:
+        """A whole text (str) or binary (bytes) message."""
 
-    async def _handle_ping_event(self, event: Ping) -> None:
-        if self.on_control_frame is not None:
-            self.on_control_frame()
-        if self._wsproto.state is ConnectionState.OPEN:
-            await super()._handle_ping_event(event)
+    def on_activity(self, now: float) -> None:
+        """A frame of any kind arrived: the peer is alive."""
 
-    async def _handle_pong_event(self, event: Pong) -> None:
-        if self.on_control_frame is not None:
-            self.on_control_frame()
-        await super()._handle_pong_event(event)
+    def on_protocol_error(self, code: CloseCode, detail: str) -> None:
+        """What the peer sent cannot be parsed; the handler closes with ``code``."""
 
 
-async def wrap_server_stream(
-    nursery: trio.Nursery,
-    stream: trio.abc.Stream,
-    *,
-    message_queue_size: int,
-    max_message_size: int,
-) -> WebSocketRequest:
-    """trio-websocket's ``wrap_server_stream``, building an ``OdinWebSocket``."""
-    connection = OdinWebSocket(
-        stream,
-        WSConnection(ConnectionType.SERVER),
-        message_queue_size=message_queue_size,
-        max_message_size=max_message_size,
-    )
-    nursery.start_soon(connection._reader_task)
-    return await connection._get_request()
+class WebSocket:
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        writer: Writer,
+        *,
+        max_message_size: int,
+        trailing: bytes = b"",
+    ) -> None:
+        self.transport = transport
+        self.writer = writer
+        self._ws = FrameConnection(
+            ConnectionType.SERVER, extensions=[MessageSizeGuard(max_message_size)]
+        )
+        self._pending = trailing
+        """Bytes the client sent right behind its upgrade request."""
+        self._scope = trio.CancelScope()
+        self._text: list[str] = []
+        self._binary: list[bytes] = []
+        """Fragments of the message being received (wsproto hands them over as they come)."""
+        self.remote_close: tuple[int, str] | None = None
+        """The code and reason of the peer's close frame, if it sent one."""
+        self.closing = False
+        """Our close frame is queued: messages that still arrive are not handled."""
 
+    @property
+    def open(self) -> bool:
+        return self._ws.state is ConnectionState.OPEN
 
-async def accept(request: WebSocketRequest, subprotocol: str | None = None) -> OdinWebSocket:
-    """Complete the handshake of a request made by ``wrap_server_stream``, echoing
-    ``subprotocol`` if given."""
-    connection = await request.accept(subprotocol=subprotocol)
-    assert isinstance(connection, OdinWebSocket)
-    return connection
+    def message_frame(self, message: str | bytes) -> bytes:
+        """The frame for one message of our own (Odin's frames are pre-encoded instead)."""
+        if isinstance(message, str):
+            return self._ws.send(TextMessage(data=message))
+        return self._ws.send(BytesMessage(data=message))
+
+    def send(self, frame: bytes) -> None:
+        """Queue a control frame or reply (never dropped by the queue's bound)."""
+        self.writer.offer(frame, force=True)
+
+    def close(self, code: int, reason: str, within: float) -> None:
+        """Queue our close frame and give the peer ``within`` seconds to answer it."""
+        if not self.closing and self.open:
+            self.send(self._ws.send(CloseConnection(code, reason)))
+        self.closing = True
+        self.close_within(within)
+
+    def close_within(self, seconds: float) -> None:
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + seconds)
+
+    async def run(self, handler: Handler, close_timeout: float) -> None:
+        """Read and handle frames until the connection is done, then send what is queued
+        (our close frame, or the answer to theirs); all of it bounded once closing starts."""
+        with self._scope:
+            await self._read(handler)
+            if not self.closing:
+                if self.remote_close is None:
+                    self.remote_close = (1006, "connection lost")
+                self.close_within(close_timeout)
+            await self.writer.wait_flushed()
+
+    async def _read(self, handler: Handler) -> None:
+        data: bytes | bytearray = self._pending
+        self._pending = b""
+        while True:
+            if data:
+                self._ws.receive_data(data if isinstance(data, bytes) else bytes(data))
+                for event in self._ws.events():
+                    if not await self._on_event(event, handler):
+                        return
+                self.writer.flush()
+            try:
+                data = await self.transport.receive_some(_READ_SIZE)
+            except _BROKEN:
+                data = b""
+            if not data:
+                return
+
+    async def _on_event(self, event: WsEvent, handler: Handler) -> bool:
+        """Handle one wsproto event; False when reading is over."""
+        handler.on_activity(trio.current_time())
+        if isinstance(event, TextMessage):
+            self._text.append(event.data)
+            if event.message_finished:
+                text, self._text = "".join(self._text), []
+                if not self.closing:
+                    await handler.on_message(text)
+            return True
+        if isinstance(event, BytesMessage):
+            self._binary.append(bytes(event.data))
+            if event.message_finished:
+                binary, self._binary = b"".join(self._binary), []
+                if not self.closing:
+                    await handler.on_message(binary)
+            return True
+        if isinstance(event, Ping):
+            if self.open:
+                self.send(self._ws.send(event.response()))
+            return True
+        if isinstance(event, Pong):
+            return True
+        assert isinstance(event, CloseConnection)
+        if self.open:
+            # wsproto could not parse what the peer sent (it reports that as a close the
+            # peer did not send): close with its code, and stop reading the broken stream.
+            handler.on_protocol_error(CloseCode(event.code), event.reason or "")
+            return False
+        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+            self.remote_close = (event.code, event.reason or "")
+            self.send(self._ws.send(event.response()))
+        return False  # the peer's close, or its answer to ours: the handshake is done

@@ -4,7 +4,8 @@ The server is odin/cli.py's: default configuration (only host, port and the log 
 and ``server.max_connections`` is raised from 10,000 to the process's limit on open files, so
 that the idle-memory run can go past 10,000 connections; ``ODIN_*`` variables are ignored so
 that runs are reproducible), a ``MemoryBroker`` sized from
-the history section, and ``OdinServer.run`` started in the root nursery. Instead of the market
+the history section, and ``OdinServer.run`` started in the root nursery, with the collector
+tuned as ``odin serve`` tunes it. Instead of the market
 simulator, a task publishes the benchmark payload (see ``stress.peers.common``) on
 ``BENCH.trade`` with ``broker.publish_nowait``, paced like odin/simulator/runner.py, so the
 measured path is the real one: broker -> feed -> pump -> fan-out -> each connection's writer.
@@ -19,7 +20,7 @@ import trio
 
 from odin import logs
 from odin.broker.memory import MemoryBroker
-from odin.cli import build_broker
+from odin.cli import build_broker, tune_gc
 from odin.config import load_config
 from odin.server.app import OdinServer
 from stress.peers.common import (
@@ -64,6 +65,7 @@ async def main() -> None:
     with trio.move_on_after(args.max_seconds):
         async with trio.open_nursery() as nursery:
             listening = await nursery.start(server.run)
+            tune_gc()  # as odin serve does once it is up
             emit("listening", port=listening.port, server="odin", ws_path=config.server.ws_path)
             while True:
                 command = await trio.to_thread.run_sync(read_command, abandon_on_cancel=True)

@@ -1,16 +1,14 @@
 """An echo server on Odin's own WebSocket layer, for the Autobahn|Testsuite conformance run.
 
-Each connection goes through the same pieces as ``OdinServer._handle``/``_serve``: the request
-head is read with h11 through a ``ConnectionWriter`` (``read_request_head``), handed back with
-``replay_on_receive``, and the handshake and frames are done by ``wrap_server_stream`` (the
-``OdinWebSocket`` class), which writes through the writer. Every text or binary message is sent
-back with ``send_message``. Whatever goes wrong with one connection is caught and logged to
-stderr, so one bad client never ends the server (the crash found in the ecosystem research,
-section A.2, came from a ``ConnectionClosed`` escaping ``send_message``).
+Each connection goes through the same pieces as ``OdinServer._serve``: the request head is
+read once with h11 (``read_request_head``), the upgrade is checked and answered by
+``handshake.accept``, and ``WebSocket`` (wsproto's frame-level connection, the size guard, the
+close handshake) runs the connection, writing through a ``Writer`` and its ``Outbox``. The
+handler sends every text or binary message back. Whatever goes wrong with one connection is
+caught and logged to stderr, so one bad client never ends the server.
 
 Only the size limits differ from production: the conformance cases send messages of up to
-16 MiB, so messages and the writer's queue allow 64 MiB here. The production limit is tested
-elsewhere.
+16 MiB, so messages and the queue allow 64 MiB here. The production limit is tested elsewhere.
 
 Run: ``python -m tests.conformance.echo_server --port 0``. It binds 127.0.0.1 only, prints one
 JSON line ``{"event": "listening", "port": N}`` to stdout, and exits 0 on SIGTERM or SIGINT.
@@ -26,85 +24,95 @@ import traceback
 from functools import partial
 
 import trio
-from trio_websocket import ConnectionClosed
 
+from odin.protocol.close_codes import CloseCode
 from odin.server.app import peer_address
+from odin.server.handshake import HandshakeRefused, accept
 from odin.server.http import BadRequest, read_request_head, response
-from odin.server.websocket import wrap_server_stream
-from odin.server.writer import ConnectionWriter
+from odin.server.outbox import Outbox
+from odin.server.websocket import PROTOCOL_ERROR_REASONS, WebSocket
+from odin.server.writer import Flusher, Writer
 
 HOST = "127.0.0.1"
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
-# The writer breaks a connection whose queue passes 2 * max_bytes + 64 KiB, and a frame is
-# queued whole: the queue must hold the largest echoed frame.
-WRITER_MAX_BYTES = MAX_MESSAGE_SIZE
-WRITER_MAX_MESSAGES = 1024
-MESSAGE_QUEUE_SIZE = 16  # as odin.server.app
+QUEUE_MAX_BYTES = 2 * MAX_MESSAGE_SIZE
+QUEUE_MAX_MESSAGES = 1024
 MAX_REQUEST_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
-
-# Ways a connection normally ends; anything else is logged with its traceback.
-_EXPECTED_ERRORS = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+CLOSE_TIMEOUT = 5.0
 
 
 def _log(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
 
 
-async def handle_connection(transport: trio.abc.Stream, *, max_message_size: int) -> None:
-    """Serve one TCP connection; never raises (trio.serve_listeners closes ``transport``)."""
+class Echo:
+    """The handler: every message goes back as it came."""
+
+    def __init__(self, socket: WebSocket) -> None:
+        self.socket = socket
+
+    async def on_message(self, message: str | bytes) -> None:
+        self.socket.send(self.socket.message_frame(message))
+
+    def on_activity(self, now: float) -> None:
+        pass
+
+    def on_protocol_error(self, code: CloseCode, detail: str) -> None:
+        self.socket.close(code, PROTOCOL_ERROR_REASONS[code], CLOSE_TIMEOUT)
+
+
+async def handle_connection(
+    transport: trio.abc.Stream, flusher: Flusher, *, max_message_size: int
+) -> None:
+    """Serve one TCP connection; never raises."""
     peer = peer_address(transport)
     try:
         async with trio.open_nursery() as nursery:
-            writer = ConnectionWriter(
-                transport, max_messages=WRITER_MAX_MESSAGES, max_bytes=WRITER_MAX_BYTES
-            )
-            nursery.start_soon(writer.run)
+            writer = Writer(transport, Outbox(QUEUE_MAX_MESSAGES, QUEUE_MAX_BYTES), flusher)
+            writer.attach(nursery)
             try:
-                await _serve(writer, nursery, max_message_size=max_message_size)
+                await _serve(transport, writer, max_message_size=max_message_size)
             finally:
                 writer.mark_closed()
                 nursery.cancel_scope.cancel()
-    except* _EXPECTED_ERRORS:
-        pass
     except* Exception as group:
         _log("conn_error", peer=peer, error="".join(traceback.format_exception(group)))
+    finally:
+        await trio.aclose_forcefully(transport)
 
 
-async def _serve(writer: ConnectionWriter, nursery: trio.Nursery, *, max_message_size: int) -> None:
+async def _answer(writer: Writer, data: bytes) -> None:
+    writer.offer(data, force=True)
+    await writer.wait_flushed()
+
+
+async def _serve(transport: trio.abc.Stream, writer: Writer, *, max_message_size: int) -> None:
     with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
         try:
-            head = await read_request_head(writer, MAX_REQUEST_HEAD)
+            head = await read_request_head(transport, MAX_REQUEST_HEAD)
         except BadRequest as exc:
-            await writer.send_all(response(exc.status, f"{exc}\n".encode()))
+            await _answer(writer, response(exc.status, f"{exc}\n".encode()))
             return
         if head is None:
             return
         if not head.is_websocket_upgrade:
-            await writer.send_all(
-                response(
-                    426,
-                    b"this endpoint speaks WebSocket\n",
-                    headers=[(b"Upgrade", b"websocket")],
-                )
+            refusal = response(
+                426, b"this endpoint speaks WebSocket\n", headers=[(b"Upgrade", b"websocket")]
             )
+            await _answer(writer, refusal)
             return
-        writer.replay_on_receive(head.raw)
-        request = await wrap_server_stream(
-            nursery,
-            writer,
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            max_message_size=max_message_size,
-        )
-        websocket = await request.accept()
+        try:
+            writer.offer(accept(head, None), force=True)
+        except HandshakeRefused as exc:
+            await _answer(writer, exc.answer)
+            return
+        trailing = head.trailing
     if handshake.cancelled_caught:
         return
-    while True:
-        try:
-            message = await websocket.get_message()
-            await websocket.send_message(message)
-        except ConnectionClosed:
-            return
+    socket = WebSocket(transport, writer, max_message_size=max_message_size, trailing=trailing)
+    writer.flush()
+    await socket.run(Echo(socket), CLOSE_TIMEOUT)
 
 
 async def serve(port: int, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
@@ -113,7 +121,11 @@ async def serve(port: int, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         listeners = await trio.open_tcp_listeners(port, host=HOST)
         try:
             async with trio.open_nursery() as nursery:
-                handler = partial(handle_connection, max_message_size=max_message_size)
+                flusher = Flusher()
+                nursery.start_soon(flusher.run)
+                handler = partial(
+                    handle_connection, flusher=flusher, max_message_size=max_message_size
+                )
                 nursery.start_soon(
                     partial(trio.serve_listeners, handler, listeners, handler_nursery=nursery)
                 )

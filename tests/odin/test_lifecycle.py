@@ -48,8 +48,8 @@ def count_tasks() -> int:
 
 def assert_nothing_left(server: OdinServer) -> None:
     context = server.context
-    assert context.connections == {}
-    assert context.admitted == 0
+    assert context.registry.connections == {}
+    assert context.registry.admitted == 0
     assert context.hub.keys == 0
     assert context.hub.subscriptions == 0
     assert context.metrics.connections_active._value.get() == 0
@@ -67,7 +67,7 @@ async def test_nothing_is_left_after_many_clients_come_and_go() -> None:
         async def session(index: int) -> None:
             async with harness.client() as client:
                 await client.subscribe(["BTC.trade", f"S{index}.*", "*.social"])
-                refs.extend(weakref.ref(c) for c in harness.context.connections.values())
+                refs.extend(weakref.ref(c) for c in harness.context.registry.connections.values())
                 if index % 3 == 0:
                     # Leave without a close frame: drop the TCP connection.
                     await client.stream.aclose()
@@ -135,7 +135,7 @@ async def test_a_client_that_only_answers_pings_stays_connected(autojump_clock) 
     async with running_server(config, memory=True) as harness, harness.client() as client:
         await client.subscribe(["BTC.trade"])
         await trio.sleep(300)  # ten idle timeouts, answering only the server's pings
-        assert len(harness.context.connections) == 1
+        assert len(harness.context.registry.connections) == 1
         seq = harness.publish("BTC.trade", {"n": 1})
         assert [e["seq"] for e in await client.events(1)] == [seq]
 
@@ -163,7 +163,7 @@ async def test_draining_server_refuses_new_upgrades() -> None:
     async with running_server(config) as harness, harness.client() as client:
         harness.server.request_shutdown()
         with trio.fail_after(5):
-            while not harness.context.draining:
+            while not harness.context.registry.draining:
                 await trio.sleep(0.001)
         # The listener is closed by now; the old client is told to go.
         with pytest.raises(OSError):
@@ -233,5 +233,5 @@ async def test_client_pings_count_as_activity(autojump_clock) -> None:
         for _ in range(12):  # 240 s, eight idle timeouts
             await trio.sleep(20)
             await stream.send_all(ws.send(Ping(payload=b"alive")))
-        assert len(harness.context.connections) == 1
+        assert len(harness.context.registry.connections) == 1
         await stream.aclose()

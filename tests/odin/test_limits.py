@@ -231,7 +231,7 @@ async def test_health_keeps_the_original_shape_that_load_scripts_read() -> None:
         _, _, body = await http_exchange(harness.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         checks = json.loads(body)["checks"]
     capacity = checks["capacity"]
-    assert (capacity["current"], capacity["max"]) == (1, harness.context.max_connections)
+    assert (capacity["current"], capacity["max"]) == (1, harness.context.registry.max_connections)
     assert capacity["percentage"] == round(100 / capacity["max"], 2)
     assert checks["cpu"]["percentage"] >= 0
     memory = checks["memory"]

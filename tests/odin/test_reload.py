@@ -41,7 +41,7 @@ async def test_apply_reaches_open_connections_and_the_connection_limit() -> None
     config = make_config(**{"server.max_connections": 50})
     async with running_server(config) as harness, harness.client() as client:
         await client.subscribe(["BTC.trade"])
-        (connection,) = harness.context.connections.values()
+        (connection,) = harness.context.registry.connections.values()
         new = make_config(
             **{
                 "server.max_connections": 7,
@@ -51,7 +51,8 @@ async def test_apply_reaches_open_connections_and_the_connection_limit() -> None
             }
         )
         apply(harness.context, plan_reload(harness.context.config, new))
-        assert (connection.writer.max_messages, connection.writer.max_bytes) == (32, 8192)
-        assert harness.context.max_connections == 7
+        outbox = connection.writer.outbox
+        assert (outbox.max_messages, outbox.max_bytes) == (32, 8192)
+        assert harness.context.registry.max_connections == 7
         refused = await client.subscribe(["ETH.trade"])
         assert refused["code"] == "SUBSCRIPTION_LIMIT"

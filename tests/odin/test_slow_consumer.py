@@ -49,7 +49,8 @@ async def test_slow_consumer_is_closed_and_others_get_everything() -> None:
                 nursery.start_soon(read_everything, harness, ["BTC.trade"], 400, received)
             with trio.fail_after(5):
                 while (
-                    not all(received for received in fast) or len(harness.context.connections) < 4
+                    not all(received for received in fast)
+                    or len(harness.context.registry.connections) < 4
                 ):
                     await trio.sleep(0.001)
             published = await publish_paced(harness, ["BTC.trade"], 400, fast)
@@ -78,12 +79,14 @@ async def test_conflate_policy_keeps_the_newest_per_channel_and_announces_gaps()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_everything, harness, channels, 600, fast)
             with trio.fail_after(5):
-                while not fast or len(harness.context.connections) < 2:
+                while not fast or len(harness.context.registry.connections) < 2:
                     await trio.sleep(0.001)
             published = await publish_paced(harness, channels, 600, [fast])
             port = slow.sock.getsockname()[1]
             (connection,) = [
-                c for c in harness.context.connections.values() if c.peer.endswith(f":{port}")
+                c
+                for c in harness.context.registry.connections.values()
+                if c.peer.endswith(f":{port}")
             ]
             # The server never held more than the bounds for the slow client.
             assert connection.writer.queued_messages <= 32

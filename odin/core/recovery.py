@@ -110,29 +110,6 @@ def assess_local(
 
 
 @attrs.frozen
-class Seam(Generic[P]):
-    """Live messages that arrived while the history was being read, joined to the replay."""
-
-    messages: list[P]
-    """Live messages to deliver after the replayed ones, duplicates removed."""
-    missed_from: int = 0
-    missed_to: int = 0
-    """Non-zero when the live stream skipped positions after the replay (a gap to announce)."""
-
-
-def join_live(last_replayed: int, buffered: Sequence[P]) -> Seam[P]:
-    """Merge live messages buffered during a history read after the replayed ones.
-
-    Anything at or before ``last_replayed`` was replayed already and is dropped; the first
-    newer message must link to the replay, or the positions between are reported missed.
-    """
-    fresh = [message for message in buffered if message.seq > last_replayed]
-    if fresh and fresh[0].prev > last_replayed:
-        return Seam(fresh, missed_from=last_replayed + 1, missed_to=fresh[0].prev)
-    return Seam(fresh)
-
-
-@attrs.frozen
 class ReplayPlan(Generic[P]):
     messages: Sequence[P]
     """What to send, oldest first."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from odin.core.seam import RecoverySeam
 from odin.protocol.close_codes import IDLE_REASON, SLOW_CONSUMER_REASON, CloseCode
 from odin.protocol.codec import encode, text_frame
 from odin.protocol.messages import Hello, Reconnect, ServerMessage
@@ -96,11 +97,9 @@ class Connection:
         self.opened_at = trio.current_time()
         self.session = Session(context.limits, context.rules, last_activity=self.opened_at)
         self.log = context.log.bind(conn=self.id, peer=peer)
-        self.recovering: dict[str, list[Event]] = {}
-        """Channels being recovered: live events wait here until the replay is sent."""
-        self.recovery_overflow: dict[str, tuple[int, int]] = {}
-        self.floors: dict[str, int] = {}
-        """Per recovered channel, the last position replayed: older live events are dropped."""
+        self.seam: RecoverySeam[Event] = RecoverySeam(writer.outbox.max_messages)
+        """Where recoveries join the live stream: live events held while history is read,
+        and the floors below which the feed repeats what a replay already sent."""
         self.delivered = 0
         self.dropped = 0
         self.closing: CloseRequest | None = None
@@ -151,7 +150,6 @@ class Connection:
         self.writer.mark_closed()
         self._unindex()
         context.liveness.discard(self)
-        self.recovering.clear()
         context.registry.remove(self)
         code, reason, label = self._close_outcome()
         context.metrics.closed[label].inc()
@@ -169,7 +167,7 @@ class Connection:
     def _unindex(self) -> None:
         hub = self.context.hub
         hub.remove_all(self.session.subscriptions, self)
-        hub.remove_all(self.recovering, self)
+        hub.remove_all(self.seam.clear(), self)
 
     def _close_outcome(self) -> tuple[int, str, str]:
         if self.closing is not None:
@@ -303,15 +301,9 @@ class Connection:
         channel = publication.channel
         if event.refused is not None and not self.v1:
             return False  # its frame is a gap notice, which only v1 clients get
-        if self.recovering and channel in self.recovering:
-            self._buffer_during_recovery(event)
+        seam = self.seam
+        if seam.active and not seam.admit(channel, event):
             return False
-        if self.floors:
-            floor = self.floors.get(channel)
-            if floor is not None:
-                if publication.seq <= floor:
-                    return False
-                del self.floors[channel]
         result = self.writer.offer(event.frame, channel, publication.seq, now=now)
         if result is Offer.FULL and not self._overflow(event.frame, channel, publication.seq):
             return False
@@ -324,21 +316,18 @@ class Connection:
         """Whether this client gets ``event``'s frame (gap notices only go to v1 clients)."""
         return event.refused is None or self.v1
 
-    def send_gap(self, channel: str, frame: bytes) -> bool:
+    def send_gap(self, channel: str, first: int, last: int, reason: str, frame: bytes) -> bool:
+        """Announce positions ``first``..``last`` that will not come (v1 clients only); held
+        in line while the channel is recovered, cut to what a replay did not already give."""
         if not self.v1:
             return False
-        if self.recovering and channel in self.recovering:
-            # Announced after the replay, when the recovery joins the live stream.
-            return False
+        if self.seam.active:
+            missed = self.seam.gap(channel, first, last, reason)
+            if missed is None:
+                return False
+            if (missed.from_seq, missed.to_seq) != (first, last):
+                frame = gap_frame(channel, missed.from_seq, missed.to_seq, reason)
         return self.send_frame(frame)
-
-    def _buffer_during_recovery(self, event: Event) -> None:
-        buffer = self.recovering[event.channel]
-        if len(buffer) < self.writer.outbox.max_messages:
-            buffer.append(event)
-            return
-        first, _ = self.recovery_overflow.get(event.channel, (event.seq, 0))
-        self.recovery_overflow[event.channel] = (first, event.seq)
 
     def _overflow(self, frame: bytes, channel: str | None, seq: int) -> bool:
         """The queue is full. Conflate (if that policy is on and it frees room) or close."""

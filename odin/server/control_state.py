@@ -257,7 +257,7 @@ def inspect(context: ServerContext, conn: str) -> ConnectionDetail | None:
         connection=connection_info(connection, trio.current_time()),
         origin=connection.origin,
         queued_bytes=connection.writer.queued_bytes,
-        recovering=sorted(connection.recovering),
+        recovering=sorted(connection.seam.held_channels()),
         subscriptions=len(connection.session.subscriptions),
     )
 

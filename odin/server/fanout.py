@@ -158,7 +158,7 @@ class Fanout:
         frame = gap_frame(channel, first, last, reason)
         told = 0
         for connection in self._context.hub.match(channel):
-            if connection.send_gap(channel, frame):
+            if connection.send_gap(channel, first, last, reason, frame):
                 told += 1
         self._context.metrics.gaps[reason].inc(told)
 
@@ -168,4 +168,6 @@ class Fanout:
             context.log.warning("epoch_changed", old=context.reader.epoch, new=epoch)
         # Positions of the old history mean nothing in the new one.
         self.history.clear()
+        for connection in context.registry.connections.values():
+            connection.seam.new_epoch()
         context.reader.epoch = epoch

@@ -102,6 +102,7 @@ def apply(context: ServerContext, reload: Reload) -> None:
     now = trio.current_time()
     for connection in context.registry.connections.values():
         connection.session.set_limits(context.limits, now)
+        connection.seam.hold_limit = config.connection.queue_max_messages
         connection.writer.set_limits(
             config.connection.queue_max_messages, config.connection.queue_max_bytes
         )

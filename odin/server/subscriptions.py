@@ -20,8 +20,8 @@ from odin.core.recovery import (
     Unknown,
     assess_history,
     assess_local,
-    join_live,
 )
+from odin.core.seam import Missed
 from odin.protocol.channels import is_pattern
 from odin.protocol.messages import RecoveryReport
 from odin.protocol.publication import Position, Publication
@@ -80,20 +80,14 @@ def gap_event(channel: str, first: int, last: int, reason: str) -> Event:
     return Event(marker, gap_frame(channel, first, last, reason), refused=reason)
 
 
-def _hand_over(connection: Connection, channel: str, last: int, events: list[Event]) -> list[Event]:
-    """``events`` (replayed, or the latest one), then the live messages held while the history
-    was read that come after ``last``, with a gap notice where positions went missing."""
-    seam = join_live(last, connection.recovering.pop(channel, []))
-    if seam.missed_from:
-        events.append(gap_event(channel, seam.missed_from, seam.missed_to, "missed"))
-    events.extend(seam.messages)
-    overflow = connection.recovery_overflow.pop(channel, None)
-    if overflow is not None:
-        events.append(gap_event(channel, overflow[0], overflow[1], "recovery_overflow"))
-    if events:
-        # The feed may still bring messages the broker's history already gave us.
-        connection.floors[channel] = max(event.seq for event in events)
-    return events
+def _frames(items: list[Event | Missed]) -> list[Event]:
+    """What the seam hands over, with each missed range as a gap notice in its place."""
+    return [
+        gap_event(item.channel, item.from_seq, item.to_seq, item.reason)
+        if isinstance(item, Missed)
+        else item
+        for item in items
+    ]
 
 
 async def subscribe(connection: Connection, action: SubscribeAction) -> None:
@@ -109,7 +103,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     ]
     temporary: list[str] = []
     for channel in (*action.recover, *unknown):
-        connection.recovering[channel] = []
+        connection.seam.begin(channel)
         if channel not in connection.session.subscriptions:
             temporary.append(channel)
         hub.add(channel, connection)
@@ -140,7 +134,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         else:
             # Nothing to hand over: the client starts from the newest position we know.
             last = history.last_seq(channel)
-        sends.extend(_hand_over(connection, channel, last, events))
+        sends.extend(_frames(connection.seam.hand_over(channel, last, events)))
         positions[channel] = Position(epoch, last)
         reports[channel] = RecoveryReport(
             recovered=outcome.recovered,
@@ -150,9 +144,9 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         _count(connection, channel, outcome)
     for channel, start in starts.items():
         if start is None:  # the broker could not say: no position, live messages as they come
-            sends.extend(connection.recovering.pop(channel, []))
+            sends.extend(_frames(connection.seam.release(channel)))
             continue
-        sends.extend(_hand_over(connection, channel, start, []))
+        sends.extend(_frames(connection.seam.hand_over(channel, start)))
         positions[channel] = Position(epoch, start)
     for name in action.requested:
         if not is_pattern(name) and name not in positions and history.knows(name):
@@ -196,6 +190,6 @@ def unsubscribe(connection: Connection, action: UnsubscribeAction) -> None:
     hub = connection.context.hub
     for key in action.removed:
         hub.remove(key, connection)
-        connection.floors.pop(key, None)
+        connection.seam.forget(key)
     connection.send_message(connection.session.unsubscription_ack(action))
     connection.log.info("unsubscribe", channels=action.requested, removed=len(action.removed))

@@ -14,11 +14,9 @@ from odin.core.recovery import (
     Reason,
     Recovered,
     ReplayPlan,
-    Seam,
     Unknown,
     assess_history,
     assess_local,
-    join_live,
     linked,
     plan_replay,
 )
@@ -169,26 +167,6 @@ def test_local_limit_exceeded():
     assert assess_local(0, "e", "e", 12, after(0, limit=2), limit=2) == NotRecovered(
         Reason.LIMIT_EXCEEDED
     )
-
-
-# ---- join_live --------------------------------------------------------------------------------
-
-
-def test_join_live_drops_what_was_replayed():
-    buffered = chain(8, 9, 12, prev=5)
-    assert join_live(9, buffered) == Seam([Msg(12, 9)])
-    assert join_live(12, buffered) == Seam([])
-    assert join_live(5, buffered) == Seam(buffered)
-
-
-def test_join_live_with_nothing_buffered():
-    assert join_live(9, []) == Seam([])
-
-
-def test_join_live_reports_positions_the_live_stream_skipped():
-    # Replayed up to 9; the first live message says the previous one was at 11.
-    seam = join_live(9, [Msg(8, 5), Msg(14, 11), Msg(15, 14)])
-    assert seam == Seam([Msg(14, 11), Msg(15, 14)], missed_from=10, missed_to=11)
 
 
 # ---- plan_replay ------------------------------------------------------------------------------

@@ -783,6 +783,13 @@ class Bench:
             time.sleep(2.0)
             later = proc_memory_kib(pid)
             cpu_after = proc_cpu_seconds(pid)
+            # Idle CPU: a whole ping interval (or more) with every connection open and silent.
+            idle_cpu_pct = None
+            if args.idle_window > 0:
+                time.sleep(args.idle_window)
+                idle_cpu_pct = round(
+                    100 * (proc_cpu_seconds(pid) - cpu_after) / args.idle_window, 2
+                )
             for client in clients:
                 client.send("stop")
             result = merge_results(self.expect_all(clients, "result", 30))
@@ -802,6 +809,7 @@ class Bench:
                 "hwm_kib": later["VmHWM"],
                 "kib_per_conn": round(growth / connected, 2) if connected else None,
                 "server_cpu_s_connect": round(cpu_after - cpu_before, 3),
+                "idle_cpu_pct": idle_cpu_pct,
                 "server_fds": count_fds(pid),
                 "quiet_wait": quiet,
                 "checks": {
@@ -912,6 +920,8 @@ IDLE_COLUMNS = [
     ("RSS before MiB", "{before_mib:.1f}"),
     ("RSS after MiB", "{after_mib:.1f}"),
     ("KiB/conn", "{kib_per_conn:.2f}"),
+    ("accept ms/conn", "{accept_ms:.3f}"),
+    ("idle CPU %", "{idle_cpu}"),
 ]
 
 
@@ -973,6 +983,8 @@ def idle_table(runs: list[dict[str, Any]]) -> str:
             **run,
             "before_mib": run["rss_before_kib"] / 1024,
             "after_mib": run["rss_after_kib"] / 1024,
+            "accept_ms": 1000 * run["server_cpu_s_connect"] / max(1, run["connected"]),
+            "idle_cpu": "-" if run.get("idle_cpu_pct") is None else run["idle_cpu_pct"],
         }
         for run in runs
     ]
@@ -996,6 +1008,8 @@ BURST_FIGURES: list[tuple[str, Any]] = [
 IDLE_FIGURES: list[tuple[str, Any]] = [
     ("KiB/conn", lambda run: run["kib_per_conn"]),
     ("connect s", lambda run: run["connect_s"]),
+    ("accept CPU s", lambda run: run["server_cpu_s_connect"]),
+    ("idle CPU %", lambda run: run.get("idle_cpu_pct")),
 ]
 
 
@@ -1125,6 +1139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=100, help="connections opened at once")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds after connecting")
     parser.add_argument("--idle-memory", action="store_true", help="RSS per idle connection")
+    parser.add_argument(
+        "--idle-window",
+        type=float,
+        default=0.0,
+        help="with --idle-memory: seconds of idle CPU measured after connecting (0: none)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
     parser.add_argument(
         "--wait-quiet",

@@ -234,67 +234,74 @@ class OdinServer:
 
     async def _serve(self, transport: trio.abc.Stream, nursery: trio.Nursery) -> None:
         context = self.context
-        config = context.config.server
         queue = context.config.connection
-        peer = peer_address(transport)
         writer = Writer(
             transport, Outbox(queue.queue_max_messages, queue.queue_max_bytes), context.flusher
         )
         writer.attach(nursery)
-        admitted = False
+        # A separate call, so the request head and the handshake's locals are not kept
+        # alive for as long as the connection lives.
+        upgrade = await self._upgrade(transport, writer)
+        if upgrade is None:
+            return
         try:
-            with trio.move_on_after(config.handshake_timeout) as handshake:
-                try:
-                    head = await read_request_head(transport, config.max_request_head)
-                except BadRequest as exc:
-                    context.metrics.rejected["bad_request"].inc()
-                    await _answer(writer, response(exc.status, f"{exc}\n".encode()))
-                    return
-                if head is None:
-                    return
-                if head.path != config.ws_path:
-                    await _answer(writer, answer(context, head))
-                    return
-                refusal = self._refusal(head, peer)
-                if refusal is not None:
-                    await _answer(writer, refusal)
-                    return
-                try:
-                    protocol = negotiate(head.subprotocols, head.query_values("protocol"))
-                    accepted = accept(head, protocol.subprotocol)
-                except UnsupportedVersion as exc:
-                    context.metrics.rejected["bad_request"].inc()
-                    await _answer(writer, response(400, f"{exc}\n".encode()))
-                    return
-                except HandshakeRefused as exc:
-                    context.metrics.rejected["bad_request"].inc()
-                    await _answer(writer, exc.answer)
-                    return
-                context.registry.admit()
-                admitted = True
-                writer.offer(accepted, force=True)
-                origin, trailing = head.headers.get("origin"), head.trailing
-            if handshake.cancelled_caught:
-                context.metrics.rejected["handshake_timeout"].inc()
-                self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
-                return
             connection = Connection(
                 context,
                 transport,
                 writer,
                 number=next(self._numbers),
-                peer=peer,
-                origin=origin,
-                v1=protocol.v1,
-                trailing=trailing,
+                peer=upgrade.peer,
+                origin=upgrade.origin,
+                v1=upgrade.v1,
+                trailing=upgrade.trailing,
+                scope=nursery.cancel_scope,
             )
             if context.registry.draining:
                 self._close_for_shutdown(connection)
-            admitted = False  # from here the connection gives its place back itself
-            await connection.run(nursery)
-        finally:
-            if admitted:
-                context.registry.release()
+        except BaseException:
+            context.registry.release()
+            raise
+        # From here the connection gives its place back itself.
+        await connection.run(nursery)
+
+    async def _upgrade(self, transport: trio.abc.Stream, writer: Writer) -> Upgrade | None:
+        """Read the request head and answer it: a plain HTTP answer, a refusal, or the 101
+        of an admitted upgrade (its place taken); None unless it was upgraded."""
+        context = self.context
+        config = context.config.server
+        peer = peer_address(transport)
+        with trio.move_on_after(config.handshake_timeout):
+            try:
+                head = await read_request_head(transport, config.max_request_head)
+            except BadRequest as exc:
+                context.metrics.rejected["bad_request"].inc()
+                await _answer(writer, response(exc.status, f"{exc}\n".encode()))
+                return None
+            if head is None:
+                return None
+            if head.path != config.ws_path:
+                await _answer(writer, answer(context, head))
+                return None
+            refusal = self._refusal(head, peer)
+            if refusal is not None:
+                await _answer(writer, refusal)
+                return None
+            try:
+                protocol = negotiate(head.subprotocols, head.query_values("protocol"))
+                writer.offer(accept(head, protocol.subprotocol), force=True)
+            except UnsupportedVersion as exc:
+                context.metrics.rejected["bad_request"].inc()
+                await _answer(writer, response(400, f"{exc}\n".encode()))
+                return None
+            except HandshakeRefused as exc:
+                context.metrics.rejected["bad_request"].inc()
+                await _answer(writer, exc.answer)
+                return None
+            context.registry.admit()
+            return Upgrade(peer, head.headers.get("origin"), protocol.v1, head.trailing)
+        context.metrics.rejected["handshake_timeout"].inc()
+        self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
+        return None
 
     def _refusal(self, head: RequestHead, peer: str) -> bytes | None:
         """The response refusing an upgrade, or None to accept it."""
@@ -326,6 +333,16 @@ class OdinServer:
                 self.log.warning("at_capacity", peer=peer, limit=context.registry.max_connections)
             return response(503, b"server at capacity\n", headers=retry)
         return None
+
+
+@attrs.frozen
+class Upgrade:
+    """An admitted WebSocket upgrade: what the connection needs of its request."""
+
+    peer: str
+    origin: str | None
+    v1: bool
+    trailing: bytes
 
 
 class StartError(Exception):

@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from odin.core.seam import RecoverySeam
+from odin.logs import Log
 from odin.protocol.close_codes import IDLE_REASON, SLOW_CONSUMER_REASON, CloseCode
 from odin.protocol.codec import encode, text_frame
 from odin.protocol.messages import Hello, Reconnect, ServerMessage
@@ -78,6 +79,7 @@ class Connection:
         origin: str | None,
         v1: bool = True,
         trailing: bytes = b"",
+        scope: trio.CancelScope | None = None,
     ) -> None:
         self.context = context
         self.transport = transport
@@ -87,6 +89,7 @@ class Connection:
             writer,
             max_message_size=context.config.server.max_message_size,
             trailing=trailing,
+            scope=scope,
         )
         self.id = f"{context.instance}-{number}"
         self.peer = peer
@@ -96,7 +99,6 @@ class Connection:
         the message types the original server sent (odin.protocol.negotiation)."""
         self.opened_at = trio.current_time()
         self.session = Session(context.limits, context.rules, last_activity=self.opened_at)
-        self.log = context.log.bind(conn=self.id, peer=peer)
         self.seam: RecoverySeam[Event] = RecoverySeam(writer.outbox.max_messages)
         """Where recoveries join the live stream: live events held while history is read,
         and the floors below which the feed repeats what a replay already sent."""
@@ -122,6 +124,12 @@ class Connection:
         finally:
             self._cleanup()
             nursery.cancel_scope.cancel()
+
+    @property
+    def log(self) -> Log:
+        """The server's log with this connection's id and peer (made when used: a bound logger
+        per idle connection is memory spent for nothing)."""
+        return self.context.log.bind(conn=self.id, peer=self.peer)
 
     @property
     def rate_limited(self) -> int:
@@ -297,17 +305,15 @@ class Connection:
 
     def deliver(self, event: Event, now: float) -> bool:
         """The fan-out's hot path: hand one event to this connection."""
-        publication = event.publication
-        channel = publication.channel
         if event.refused is not None and not self.v1:
             return False  # its frame is a gap notice, which only v1 clients get
         seam = self.seam
-        if seam.active and not seam.admit(channel, event):
+        if seam.active and not seam.admit(event.channel, event):
             return False
-        result = self.writer.offer(event.frame, channel, publication.seq, now=now)
-        if result is Offer.FULL and not self._overflow(event.frame, channel, publication.seq):
-            return False
-        if result is Offer.CLOSED:
+        result = self.writer.offer(event.frame, event.channel, event.seq, now=now)
+        if result is not Offer.QUEUED and (
+            result is Offer.CLOSED or not self._overflow(event.frame, event.channel, event.seq)
+        ):
             return False
         self.delivered += 1
         return True

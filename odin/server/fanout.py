@@ -31,8 +31,9 @@ class Event:
     says why, and ``detail`` adds what the operator needs.
     """
 
-    # seq and prev are copied, not properties: the history reads them for every publication.
-    __slots__ = ("detail", "frame", "prev", "publication", "refused", "seq")
+    # channel, seq and prev are copied, not properties: the fan-out and the history read them
+    # for every delivery.
+    __slots__ = ("channel", "detail", "frame", "prev", "publication", "refused", "seq")
 
     def __init__(
         self,
@@ -42,15 +43,12 @@ class Event:
         detail: str = "",
     ) -> None:
         self.publication = publication
+        self.channel = publication.channel
         self.seq = publication.seq
         self.prev = publication.prev
         self.frame = frame
         self.refused = refused
         self.detail = detail
-
-    @property
-    def channel(self) -> str:
-        return self.publication.channel
 
 
 INVALID_PAYLOAD = "invalid_payload"

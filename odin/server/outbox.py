@@ -35,6 +35,10 @@ class Item:
         """For a gap notice: (channel, from, to), so later drops can widen it."""
 
 
+_IDLE: deque[Item] = deque(maxlen=0)
+"""The queue of every empty outbox: an idle connection holds no deque of its own (about
+600 bytes each). Never appended to (its maxlen would drop the item): ``offer`` replaces it."""
+
 GapEncoder = Callable[[str, int, int], bytes | None]
 """The notice for a conflated range, or None where the client gets none (legacy protocol)."""
 
@@ -43,7 +47,7 @@ class Outbox:
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self.max_messages = self.max_bytes = 0
         self.set_limits(max_messages, max_bytes)
-        self._queue: deque[Item] = deque()
+        self._queue = _IDLE
         self._bytes = 0
 
     def set_limits(self, max_messages: int, max_bytes: int) -> None:
@@ -86,6 +90,8 @@ class Outbox:
             and (len(queue) >= self.max_messages or self._bytes + len(frame) > self.max_bytes)
         ):
             return False
+        if queue is _IDLE:
+            queue = self._queue = deque()
         queue.append(Item(frame, channel, seq, now))
         self._bytes += len(frame)
         return True
@@ -111,13 +117,15 @@ class Outbox:
             if written >= size:
                 written -= size
                 queue.popleft()
+                if not queue:
+                    self._queue = _IDLE
             else:
                 item.data = memoryview(item.data)[written:]
                 item.started = True
                 written = 0
 
     def clear(self) -> None:
-        self._queue.clear()
+        self._queue = _IDLE
         self._bytes = 0
 
     # ---- the slow-consumer policies --------------------------------------------------------
@@ -166,7 +174,7 @@ class Outbox:
             dropped_count += 1
             first, _ = dropped.get(channel, (item.seq, 0))
             dropped[channel] = (first, item.seq)
-        self._queue = kept
+        self._queue = kept if kept else _IDLE
         self._bytes = sum(len(item.data) for item in kept)
         return dropped_count, announced
 
@@ -174,6 +182,6 @@ class Outbox:
         """Drop every queued event not yet started (before a close); return how many."""
         kept = deque(item for item in self._queue if item.channel is None or item.started)
         dropped = len(self._queue) - len(kept)
-        self._queue = kept
+        self._queue = kept if kept else _IDLE
         self._bytes = sum(len(item.data) for item in kept)
         return dropped

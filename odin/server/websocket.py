@@ -13,6 +13,7 @@ conformance suite's echo server another.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import trio
@@ -53,7 +54,10 @@ class WebSocket:
         *,
         max_message_size: int,
         trailing: bytes = b"",
+        scope: trio.CancelScope | None = None,
     ) -> None:
+        """``scope``: a cancel scope already around the caller (the connection's nursery's),
+        used for the close deadline instead of one of our own."""
         self.transport = transport
         self.writer = writer
         self._ws = FrameConnection(
@@ -61,7 +65,8 @@ class WebSocket:
         )
         self._pending = trailing
         """Bytes the client sent right behind its upgrade request."""
-        self._scope = trio.CancelScope()
+        self._own_scope = scope is None
+        self._scope = trio.CancelScope() if scope is None else scope
         self._text: list[str] = []
         self._binary: list[bytes] = []
         """Fragments of the message being received (wsproto hands them over as they come)."""
@@ -97,7 +102,7 @@ class WebSocket:
     async def run(self, handler: Handler, close_timeout: float) -> None:
         """Read and handle frames until the connection is done, then send what is queued
         (our close frame, or the answer to theirs); all of it bounded once closing starts."""
-        with self._scope:
+        with self._scope if self._own_scope else contextlib.nullcontext():
             await self._read(handler)
             if not self.closing:
                 if self.remote_close is None:

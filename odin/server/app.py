@@ -159,18 +159,24 @@ class OdinServer:
         flush = self.context.flusher.flush
         async with self.context.broker.open_feed() as feed:
             task_status.started()
-            async for item in feed:
+            async for first in feed:
                 now = trio.current_time()
-                handle(item, now)
                 # Then what is already waiting, without a checkpoint per message: one per
                 # message would cost more than the fan-out of a message without subscribers,
                 # and would let a busy broker bridge starve this task.
+                batch = [first]
                 for _ in range(_FEED_BATCH):
                     try:
-                        item = feed.receive_nowait()
+                        batch.append(feed.receive_nowait())
                     except trio.WouldBlock:
                         break
-                    handle(item, now)
+                if len(batch) == 1:
+                    # Alone (a steady, moderate rate): nothing to join it with, so each
+                    # connection writes it at once, without queueing it first.
+                    handle(first, now, alone=True)
+                else:
+                    for item in batch:
+                        handle(item, now)
                 # One write per connection for everything this batch gave it.
                 flush()
 

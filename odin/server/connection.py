@@ -303,14 +303,18 @@ class Connection:
             return self._overflow(frame, channel, seq)
         return result is not Offer.CLOSED
 
-    def deliver(self, event: Event, now: float) -> bool:
-        """The fan-out's hot path: hand one event to this connection."""
+    def deliver(self, event: Event, now: float, alone: bool = False) -> bool:
+        """The fan-out's hot path: hand one event to this connection. ``alone``: the only
+        event of its batch, written at once rather than queued for the batch's flush."""
         if event.refused is not None and not self.v1:
             return False  # its frame is a gap notice, which only v1 clients get
         seam = self.seam
         if seam.active and not seam.admit(event.channel, event):
             return False
-        result = self.writer.offer(event.frame, event.channel, event.seq, now=now)
+        if alone:
+            result = self.writer.write_now(event.frame, event.channel, event.seq, now)
+        else:
+            result = self.writer.offer(event.frame, event.channel, event.seq, now=now)
         if result is not Offer.QUEUED and (
             result is Offer.CLOSED or not self._overflow(event.frame, event.channel, event.seq)
         ):

@@ -93,14 +93,14 @@ class Fanout:
     def history(self) -> HistoryLog[Event]:
         return self._context.reader.window
 
-    def handle(self, item: FeedItem, now: float) -> None:
+    def handle(self, item: FeedItem, now: float, *, alone: bool = False) -> None:
         if isinstance(item, Gap):
             self._announce_gap(item.channel, item.from_seq, item.to_seq, item.reason)
             self.history.skip_to(item.channel, item.to_seq)
             return
-        self.publish(item, now)
+        self.publish(item, now, alone=alone)
 
-    def publish(self, publication: Publication, now: float) -> None:
+    def publish(self, publication: Publication, now: float, *, alone: bool = False) -> None:
         """The hot path: once per publication, however many subscribers."""
         context = self._context
         self.received += 1
@@ -123,7 +123,7 @@ class Fanout:
             return
         delivered = 0
         for connection in connections:
-            if connection.deliver(event, now):
+            if connection.deliver(event, now, alone):
                 delivered += 1
         if delivered:
             self.delivered += delivered

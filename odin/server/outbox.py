@@ -76,7 +76,13 @@ class Outbox:
     # ---- adding ----------------------------------------------------------------------------
 
     def offer(
-        self, frame: bytes, channel: str | None, seq: int, now: float, *, force: bool = False
+        self,
+        frame: bytes | memoryview,
+        channel: str | None,
+        seq: int,
+        now: float,
+        *,
+        force: bool = False,
     ) -> bool:
         """Queue ``frame``; False (and nothing queued) when the queue is at its bound.
 

@@ -131,6 +131,30 @@ class Writer:
             self._flusher.mark(self)
         return Offer.QUEUED
 
+    def write_now(self, frame: bytes, channel: str | None, seq: int, now: float) -> Offer:
+        """``offer`` for a frame with nothing to be joined with: when the queue is empty it
+        goes to the socket at once (one ``write``, no queueing), and only what the socket does
+        not take is queued. The fan-out uses it for a batch of one message."""
+        if self._closed:
+            return Offer.CLOSED
+        if self._fd < 0 or self._waiting or self.outbox:
+            return self.offer(frame, channel, seq, now=now)
+        try:
+            written = os.write(self._fd, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            self._fail(exc)
+            return Offer.CLOSED
+        self.bytes_written += written
+        if written < len(frame):
+            rest = memoryview(frame)[written:] if written else frame
+            self.outbox.offer(rest, channel, seq, now, force=True)
+            if written:
+                self.outbox.mark_started(1)
+            self._start_waiting()
+        return Offer.QUEUED
+
     # ---- writing -------------------------------------------------------------------------
 
     def flush(self) -> None:

@@ -352,3 +352,36 @@ async def test_frames_being_sent_on_a_stream_without_a_file_descriptor_are_not_d
         assert bytes(received) == b"<a#1><a#2><a#3><b#1>"
         assert writer.queued_bytes == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_write_now_writes_a_lone_frame_at_once_and_queues_behind_a_waiting_queue() -> None:
+    async with socket_pair() as (ours, theirs), trio.open_nursery() as nursery:
+        writer = Writer(ours, Outbox(100, 100_000), Flusher())
+        writer.attach(nursery)
+        assert writer.write_now(b"alone", "a", 1, 0.0) is Offer.QUEUED
+        # On the wire already: no flush, nothing queued.
+        assert (writer.bytes_written, writer.queued_messages) == (5, 0)
+        assert await read_exactly(theirs, 5) == b"alone"
+        # Behind frames that wait for a flush, it waits too, so the order holds.
+        assert writer.offer(b"first") is Offer.QUEUED
+        assert writer.write_now(b"second", "a", 2, 0.0) is Offer.QUEUED
+        assert writer.queued_messages == 2
+        writer.flush()
+        assert await read_exactly(theirs, 11) == b"firstsecond"
+        writer.mark_closed()
+        assert writer.write_now(b"late", "a", 3, 0.0) is Offer.CLOSED
+
+
+async def test_write_now_queues_what_the_socket_did_not_take_in_order() -> None:
+    frames = frames_of(60, seed=7)
+    async with socket_pair(small_buffers=True) as (ours, theirs), trio.open_nursery() as nursery:
+        writer = Writer(ours, Outbox(1000, 1_000_000), Flusher())
+        writer.attach(nursery)
+        for frame in frames:
+            assert writer.write_now(frame, "a", 1, 0.0) is Offer.QUEUED
+        assert writer.queued_messages > 0  # the socket pushed back: the rest waits in order
+        total = b"".join(frames)
+        assert await read_exactly(theirs, len(total)) == total
+        with trio.fail_after(10):
+            await writer.wait_flushed()
+        assert writer.bytes_written == len(total)

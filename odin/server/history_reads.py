@@ -19,6 +19,7 @@ from odin.core.history import HistoryLog
 from odin.core.recovery import linked
 from odin.logs import Log
 from odin.metrics import Metrics
+from odin.protocol.publication import Publication
 from odin.server.fanout import Event, make_event
 
 
@@ -131,12 +132,7 @@ class HistoryReader:
         event = self.window.latest(channel, trio.current_time())
         if event is not None:
             return event
-        try:
-            with trio.fail_after(self._config.history.read_timeout):
-                publication = await self._broker.latest(channel)
-        except (trio.TooSlowError, BrokerError):
-            self._metrics.history_reads.labels("error").inc()
-            return None
+        _, publication = await self._latest_in_broker(channel)
         if publication is None:
             return None
         return make_event(publication, self._config.broker.max_payload)
@@ -146,11 +142,18 @@ class HistoryReader:
         from the broker (0: no message yet); None if the broker cannot say."""
         if self.window.knows(channel):
             return self.window.last_seq(channel)
+        known, publication = await self._latest_in_broker(channel)
+        if not known:
+            return None
+        return publication.seq if publication is not None else 0
+
+    async def _latest_in_broker(self, channel: str) -> tuple[bool, Publication | None]:
+        """(whether the broker answered in time, its newest message of the channel)."""
         try:
             with trio.fail_after(self._config.history.read_timeout):
-                latest = await self._broker.latest(channel)
+                publication = await self._broker.latest(channel)
         except (trio.TooSlowError, BrokerError):
             self._metrics.history_reads.labels("error").inc()
-            return None
+            return False, None
         self._metrics.history_reads.labels("ok").inc()
-        return latest.seq if latest is not None else 0
+        return True, publication

@@ -4,7 +4,7 @@ Every line has ``event``, ``level``, ``timestamp`` (UTC, ISO 8601) and ``service
 events add ``conn`` and ``peer``. ``Log`` is a small bound logger over the standard library's
 ``logging`` (``log.info("conn_open", peer=...)``, ``log.bind(conn=...)``) and
 python-json-logger writes the lines, so libraries that log through ``logging``
-(trio-websocket) come out as JSON too. (structlog would do the binding, but it imports
+(hypercorn, trio-asyncio) come out as JSON too. (structlog would do the binding, but it imports
 asyncio, and the server must load no asyncio outside the NATS bridge.)
 """
 
@@ -76,7 +76,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    # Odin's own events at the configured level; libraries (trio-websocket logs every frame
+    # Odin's own events at the configured level; libraries (some log every frame
     # at debug level) only from warnings up. Lifecycle events (listening, draining, stopped)
     # are always written: scripts wait for them.
     set_level(level)

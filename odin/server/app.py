@@ -3,11 +3,14 @@
 Nursery layout (hypercorn's, with one nursery per connection added)::
 
     root
-    ├── feed pump (broker feed -> fan-out)
-    ├── housekeeping (gauges, history expiry)
+    ├── feed pump (broker feed -> fan-out, then one flush per batch)
+    ├── housekeeping (gauges, history expiry, CPU sample)
+    ├── flusher (frames queued outside the pump)
+    ├── wheel (pings and idle closes)
     └── connections
         ├── accept loop (trio.serve_listeners)
-        └── one nursery per connection (see connection.py)
+        └── one nursery per connection: its reader, and its writer's task only while the
+            socket pushes back (see connection.py)
 
 ``run`` reports the bound URLs through ``task_status`` once it is listening and the feed is
 open, so a caller that starts it with ``nursery.start`` can publish at once and lose nothing.

@@ -20,22 +20,7 @@ from odin.core.recovery import (
     linked,
     plan_replay,
 )
-
-
-@attrs.frozen
-class Msg:
-    seq: int
-    prev: int
-
-
-def chain(*seqs: int, prev: int = 0) -> list[Msg]:
-    """Messages of one channel at ``seqs``, each linked to the one before."""
-    messages = []
-    for seq in seqs:
-        messages.append(Msg(seq, prev))
-        prev = seq
-    return messages
-
+from tests.core.positions import Msg, chain
 
 # The channel's history in these tests: positions 3, 5, 8, 9, 12 (others belong to other
 # channels), the first with nothing before it.

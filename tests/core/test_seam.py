@@ -8,21 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from odin.core.seam import MISSED, RECOVERY_OVERFLOW, Missed, RecoverySeam
-
-
-@attrs.frozen
-class Msg:
-    seq: int
-    prev: int
-
-
-def chain(*seqs: int, prev: int = 0) -> list[Msg]:
-    """Messages of one channel at ``seqs``, each linked to the one before."""
-    messages = []
-    for seq in seqs:
-        messages.append(Msg(seq, prev))
-        prev = seq
-    return messages
+from tests.core.positions import Msg, chain
 
 
 def active(seam: RecoverySeam[Msg]) -> bool:

@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         announce = _where_to_connect if sys.stdout.isatty() else None
     try:
-        code = trio.run(serve, config, log, announce, run)
+        code = trio.run(serve, run, config, log, announce)
     except* (StartError, EmbeddedNatsError) as group:
         # One line naming what could not be had (an address, the embedded NATS), never a
         # nursery's traceback.
@@ -347,10 +347,9 @@ def tune_gc() -> None:
 Announce = Callable[[Listening, Broker], None]
 
 
-async def serve(
-    config: Config, log: logs.Log, announce: Announce | None = None, run: _Run | None = None
-) -> int:
-    run = run or _Run(args=argparse.Namespace(config=None))
+async def serve(run: _Run, config: Config, log: logs.Log, announce: Announce | None = None) -> int:
+    """The server, its broker and the tasks beside it; ``run`` carries what signals and a
+    reload need (the command line's arguments, the server once it exists)."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, run, nursery.cancel_scope, log)
         async with open_broker(config, log) as broker, trio.open_nursery() as tasks:

@@ -1,10 +1,11 @@
 """Subscribe (with recovery) and unsubscribe, as the Trio shell carries them out.
 
 Recovery without loss or duplicates at the seam: before the history is read, each channel
-to recover is routed into a per-connection buffer, so live messages published during the
-read are kept, not sent. After the read, without awaiting again, the server puts in order:
-the ack, the replayed messages (or the latest one when recovery is impossible), then the
-buffered live messages newer than the replay, then switches the channel to live delivery.
+to recover is held by the connection's ``RecoverySeam`` (odin/core/seam.py), so live messages
+published during the read are kept, not sent. After the read, without awaiting again, the
+server puts in order: the ack, the replayed messages (or the latest one when recovery is
+impossible), then what the seam held that is newer than the replay (with a gap notice for
+every hole), then the channel goes live.
 """
 
 from __future__ import annotations

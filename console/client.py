@@ -2,9 +2,11 @@
 
 Requests are matched to their replies by id, each under a bounded wait; ``watch`` updates are
 handed to a callback as they arrive. On connect it sends ``hello`` (and stops for good on
-another protocol version), takes a first snapshot and starts the watch. When the connection
-fails or ends it reconnects by itself, 0.5 s after, doubling to 5 s, and it reports every
-change of its link state to another callback.
+another protocol version), takes a first snapshot and starts the watch. A supervisor's socket
+(``odin serve --workers N``) serves no snapshot nor watch: the client asks it for its
+``workers`` instead, at once and then every interval, and hands them to a third callback. When
+the connection fails or ends it reconnects by itself, 0.5 s after, doubling to 5 s, and it
+reports every change of its link state to another callback.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
-from console.link import LinkState, LinkStatus
+from console.link import SUPERVISOR, LinkState, LinkStatus
 from odin.control.protocol import (
     COMMAND_NAMES,
     PROTOCOL_VERSION,
     Command,
     ErrorCode,
     Hello,
+    HostWorkers,
     Reply,
     ServerIdentity,
     Snapshot,
@@ -30,6 +33,7 @@ from odin.control.protocol import (
     Update,
     Watch,
     WatchStarted,
+    Workers,
     decode_line,
     encode_request,
 )
@@ -68,6 +72,7 @@ class ControlClient:
         *,
         on_link: Callable[[LinkStatus], None],
         on_update: Callable[[Update], None],
+        on_workers: Callable[[HostWorkers], None] | None = None,
         interval: float = 1.0,
         request_timeout: float = REQUEST_TIMEOUT,
         backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_MAX),
@@ -79,6 +84,7 @@ class ControlClient:
         self.request_timeout = request_timeout
         self._on_link = on_link
         self._on_update = on_update
+        self._on_workers = on_workers or (lambda _: None)
         self._backoff = backoff
         self._delay = backoff[0]
         self._status = LinkStatus(LinkState.CONNECTING)
@@ -137,6 +143,7 @@ class ControlClient:
         self._writer = writer
         self._refusal = None
         reading = asyncio.create_task(self._read(reader))
+        polling: asyncio.Task[None] | None = None
         try:
             try:
                 identity = await self._call_as(Hello(), ServerIdentity)
@@ -148,9 +155,13 @@ class ControlClient:
                     return LinkStatus(LinkState.VERSION_MISMATCH, detail, identity)
                 # Up from here: the identity names this server's events and figures.
                 self._set(LinkStatus(LinkState.CONNECTED, identity=identity))
-                snapshot = await self._call_as(SnapshotRequest(), Snapshot)
-                self._on_update(Update(snapshot, []))
-                await self._call_as(Watch(self.interval), WatchStarted)
+                if identity.role == SUPERVISOR:
+                    self._on_workers(await self._call_as(Workers(), HostWorkers))
+                    polling = asyncio.create_task(self._poll_workers())
+                else:
+                    snapshot = await self._call_as(SnapshotRequest(), Snapshot)
+                    self._on_update(Update(snapshot, []))
+                    await self._call_as(Watch(self.interval), WatchStarted)
             except RequestFailed as exc:
                 return self._refused(exc.code, exc.message)
             except NotConnected:
@@ -162,13 +173,27 @@ class ControlClient:
             return LinkStatus(LinkState.LOST, f"protocol error: {exc}")
         finally:
             self._writer = None
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
+            tasks = [reading] if polling is None else [reading, polling]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._fail_pending("connection closed")
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         return self._ended(reason)
+
+    async def _poll_workers(self) -> None:
+        """A supervisor sends no updates: ask for its workers every interval instead."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                workers = await self._call_as(Workers(), HostWorkers)
+            except RequestFailed:
+                continue  # late, or refused for now (rate_limited): ask again next time
+            except NotConnected:
+                return  # the reading task says why
+            self._on_workers(workers)
 
     async def _read(self, reader: asyncio.StreamReader) -> str:
         """Dispatch lines until the stream ends; returns why it ended."""

@@ -1,9 +1,10 @@
 """A fake Odin control server with invented data, for the tests and the screenshots.
 
 It speaks the real control protocol (the same parser and encoders as the server) over a Unix
-socket: it answers hello, snapshot, connections, channels, slow, inspect, kick, drain and
-reload from its ``FakeData``, sends updates after watch, and records every command it
-received. Nothing random is left to chance: the data come from a seeded generator and fixed
+socket: it answers hello, snapshot, connections, channels, slow, inspect, kick, drain, reload
+and workers from its ``FakeData``, sends updates after watch, and records every command it
+received. With a supervisor's identity (``supervisor_data``) it answers as a supervisor does:
+hello, workers, reload and drain, and ``unavailable`` to the rest. Nothing random is left to chance: the data come from a seeded generator and fixed
 clocks, so the screenshots are the same on every run.
 """
 
@@ -31,6 +32,7 @@ from odin.control.protocol import (
     Draining,
     ErrorCode,
     Hello,
+    HostWorkers,
     Inspect,
     Kick,
     Kicked,
@@ -51,6 +53,8 @@ from odin.control.protocol import (
     Update,
     Watch,
     WatchStarted,
+    WorkerInfo,
+    Workers,
     encode_error,
     encode_result,
     encode_update,
@@ -214,6 +218,12 @@ class FakeData:
     reload: Reloaded | list[str] | None = attrs.Factory(lambda: Reloaded([], []))
     """What ``reload`` answers: a result, the problems of a bad configuration
     (``config_invalid``), or None (``unavailable``)."""
+    workers: HostWorkers | None = None
+    """What ``workers`` answers (None: ``unavailable``, a server alone)."""
+
+    @property
+    def supervisor(self) -> bool:
+        return self.identity.role == "supervisor"
 
 
 def demo_data(
@@ -242,6 +252,27 @@ def demo_data(
         events=sample_events(instance),
         scale=scale,
     )
+
+
+def worker_data(
+    instance: str, pid: int, slot: int, *, count: int, supervisor_pid: int, **options: Any
+) -> FakeData:
+    """A worker of ``odin serve --workers count``: a server whose hello names its host."""
+    data = demo_data(instance, pid, **options)
+    data.identity = attrs.evolve(
+        data.identity, worker=slot, workers=count, supervisor_pid=supervisor_pid
+    )
+    return data
+
+
+def supervisor_data(pid: int, workers: list[WorkerInfo]) -> FakeData:
+    """A supervisor reporting ``workers``; it serves no clients, so it has no snapshot to
+    give (the one kept here is never sent)."""
+    data = demo_data("", pid, connections=0)
+    data.identity = attrs.evolve(data.identity, role="supervisor", websocket=[], workers=len(workers))
+    data.events = []
+    data.workers = HostWorkers(len(workers), pid, BASE_TIME - 11_520, workers)
+    return data
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -376,9 +407,17 @@ class FakeServer:
 
     def _answer(self, request_id: object, command: Command, writer: asyncio.StreamWriter) -> bytes:
         data = self.data
+        if data.supervisor and not isinstance(command, Hello | Workers | Reload | Drain):
+            message = "a supervisor serves no clients; its workers' control sockets do"
+            return encode_error(request_id, ErrorCode.UNAVAILABLE, message)
         match command:
             case Hello():
                 return encode_result(request_id, data.identity)
+            case Workers():
+                if data.workers is None:
+                    message = "this server runs alone, not under a supervisor"
+                    return encode_error(request_id, ErrorCode.UNAVAILABLE, message)
+                return encode_result(request_id, data.workers)
             case SnapshotRequest():
                 return encode_result(request_id, data.snapshot)
             case Watch(interval=interval):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 import attrs
 
 from odin.control.protocol import ServerIdentity
+
+SUPERVISOR: Final = "supervisor"
+"""The role a supervisor's hello names (``odin serve --workers N``): its socket answers
+``workers``, not ``snapshot`` nor ``watch``."""
 
 
 class LinkState(enum.StrEnum):

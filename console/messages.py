@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.message import Message
 
 from console.link import LinkStatus
-from odin.control.protocol import Update
+from odin.control.protocol import HostWorkers, Update
 
 
 class LinkChanged(Message):
@@ -20,6 +20,15 @@ class UpdateArrived(Message):
         super().__init__()
         self.key = key
         self.update = update
+
+
+class WorkersArrived(Message):
+    """A supervisor's report of its workers."""
+
+    def __init__(self, key: str, workers: HostWorkers) -> None:
+        super().__init__()
+        self.key = key
+        self.workers = workers
 
 
 class ActionOutcome(Message):

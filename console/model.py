@@ -4,6 +4,10 @@ Per server: the link state, the identity, the latest snapshot and the recent rat
 histories for the sparklines). Across servers: the event log (bounded) and the totals. The app
 feeds it the client's reports and renders from it; the tests drive it directly.
 
+A host run by ``odin serve --workers N`` is one group (``Host``): the workers' sockets, whose
+hello names their supervisor, and the supervisor's own socket, which reports every worker's
+state (one that is restarting has no socket to attach to, but it has a row).
+
 Repeats of a kind that floods (``GROUPED``: a slow consumer is reported every time its queue
 fills, many times a second) are one entry per connection, counted, with the first and last
 time, for as long as they keep coming (``GROUP_GAP``); every other event is an entry of its
@@ -19,8 +23,9 @@ from typing import Final
 
 import attrs
 
-from console.link import LinkState, LinkStatus
+from console.link import SUPERVISOR, LinkState, LinkStatus
 from odin.control.protocol import (
+    HostWorkers,
     NatsState,
     Recoveries,
     ServerEvent,
@@ -101,11 +106,31 @@ class ServerView:
     rate_out: deque[float] = attrs.Factory(lambda: deque(maxlen=HISTORY))
     events_dropped: int = 0
     was_connected: bool = False
+    workers: HostWorkers | None = None
+    """A supervisor's workers, as it last reported them."""
 
     @property
     def label(self) -> str:
-        """The instance id once known (connection ids start with it), else the socket's name."""
-        return self.identity.instance if self.identity is not None else self.path.name
+        """The instance id once known (connection ids start with it), else the socket's name;
+        a supervisor (which has no connections) by its pid."""
+        if self.identity is None:
+            return self.path.name
+        if self.is_supervisor:
+            return f"supervisor {self.identity.pid}"
+        return self.identity.instance
+
+    @property
+    def is_supervisor(self) -> bool:
+        return self.identity is not None and self.identity.role == SUPERVISOR
+
+    @property
+    def host_pid(self) -> int | None:
+        """The supervisor whose host this socket belongs to: its own pid for a supervisor,
+        its supervisor's for a worker; None for a server alone (or not known yet)."""
+        identity = self.identity
+        if identity is None:
+            return None
+        return identity.pid if self.is_supervisor else identity.supervisor_pid
 
     @property
     def up(self) -> bool:
@@ -129,6 +154,72 @@ class ServerView:
         if state is LinkState.CONNECTING and not self.was_connected:
             return f"connecting to {self.path}…"
         return f"reconnecting to {self.path}…{suffix}"
+
+
+@attrs.frozen
+class WorkerRow:
+    """One worker of a host: what its supervisor says of it, and its own socket's view."""
+
+    slot: int | None
+    state: str
+    """The supervisor's word (starting, up, restarting, stopping, stopped); without one, up
+    or down as the console's link to the worker is."""
+    pid: int | None
+    view: ServerView | None = None
+    """Its socket, when attached."""
+    restarts: int = 0
+    last_exit: str = ""
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        view = self.view
+        return view.snapshot if view is not None and view.up else None
+
+
+@attrs.frozen
+class Host:
+    """A supervisor and its workers: ``odin serve --workers N`` on one host."""
+
+    pid: int
+    """The supervisor's."""
+    supervisor: ServerView | None
+    """Its socket, when attached."""
+    rows: list[WorkerRow]
+    """A row per worker, by slot."""
+    expected: int
+
+    @property
+    def key(self) -> str:
+        return f"host:{self.pid}"
+
+    @property
+    def label(self) -> str:
+        return f"host {self.pid}"
+
+    @property
+    def views(self) -> list[ServerView]:
+        """Every socket of the host that is attached, the supervisor's first."""
+        workers = [row.view for row in self.rows if row.view is not None]
+        return [self.supervisor, *workers] if self.supervisor is not None else workers
+
+    @property
+    def up(self) -> int:
+        return sum(1 for row in self.rows if row.state == "up")
+
+    def live(self) -> list[ServerView]:
+        return [row.view for row in self.rows if row.view is not None and row.snapshot is not None]
+
+    def total(self) -> Snapshot | None:
+        """The sum over its workers that are up (None when none is)."""
+        live = [row.snapshot for row in self.rows if row.snapshot is not None]
+        return sum_snapshots(live) if live else None
+
+    def total_history(self) -> tuple[list[float], list[float]]:
+        live = self.live()
+        return (
+            _sum_aligned([view.rate_in for view in live]),
+            _sum_aligned([view.rate_out for view in live]),
+        )
 
 
 class ConsoleModel:
@@ -218,6 +309,48 @@ class ConsoleModel:
             self._groups[logged.key] = logged
         return logged
 
+    def apply_workers(self, key: str, workers: HostWorkers) -> None:
+        """Take in what a supervisor reports of its workers."""
+        view = self.servers.get(key)
+        if view is not None:
+            view.workers = workers
+
+    def hosts(self) -> list[Host]:
+        """The hosts of supervisors and workers, in the order their first socket came."""
+        groups: dict[int, list[ServerView]] = {}
+        for view in self.servers.values():
+            pid = view.host_pid
+            if pid is not None:
+                groups.setdefault(pid, []).append(view)
+        return [_host(pid, views) for pid, views in groups.items()]
+
+    def alone(self) -> list[ServerView]:
+        """The servers that run alone (and those whose hello has not come yet)."""
+        return [view for view in self.servers.values() if view.host_pid is None]
+
+    def processes(self) -> list[ServerView]:
+        """The servers that serve clients: every one attached but supervisors."""
+        return [view for view in self.servers.values() if not view.is_supervisor]
+
+    def replaced(self) -> list[ServerView]:
+        """Workers whose link is down and whose supervisor, up, no longer lists their pid: a
+        worker that died and whose slot runs another one now."""
+        gone = []
+        for host in self.hosts():
+            supervisor = host.supervisor
+            if supervisor is None or not supervisor.up or supervisor.workers is None:
+                continue
+            pids = {worker.pid for worker in supervisor.workers.workers}
+            gone += [
+                view
+                for view in host.views
+                if not view.is_supervisor
+                and not view.up
+                and view.identity is not None
+                and view.identity.pid not in pids
+            ]
+        return gone
+
     def events_matching(self, text: str) -> list[LoggedEvent]:
         return [logged for logged in self.events if logged.matches(text)]
 
@@ -240,6 +373,34 @@ class ConsoleModel:
             _sum_aligned([view.rate_in for view in live]),
             _sum_aligned([view.rate_out for view in live]),
         )
+
+
+def _host(pid: int, views: list[ServerView]) -> Host:
+    """A host's rows: the supervisor's report while its link is up, each matched to the
+    worker's socket by pid; workers it does not list (yet), or all without a report, from
+    their own sockets."""
+    supervisor = next((view for view in views if view.is_supervisor), None)
+    workers = [view for view in views if not view.is_supervisor and view.identity is not None]
+    report = supervisor.workers if supervisor is not None and supervisor.up else None
+    rows: list[WorkerRow] = []
+    if report is not None:
+        by_pid = {view.identity.pid: view for view in workers if view.identity is not None}
+        for info in report.workers:
+            view = by_pid.pop(info.pid, None) if info.pid is not None else None
+            rows.append(
+                WorkerRow(info.slot, info.state, info.pid, view, info.restarts, info.last_exit)
+            )
+        workers = list(by_pid.values())
+    for view in workers:
+        assert view.identity is not None
+        state = "up" if view.up else "down"
+        rows.append(WorkerRow(view.identity.worker, state, view.identity.pid, view))
+    rows.sort(key=lambda row: (row.slot is None, row.slot or 0))
+    if report is not None:
+        expected = report.expected
+    else:  # what the workers' hellos say
+        expected = max([len(rows), *(v.identity.workers for v in views if v.identity)])
+    return Host(pid, supervisor, rows, expected)
 
 
 def _sum_aligned(histories: Iterable[deque[float]]) -> list[float]:

@@ -15,14 +15,20 @@ adds (queued frames, up to ``connection.queue_max_bytes`` for a slow one) and fo
 socket buffers, which a cgroup charges too. BASE is the process at start (about 70 MiB RSS
 with the history window empty) with room for the history to fill.
 
-The CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) is read and reported, not used: one
-process uses one core at most, and admission by CPU (the original's) refused clients for
-load spikes that a bounded queue absorbs.
+With ``--workers N`` the memory is the host's: the limit above, with BASE counted once per
+worker, is the host's total, and each worker takes its share (the first ``total % N`` one
+more); the file-descriptor limit is per process and bounds each worker's share by itself.
+
+The CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) is not used for admission (admission
+by CPU, the original's, refused clients for load spikes that a bounded queue absorbs); with the
+CPU affinity it decides how many workers ``server.workers = 0`` starts (``usable_cpus``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import resource
 from pathlib import Path
 
@@ -64,12 +70,17 @@ class Capacity:
     bound_by: str
     """What set a derived limit: ``memory``, ``file descriptors``, ``minimum`` or
     ``maximum``; empty when configured."""
+    host_max_connections: int = 0
+    """The host's total over every worker (this process's limit when it runs alone)."""
+    workers: int = 1
 
     def describe(self) -> dict[str, object]:
         """For the start log and /health."""
         limits = self.limits
         return {
             "max_connections": self.max_connections,
+            "host_max_connections": self.host_max_connections or self.max_connections,
+            "workers": self.workers,
             "source": self.source,
             "bound_by": self.bound_by,
             "memory_limit_bytes": limits.memory_bytes,
@@ -81,19 +92,45 @@ class Capacity:
         }
 
 
-def plan(configured: int, limits: Limits) -> Capacity:
-    """The connection limit: ``configured`` when it is set (non-zero), else derived."""
+def plan(configured: int, limits: Limits, *, workers: int = 1, slot: int = 0) -> Capacity:
+    """The connection limit of worker ``slot`` of ``workers`` (of the process when it runs
+    alone): its share of ``configured`` (the host's total) when that is set (non-zero), else
+    derived from the limits."""
     if configured:
-        return Capacity(configured, "configured", limits, "")
-    candidates = [(MAXIMUM, "maximum")]
+        value = share(configured, workers, slot)
+        return Capacity(value, "configured", limits, "", configured, workers)
+    value, bound_by = _derived(limits, workers, slot)
+    total = sum(_derived(limits, workers, other)[0] for other in range(workers))
+    return Capacity(value, "derived", limits, bound_by, total, workers)
+
+
+def _derived(limits: Limits, workers: int, slot: int) -> tuple[int, str]:
+    candidates = [(share(MAXIMUM, workers, slot), "maximum")]
     if limits.memory_bytes is not None:
-        usable = (limits.memory_bytes - BASE) * (1 - HEADROOM)
-        candidates.append((int(usable // PER_CONNECTION), "memory"))
+        usable = (limits.memory_bytes - BASE * workers) * (1 - HEADROOM)
+        candidates.append((share(int(usable // PER_CONNECTION), workers, slot), "memory"))
     candidates.append((limits.nofile - FD_RESERVE, "file descriptors"))
     value, bound_by = min(candidates)
     if value < MINIMUM:
         value, bound_by = MINIMUM, "minimum"
-    return Capacity(value, "derived", limits, bound_by)
+    return value, bound_by
+
+
+def share(total: int, workers: int, slot: int) -> int:
+    """Worker ``slot``'s part of ``total``: the parts differ by at most one and add up."""
+    return max(0, total) // workers + (1 if slot < max(0, total) % workers else 0)
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = read_limits().cpu_cores
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
 
 
 # ---- reading the limits ----------------------------------------------------------------------
@@ -197,3 +234,12 @@ def _machine_memory(root: Path) -> int | None:
             with contextlib.suppress(ValueError, IndexError):
                 return int(line.split()[1]) * KIB
     return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory, from /proc (None where there is no /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

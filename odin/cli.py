@@ -3,6 +3,10 @@
 Exit codes (``EPILOG``, shown by ``--help``): 0 after a clean stop, 1 when it cannot start, 2 on
 a usage error, 78 (EX_CONFIG) on a bad configuration, 130 when a second signal cuts the drain
 short. SIGHUP reloads the configuration (odin.server.reload).
+
+One command, three roles: a single server (``server.workers = 1``); a supervisor of N workers
+(odin.host.supervisor); or one of those workers (``serve --worker SPEC``, which only a
+supervisor passes).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -25,6 +30,10 @@ from odin.broker.base import Broker
 from odin.broker.embedded import EmbeddedNatsError, run_embedded_nats
 from odin.broker.memory import MemoryBroker
 from odin.config import Config, ConfigError, as_dict, load_config, set_options
+from odin.host.spec import WorkerSpec
+from odin.host.supervisor import Ready, Supervisor, WorkerStartError, worker_count
+from odin.host.worker import WorkerLink
+from odin.metrics import Metrics
 from odin.server.app import Listening, OdinServer, StartError
 from odin.server.control import ControlServer
 from odin.server.reload import apply, plan_reload
@@ -42,7 +51,8 @@ DESCRIPTION = (
 EPILOG = """\
 signals:
   SIGTERM, SIGINT  drain: clients are told to reconnect, then the server exits 0;
-                   a second signal exits at once with 130
+                   a second signal exits at once with 130 (with --workers, the
+                   supervisor forwards them to every worker)
   SIGHUP           reload the configuration file and environment (config_reloaded)
 
 exit codes:
@@ -58,6 +68,12 @@ def _add_common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     command.add_argument("--host", help="address to listen on (server.host)")
     command.add_argument("--port", type=int, help="port, 0 for any free one (server.port)")
+    command.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes on the port; 0: one per usable core (server.workers)",
+    )
     command.add_argument("--rate", type=float, help="simulated events per second (simulator.rate)")
     command.add_argument("--tokens", help="comma-separated symbols (simulator.tokens)")
     command.add_argument("--events", help="comma-separated event types (simulator.events)")
@@ -103,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--simulate", action="store_true", help="publish simulated market events (simulator)"
     )
+    # Only a supervisor starts a worker; not for people, so not in --help.
+    serve.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     demo = commands.add_parser(
         "demo",
         help="an embedded NATS, the price simulator publishing into it, and the server",
@@ -120,6 +138,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     flags = {
         "server.host": args.host,
         "server.port": args.port,
+        "server.workers": args.workers,
         "broker.kind": args.broker,
         "nats.url": args.nats_url,
         "simulator.rate": args.rate,
@@ -139,8 +158,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    worker = WorkerLink(WorkerSpec.decode(args.worker)) if getattr(args, "worker", None) else None
+    if worker is not None:
+        spec = worker.spec
+        run = _Run(Path(spec.config_file) if spec.config_file else None, spec.overrides)
+    else:
+        run = _Run(args.config, _overrides(args))
     try:
-        config, unknown_env = load_config(file=args.config, overrides=_overrides(args))
+        config, unknown_env = run.load()
     except ConfigError as exc:
         line = {"event": "config_invalid", "level": "error", "errors": exc.problems}
         sys.stderr.write(orjson.dumps(line).decode() + "\n")
@@ -149,26 +174,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(orjson.dumps(as_dict(config), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     logs.configure(config.log.level, config.log.format)
-    log = logs.get_logger(service="odin")
+    workers = 1 if worker is not None else worker_count(config)
+    if worker is not None:
+        log = logs.get_logger(service="odin", worker=worker.spec.slot)
+    else:
+        log = logs.get_logger(service="odin")
     log.info(
         "starting",
         version=__version__,
+        role="worker" if worker else "supervisor" if workers > 1 else "server",
+        workers=worker.spec.count if worker else workers,
         broker=config.broker.kind,
         embedded_nats=config.broker.kind == "nats" and not config.nats.url,
         simulate=config.simulator.enabled,
-        config_file=str(args.config) if args.config else None,
+        config_file=str(run.config_file) if run.config_file else None,
     )
     log.debug("config", **as_dict(config))
-    if unknown_env:
+    if unknown_env and worker is None:
         log.warning("config_unknown_environment", names=unknown_env)
-    run = _Run(args=args)
-    if getattr(args, "demo", False):
-        announce: Announce | None = _banner
-    else:
-        announce = _where_to_connect if sys.stdout.isatty() else None
+    demo = getattr(args, "demo", False)
+    announce: Announce | None = _banner if demo else (_where_to_connect if _tty() else None)
     try:
-        code = trio.run(serve, run, config, log, announce)
-    except* (StartError, EmbeddedNatsError) as group:
+        if worker is not None:
+            code = trio.run(serve, run, config, log, None, worker)
+        elif workers > 1:
+            supervisor = Supervisor(
+                config, workers, config_file=run.config_file, overrides=run.overrides, log=log
+            )
+            code = trio.run(supervisor.run, announce)
+        else:
+            code = trio.run(serve, run, config, log, _single(announce))
+    except* (StartError, EmbeddedNatsError, WorkerStartError) as group:
         # One line naming what could not be had (an address, the embedded NATS), never a
         # nursery's traceback.
         log.error("start_failed", error="; ".join(str(exc) for exc in _leaves(group)))
@@ -179,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EX_START
     log.lifecycle().info("exited", code=code)
     return code
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -242,27 +282,38 @@ async def _simulate(run: _Run, broker: Broker, log: logs.Log) -> None:
             await run_simulator(broker.publish, market, settings.rate, log=log)
 
 
-def _where_to_connect(listening: Listening, _: Broker) -> None:
+Announce = Callable[[Ready, int], None]
+
+
+def _single(announce: Announce | None) -> Callable[[Listening, Broker], None] | None:
+    """A lone server's announcement, from what a worker would report."""
+    if announce is None:
+        return None
+    return lambda listening, broker: announce(Ready(listening, "", broker.status().location), 1)
+
+
+def _where_to_connect(ready: Ready, workers: int) -> None:
     """What ``odin serve`` prints on a terminal: where clients and operators connect."""
-    http = listening.http[0]
+    http = ready.listening.http[0]
+    cores = f" with {workers} workers" if workers > 1 else ""
     print(
-        f"Odin is serving clients at {listening.websocket[0]} "
+        f"Odin is serving clients at {ready.listening.websocket[0]}{cores} "
         f"(health {http}/health, metrics {http}/metrics). Stop with Ctrl-C.",
         flush=True,
     )
 
 
-def _banner(listening: Listening, broker: Broker) -> None:
+def _banner(ready: Ready, workers: int) -> None:
     """What ``odin demo`` prints: where to look."""
-    websocket = listening.websocket[0]
-    http = listening.http[0]
+    websocket = ready.listening.websocket[0]
+    http = ready.listening.http[0]
     subscribe = """'{"type":"subscribe","data":{"channels":["BTC.*"]}}'"""
     lines = [
         "Odin demo: simulated market events through an embedded NATS JetStream.",
-        f"  WebSocket  {websocket}",
+        f"  WebSocket  {websocket}" + (f"  ({workers} workers)" if workers > 1 else ""),
         f"  Health     {http}/health",
         f"  Metrics    {http}/metrics",
-        f"  History    {broker.status().location}",
+        f"  History    {ready.history}",
         f"Watch:  echo {subscribe} | websocat -n {websocket}",
         "Stop with Ctrl-C.",
     ]
@@ -271,7 +322,10 @@ def _banner(listening: Listening, broker: Broker) -> None:
 
 @attrs.define
 class _Run:
-    args: argparse.Namespace
+    config_file: Path | None
+    overrides: dict[str, object]
+    """The command line's settings (or a supervisor's, for a worker): a reload reads the
+    file again under the same ones."""
     server: OdinServer | None = None
     forced: bool = False
     simulator: trio.CancelScope | None = None
@@ -281,11 +335,14 @@ class _Run:
         assert self.server is not None
         return self.server.context.config
 
+    def load(self) -> tuple[Config, list[str]]:
+        return load_config(file=self.config_file, overrides=self.overrides)
+
     def reload(self) -> tuple[list[str], list[str]]:
         """Load the configuration again and apply what can change live; raises ConfigError
         (the running configuration is then untouched)."""
         assert self.server is not None
-        config, _ = load_config(file=self.args.config, overrides=_overrides(self.args))
+        config, _ = self.load()
         outcome = plan_reload(self.server.context.config, config)
         apply(self.server.context, outcome)
         if self.simulator is not None and any(
@@ -344,28 +401,49 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-Announce = Callable[[Listening, Broker], None]
-
-
-async def serve(run: _Run, config: Config, log: logs.Log, announce: Announce | None = None) -> int:
+async def serve(
+    run: _Run,
+    config: Config,
+    log: logs.Log,
+    announce: Callable[[Listening, Broker], None] | None = None,
+    worker: WorkerLink | None = None,
+) -> int:
     """The server, its broker and the tasks beside it; ``run`` carries what signals and a
-    reload need (the command line's arguments, the server once it exists)."""
+    reload need (the settings, the server once it exists); ``worker``, a worker's link to
+    its supervisor."""
+    metrics = worker.shared_metrics() if worker is not None else Metrics()
+    listeners = worker.listeners() if worker is not None else None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, run, nursery.cancel_scope, log)
         async with open_broker(config, log) as broker, trio.open_nursery() as tasks:
-            server = run.server = OdinServer(config, broker, log=log)
-            listening = await tasks.start(server.run)
+            server = run.server = OdinServer(
+                config, broker, metrics=metrics, log=log, worker=worker.role if worker else None
+            )
+            listening = await tasks.start(partial(server.run, listeners=listeners))
             tune_gc()
+            control_path = None
             if config.control.enabled:
                 control = ControlServer(
                     server, config.control, websocket=listening.websocket, reload=run.reload
                 )
-                await tasks.start(control.run)
+                control_path = await tasks.start(control.run)
             if config.simulator.enabled:
                 tasks.start_soon(_simulate, run, broker, log)
+            if worker is not None:
+                worker.report_ready(listening, control_path, broker.status().location)
+                tasks.start_soon(_drain_when_orphaned, worker, server, log)
             if announce is not None:
                 announce(listening, broker)
             await server.stopped.wait()
             tasks.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
     return EX_FORCED if run.forced else 0
+
+
+async def _drain_when_orphaned(worker: WorkerLink, server: OdinServer, log: logs.Log) -> None:
+    """A worker whose supervisor is gone (killed) drains and exits rather than serve on
+    unsupervised."""
+    await worker.wait_orphaned()
+    if not server.stopping:
+        log.warning("supervisor_gone", action="drain", supervisor=worker.spec.supervisor_pid)
+        server.request_shutdown()

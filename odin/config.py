@@ -27,6 +27,7 @@ from cattrs.gen import make_dict_structure_fn
 from odin.protocol.channels import EVENT_TYPES, ChannelError, check_symbol
 
 T = TypeVar("T")
+MAX_WORKERS = 256
 
 
 class ConfigError(Exception):
@@ -108,6 +109,16 @@ class ServerSection:
     """Address to listen on; 0.0.0.0 for every interface (containers)."""
     port: int = attrs.field(default=3002, validator=[v.ge(0), v.le(65535)])
     """WebSocket and HTTP port (0: any free port, printed in the ``listening`` log)."""
+    workers: int = attrs.field(default=0, validator=[v.ge(0), v.le(MAX_WORKERS)])
+    """Worker processes accepting on the port (``--workers``): 0 is one per core this process
+    may use (its CPU affinity and cgroup quota); 1 is a single process, no supervisor. The
+    memory broker keeps history in one process, so it always runs one."""
+    worker_sockets: Literal["shared", "reuseport"] = "shared"
+    """How workers share the port: ``shared``, one listening socket opened by the supervisor
+    and inherited by every worker (a restarted worker takes over its queue; nothing is lost
+    while one is down); ``reuseport``, a socket per worker with SO_REUSEPORT (the kernel
+    spreads connections by address hash; those queued on a dying worker's socket are reset).
+    docs/performance.md compares the two."""
     ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
     """The WebSocket endpoint's path."""
     max_connections: int = attrs.field(default=0, validator=v.ge(0))

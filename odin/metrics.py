@@ -4,12 +4,27 @@ A registry per server (not the process-global one) lets tests run several server
 process and read each one's numbers. Hot paths count once per broadcast, not once per
 delivery (an ``inc`` costs about 0.3 µs; a delivery about 5 µs), and labelled children are
 resolved once here rather than on every event.
+
+Under ``odin serve --workers N`` the workers share their metrics through prometheus-client's
+multiprocess mode (``share_between_workers``): every value lives in a memory-mapped file of
+the host directory, so whichever worker answers ``/metrics`` returns the host's totals, and a
+value written just before a SIGKILL is not lost. The files are named by worker *slot*, not pid
+(the library's default): a restarted worker reopens its predecessor's file and its counters
+go on from there, so they never go back and the directory never grows. What other modes read
+at scrape time from live objects (the broker's counters, the queues, the process) a worker
+copies into such values every second (``sync``); a series per worker carries a ``worker``
+label.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
+import attrs
 import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +32,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    values,
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -25,12 +41,14 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from odin import __version__
 from odin.broker.base import BrokerStats
-from odin.capacity import read_limits
+from odin.capacity import read_limits, rss_bytes
 from odin.control.protocol import ErrorCode as ControlErrorCode
+from odin.control.protocol import HostWorkers
 from odin.core.recovery import Reason
 
 # Counters would also export a *_created series each; Prometheus does not need them.
@@ -80,16 +98,51 @@ CLOSE_REASONS = (
 )
 
 
+def share_between_workers(directory: Path, slot: int) -> None:
+    """Make every metric created from now on in this process a value in ``directory`` that
+    all the host's workers read (call it first thing in a worker, before any Metrics)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue(lambda: slot)  # type: ignore[no-untyped-call]
+
+
+def forget_worker(directory: Path, slot: int) -> None:
+    """After worker ``slot`` died: its gauges no longer count (its counters stay, for its
+    successor to go on from)."""
+    prometheus_client.multiprocess.mark_process_dead(slot, str(directory))  # type: ignore[no-untyped-call]
+
+
+@attrs.frozen
+class Shared:
+    """Where the host's workers keep their metrics, and what the supervisor publishes."""
+
+    directory: Path
+    slot: int
+    host: Callable[[], HostWorkers | None]
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, shared: Shared | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._before_scrape: list[Callable[[], None]] = []
-        ProcessCollector(registry=self.registry)
-        self.registry.register(_LimitsCollector())
+        self._shared = shared
+        self._mirrors: list[Callable[[], None]] = []
+        """Copy live readings into shared values (``sync``); only under a supervisor."""
         r = self.registry
+        self.registry.register(_LimitsCollector())
+        if shared is None:
+            ProcessCollector(registry=r)
+        else:
+            self._mirrors.append(_ProcessMirror(r, shared.slot))
+            self._exposition = CollectorRegistry(auto_describe=False)
+            self._exposition.register(_SharedCollector(shared.directory))
+            self._exposition.register(_LimitsCollector())
+            self._exposition.register(_HostCollector(shared.host))
 
         self.connections_active = Gauge(
-            "odin_connections_active", "Open WebSocket connections.", registry=r
+            "odin_connections_active",
+            "Open WebSocket connections.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections = Counter(
             "odin_connections", "WebSocket connections accepted.", registry=r
@@ -109,7 +162,10 @@ class Metrics:
         )
         self.closed = {reason: closed.labels(reason) for reason in CLOSE_REASONS}
         self.connections_max = Gauge(
-            "odin_connections_max", "The configured connection limit.", registry=r
+            "odin_connections_max",
+            "The connection limit (the host's, over every worker).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
 
         self.frames_received = Counter(
@@ -212,6 +268,7 @@ class Metrics:
             "Always 1; the running version in a label.",
             ["version"],
             registry=r,
+            multiprocess_mode="livemax",
         ).labels(__version__).set(1)
         self.control_errors = Counter(
             "odin_control_errors",
@@ -246,11 +303,18 @@ class Metrics:
             registry=r,
         )
         self.subscriptions = Gauge(
-            "odin_subscriptions_active", "Subscriptions held by open connections.", registry=r
+            "odin_subscriptions_active",
+            "Subscriptions held by open connections.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.channels = Gauge(
-            "odin_history_channels", "Channels in the server's history window.", registry=r
+            "odin_history_channels",
+            "Channels in the server's history window (each worker keeps the same window).",
+            registry=r,
+            multiprocess_mode="livemax",
         )
+
         self.duplicates = Counter(
             "odin_duplicate_publications",
             "Publications ignored because their position was already delivered.",
@@ -261,16 +325,31 @@ class Metrics:
         """Run ``callback`` before each exposition (to bring counts kept elsewhere up to date)."""
         self._before_scrape.append(callback)
 
+    def sync(self) -> None:
+        """Bring every count kept elsewhere up to date; the server's housekeeping calls it
+        every second, so that under a supervisor another worker's scrape sees this one's
+        numbers at most a second old."""
+        for callback in self._before_scrape:
+            callback()
+        for mirror in self._mirrors:
+            mirror()
+
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         """Export the broker's own counters, read from it at each scrape."""
-        self.registry.register(_BrokerCollector(stats))
+        if self._shared is None:
+            self.registry.register(_BrokerCollector(stats))
+        else:
+            self._mirrors.append(_BrokerMirror(stats, self.registry))
 
     def watch_queues(self, queues: Callable[[], Iterable[tuple[int, float | None]]],
                      now: Callable[[], float]) -> None:  # fmt: skip
         """Export how full the connections' outbound queues are, read at each scrape:
         ``queues`` gives each open connection's queued frames and when its oldest was
         queued (on the clock ``now`` reads)."""
-        self.registry.register(_QueueCollector(queues, now))
+        if self._shared is None:
+            self.registry.register(_QueueCollector(queues, now))
+        else:
+            self._mirrors.append(_QueueMirror(queues, now, self.registry))
 
     def samples(self, names: Iterable[str]) -> dict[tuple[str, tuple[str, ...]], float]:
         """The samples of the metrics called ``names`` (as exposed: ``odin_x_total``), by
@@ -286,10 +365,13 @@ class Metrics:
 
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for, and its content type."""
-        for callback in self._before_scrape:
-            callback()
         encoder, content_type = choose_encoder(accept_header or "")
-        return encoder(self.registry), content_type
+        if self._shared is None:
+            for callback in self._before_scrape:
+                callback()
+            return encoder(self.registry), content_type
+        self.sync()
+        return encoder(self._exposition), content_type
 
 
 # (metric name, BrokerStats field, help): counters the broker keeps and Prometheus reads.
@@ -328,22 +410,50 @@ _BROKER_COUNTERS = (
 )
 
 
+_CONNECTED_HELP = "1 while the broker is connected."
+_PENDING_HELP = "Messages in the broker's history not yet delivered to this process (ingest lag)."
+
+
 class _BrokerCollector(Collector):
     def __init__(self, stats: Callable[[], BrokerStats]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
-        yield GaugeMetricFamily(
-            "odin_broker_connected", "1 while the broker is connected.", int(stats.connected)
-        )
-        yield GaugeMetricFamily(
-            "odin_broker_pending_messages",
-            "Messages in the broker's history not yet delivered to this process (ingest lag).",
-            stats.pending,
-        )
+        yield GaugeMetricFamily("odin_broker_connected", _CONNECTED_HELP, int(stats.connected))
+        yield GaugeMetricFamily("odin_broker_pending_messages", _PENDING_HELP, stats.pending)
         for name, field, text in _BROKER_COUNTERS:
             yield CounterMetricFamily(name, text, getattr(stats, field))
+
+
+class _BrokerMirror:
+    """The broker's counters as shared counters (summed over workers, each of which reads
+    the stream itself), and its state per worker."""
+
+    def __init__(self, stats: Callable[[], BrokerStats], registry: CollectorRegistry) -> None:
+        self._stats = stats
+        self._connected = Gauge(
+            "odin_broker_connected", _CONNECTED_HELP, registry=registry,
+            multiprocess_mode="liveall",
+        )  # fmt: skip
+        self._pending = Gauge(
+            "odin_broker_pending_messages", _PENDING_HELP, registry=registry,
+            multiprocess_mode="liveall",
+        )  # fmt: skip
+        self._counters = [
+            (Counter(name.removesuffix("_total"), text, registry=registry), field)
+            for name, field, text in _BROKER_COUNTERS
+        ]
+        self._seen = dict.fromkeys((field for _, field, _ in _BROKER_COUNTERS), 0)
+
+    def __call__(self) -> None:
+        stats = self._stats()
+        self._connected.set(int(stats.connected))
+        self._pending.set(stats.pending)
+        for counter, field in self._counters:
+            value = getattr(stats, field)
+            counter.inc(max(0, value - self._seen[field]))
+            self._seen[field] = value
 
 
 QUEUE_DEPTH_BUCKETS = (0, 1, 10, 100, 1000)
@@ -361,10 +471,36 @@ class _QueueCollector(Collector):
         self._now = now
 
     def collect(self) -> Iterable[Metric]:
+        queues = _QueueReading.of(self._queues(), self._now())
+        yield GaugeHistogramMetricFamily(
+            "odin_connection_queue_depth",
+            _DEPTH_HELP,
+            buckets=queues.buckets,
+            gsum_value=queues.total,
+        )
+        yield GaugeMetricFamily("odin_connection_queue_depth_max", _DEEPEST_HELP, queues.deepest)
+        yield GaugeMetricFamily("odin_connection_queue_age_max_seconds", _AGE_HELP, queues.age)
+
+
+_DEPTH_HELP = "Open connections by frames waiting in their outbound queue."
+_DEEPEST_HELP = "Frames queued on the connection with the most."
+_AGE_HELP = "Age of the oldest frame waiting in any connection's outbound queue (0: none)."
+
+
+@attrs.frozen
+class _QueueReading:
+    buckets: list[tuple[str, float]]
+    """Cumulative: connections with at most ``le`` frames queued."""
+    total: int
+    deepest: int
+    age: float
+
+    @classmethod
+    def of(cls, queues: Iterable[tuple[int, float | None]], now: float) -> _QueueReading:
         counts = [0] * (len(QUEUE_DEPTH_BUCKETS) + 1)
         total = deepest = 0
         oldest: float | None = None
-        for depth, queued_at in self._queues():
+        for depth, queued_at in queues:
             total += depth
             deepest = max(deepest, depth)
             if queued_at is not None and (oldest is None or queued_at < oldest):
@@ -380,22 +516,137 @@ class _QueueCollector(Collector):
         for le, count in zip((*map(str, QUEUE_DEPTH_BUCKETS), "+Inf"), counts, strict=True):
             cumulative += count
             buckets.append((le, cumulative))
-        yield GaugeHistogramMetricFamily(
-            "odin_connection_queue_depth",
-            "Open connections by frames waiting in their outbound queue.",
-            buckets=buckets,
-            gsum_value=total,
-        )
+        age = max(0.0, now - oldest) if oldest is not None else 0.0
+        return cls(buckets, total, deepest, age)
+
+
+class _QueueMirror:
+    """The queue gauges as shared values: the same series names (``_bucket`` by ``le``,
+    ``_gsum``), summed over workers, the worst of them for the maxima."""
+
+    def __init__(
+        self,
+        queues: Callable[[], Iterable[tuple[int, float | None]]],
+        now: Callable[[], float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._queues = queues
+        self._now = now
+        self._buckets = Gauge(
+            "odin_connection_queue_depth_bucket", _DEPTH_HELP, ["le"], registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._total = Gauge(
+            "odin_connection_queue_depth_gsum", _DEPTH_HELP, registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._deepest = Gauge(
+            "odin_connection_queue_depth_max", _DEEPEST_HELP, registry=registry,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._age = Gauge(
+            "odin_connection_queue_age_max_seconds", _AGE_HELP, registry=registry,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._connections = Gauge(
+            "odin_worker_connections", "Open WebSocket connections of each worker.",
+            registry=registry, multiprocess_mode="liveall",
+        )  # fmt: skip
+
+    def __call__(self) -> None:
+        queues = list(self._queues())
+        self._connections.set(len(queues))
+        reading = _QueueReading.of(queues, self._now())
+        for le, count in reading.buckets:
+            self._buckets.labels(le).set(count)
+        self._total.set(reading.total)
+        self._deepest.set(reading.deepest)
+        self._age.set(reading.age)
+
+
+class _ProcessMirror:
+    """The process metrics a dashboard reads (``process_cpu_seconds_total``,
+    ``process_resident_memory_bytes``), summed over the host's workers, and per worker."""
+
+    def __init__(self, registry: CollectorRegistry, slot: int) -> None:
+        self._cpu = Counter("process_cpu_seconds", "CPU time of the workers.", registry=registry)
+        self._rss = Gauge(
+            "process_resident_memory_bytes", "Resident memory of the workers.",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._fds = Gauge(
+            "process_open_fds", "Open file descriptors of the workers.",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        Gauge(
+            "process_start_time_seconds", "Start time of the oldest worker (Unix time).",
+            registry=registry, multiprocess_mode="livemin",
+        ).set(time.time())  # fmt: skip
+        self._worker_cpu = Counter(
+            "odin_worker_cpu_seconds", "CPU time of each worker.", ["worker"], registry=registry
+        ).labels(str(slot))
+        self._worker_rss = Gauge(
+            "odin_worker_resident_memory_bytes", "Resident memory of each worker.",
+            registry=registry, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self._cpu_seen = 0.0
+
+    def __call__(self) -> None:
+        used = time.process_time()
+        self._cpu.inc(used - self._cpu_seen)
+        self._worker_cpu.inc(used - self._cpu_seen)
+        self._cpu_seen = used
+        rss = rss_bytes() or 0
+        self._rss.set(rss)
+        self._worker_rss.set(rss)
+        with contextlib.suppress(OSError):
+            self._fds.set(len(os.listdir("/proc/self/fd")))
+
+
+class _SharedCollector(Collector):
+    """Every worker's values from the host directory, merged as the multiprocess mode does;
+    the per-process label (the library's ``pid``, here the worker's slot) is named
+    ``worker``."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(path) for path in self._directory.glob("*.db")]
+        merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        for metric in merged:
+            metric.samples = [
+                sample._replace(labels={_WORKER.get(k, k): v for k, v in sample.labels.items()})
+                for sample in metric.samples
+            ]
+            yield metric
+
+
+_WORKER = {"pid": "worker"}
+
+
+class _HostCollector(Collector):
+    """The workers as the supervisor last published them."""
+
+    def __init__(self, host: Callable[[], HostWorkers | None]) -> None:
+        self._host = host
+
+    def collect(self) -> Iterable[Metric]:
+        host = self._host()
+        if host is None:
+            return
         yield GaugeMetricFamily(
-            "odin_connection_queue_depth_max",
-            "Frames queued on the connection with the most.",
-            deepest,
+            "odin_workers_expected", "Workers the host should run.", host.expected
         )
-        yield GaugeMetricFamily(
-            "odin_connection_queue_age_max_seconds",
-            "Age of the oldest frame waiting in any connection's outbound queue (0: none).",
-            max(0.0, self._now() - oldest) if oldest is not None else 0.0,
+        yield GaugeMetricFamily("odin_workers_up", "Workers serving clients.", host.up)
+        restarts = CounterMetricFamily(
+            "odin_worker_restarts",
+            "Times a worker died and was started again, by slot.",
+            labels=["worker"],
         )
+        for worker in host.workers:
+            restarts.add_metric([str(worker.slot)], worker.restarts)
+        yield restarts
 
 
 class _LimitsCollector(Collector):

@@ -1,7 +1,7 @@
 """The console's first line: what an operator must see from every view, at any width.
 
-Servers up, connections and messages per second over every server, DRAINING and PAUSED when
-so. It is always live, paused or not (pausing freezes the views, not the link). At 80 columns
+Servers up, connections and messages per second over every server, the workers of a host
+that are not up (restarting, say), DRAINING and PAUSED when so. It is always live, paused or not (pausing freezes the views, not the link). At 80 columns
 everything fits; narrower, the title goes first, then the long words.
 """
 
@@ -20,12 +20,16 @@ SEPARATOR = " · "
 
 def facts(model: ConsoleModel, paused: bool, *, short: bool = False) -> list[Text]:
     """The header's parts, most important first; ``short``: the narrow words."""
-    live, attached = len(model.live()), len(model.servers)
+    live, attached = len(model.live()), len(model.processes())
     if attached:
         servers = f"{live}/{attached} up" if short else f"{live}/{attached} servers up"
     else:
         servers = "no server"
     parts = [Text(servers, style="" if live == attached and attached else "bold red")]
+    missing = sum(host.expected - host.up for host in model.hosts())
+    if missing > 0:
+        words = "down" if short else f"worker{'s' if missing > 1 else ''} not up"
+        parts.append(Text(f"{missing} {words}", style="bold red"))
     total = model.total()
     if total is not None:
         connections = format.count(total.connections)

@@ -1,9 +1,14 @@
 """The overview: each server's rates as sparklines, then every figure side by side, with the
-total over the servers that are up in the first column."""
+total over the servers that are up in the first column.
+
+A host of ``odin serve --workers N`` is one row of rates and one column of figures (its
+workers added up), and a table of its workers: slot, pid, state, connections, rates, restarts
+and how the last one ended. A server alone keeps a row and a column of its own."""
 
 from __future__ import annotations
 
 from rich import box
+from rich.console import Group
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
@@ -12,7 +17,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Sparkline, Static
 
 from console import format
-from console.model import ConsoleModel, ServerView
+from console.model import ConsoleModel, Host, ServerView, WorkerRow
 from odin.control.protocol import Snapshot
 
 TOTAL = "all"
@@ -80,6 +85,59 @@ class Figures(Static):
         self.update(table)
 
 
+class Hosts(Static):
+    """Each host's workers, a row per slot (hidden when no host is attached)."""
+
+    def show(self, hosts: list[Host], selected: str | None) -> None:
+        self.display = bool(hosts)
+        self.update(Group(*[_workers_table(host, selected) for host in hosts]))
+
+
+WORKER_COLUMNS = ("worker", "pid", "state", "connections", "in/s", "out/s", "restarts")
+STATE_STYLES = {"up": "", "starting": "yellow", "stopping": "yellow", "down": "bold red"}
+
+
+def _workers_table(host: Host, selected: str | None) -> Table:
+    table = Table(
+        title=_host_heading(host),
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        expand=True,
+        pad_edge=False,
+        show_edge=False,
+    )
+    for name in WORKER_COLUMNS:
+        table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
+    table.add_column("last exit", ratio=1, overflow="fold")
+    for row in host.rows:
+        chosen = row.view is not None and row.view.key == selected
+        table.add_row(*_worker_cells(row), style="bold underline" if chosen else "")
+    return table
+
+
+def _host_heading(host: Host) -> Text:
+    heading = Text(f"{host.label}: {host.up} of {host.expected} workers up")
+    if host.supervisor is None or not host.supervisor.up:
+        heading.append("  (supervisor not attached: states from the workers)", style="dim")
+    return heading
+
+
+def _worker_cells(row: WorkerRow) -> list[str | Text]:
+    snapshot = row.snapshot
+    state = Text(row.state, style=STATE_STYLES.get(row.state, "bold red"))
+    return [
+        "?" if row.slot is None else str(row.slot),
+        "-" if row.pid is None else str(row.pid),
+        state,
+        "-" if snapshot is None else format.count(snapshot.connections),
+        "-" if snapshot is None else format.rate(snapshot.in_per_s),
+        "-" if snapshot is None else format.rate(snapshot.out_per_s),
+        format.count(row.restarts),
+        row.last_exit or "-",
+    ]
+
+
 def _emphasise(label: str, cell: str) -> Text:
     """Draw the eye to what needs it: a drain, NATS down."""
     if (label == "draining" and cell == "YES") or (label == "NATS" and cell.startswith("DOWN")):
@@ -98,6 +156,7 @@ class Overview(VerticalScroll):
     def compose(self) -> ComposeResult:
         with Vertical(id="rates") as rates:
             rates.border_title = "messages per second (last 2 minutes)"
+        yield Hosts(id="hosts")
         yield Figures(id="figures")
         url = self.grafana_url
         yield Static(
@@ -106,9 +165,11 @@ class Overview(VerticalScroll):
         )
 
     def sync(self, model: ConsoleModel, selected: str | None) -> None:
-        """Show the model: a rate row per server (added and removed as they come and go)."""
+        """Show the model: a rate row per host and per server alone (added and removed as
+        they come and go), each host's workers, the figures."""
+        hosts, alone = model.hosts(), model.alone()
         rates = self.query_one("#rates", Vertical)
-        wanted = [TOTAL, *model.servers]
+        wanted = [TOTAL, *(host.key for host in hosts), *(view.key for view in alone)]
         for key in list(self._rows):
             if key not in wanted:
                 self._rows.pop(key).remove()
@@ -120,17 +181,25 @@ class Overview(VerticalScroll):
         history_in, history_out = model.total_history()
         self._rows[TOTAL].show(_total_title(model), total, history_in, history_out)
         columns: list[tuple[str, Snapshot | None]] = [(_total_title(model), total)]
-        for key, view in model.servers.items():
-            row = self._rows[key]
-            row.set_class(key == selected, "-selected")
+        for host in hosts:
+            row = self._rows[host.key]
+            row.set_class(any(view.key == selected for view in host.views), "-selected")
+            row.set_class(not host.live(), "-down")
+            title = f"{host.label} ({host.up}/{host.expected})"
+            row.show(title, host.total(), *host.total_history())
+            columns.append((title, host.total()))
+        for view in alone:
+            row = self._rows[view.key]
+            row.set_class(view.key == selected, "-selected")
             row.set_class(not view.up, "-down")
             row.show(_title(view), view.snapshot, list(view.rate_in), list(view.rate_out))
             columns.append((_title(view), view.snapshot))
+        self.query_one(Hosts).show(hosts, selected)
         self.query_one(Figures).show(columns)
 
 
 def _total_title(model: ConsoleModel) -> str:
-    live, count = len(model.live()), len(model.servers)
+    live, count = len(model.live()), len(model.processes())
     return f"all ({live} of {count} up)" if live != count else f"all ({count})"
 
 

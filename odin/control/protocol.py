@@ -177,6 +177,12 @@ class Reload:
     does. Answered ``Reloaded``, or ``config_invalid`` (nothing applied)."""
 
 
+@attrs.frozen
+class Workers:
+    """A supervisor's workers (``odin serve --workers N``): answered ``HostWorkers``. A
+    worker's own socket answers it too, with what its supervisor last published."""
+
+
 Command: TypeAlias = (
     Hello
     | SnapshotRequest
@@ -189,6 +195,7 @@ Command: TypeAlias = (
     | Kick
     | Drain
     | Reload
+    | Workers
 )
 
 COMMANDS: Final[dict[str, type[Command]]] = {
@@ -203,6 +210,7 @@ COMMANDS: Final[dict[str, type[Command]]] = {
     "kick": Kick,
     "drain": Drain,
     "reload": Reload,
+    "workers": Workers,
 }
 COMMAND_NAMES: Final = {kind: name for name, kind in COMMANDS.items()}
 
@@ -222,6 +230,15 @@ class ServerIdentity:
     """Unix time."""
     websocket: list[str] = attrs.Factory(list)
     """Where clients connect."""
+    role: str = "server"
+    """``server`` (one process serving clients, alone or as a worker) or ``supervisor``
+    (``odin serve --workers N``: it serves no clients; ``workers`` lists those that do)."""
+    worker: int | None = None
+    """This worker's slot (0 to workers - 1) under a supervisor; None when alone."""
+    workers: int = 1
+    """Workers the host is meant to run."""
+    supervisor_pid: int | None = None
+    """The supervisor a worker belongs to: the console groups a host's sockets by it."""
 
 
 @attrs.frozen
@@ -344,6 +361,39 @@ class Reloaded:
     """Settings that changed and now apply."""
     restart_required: list[str]
     """Settings that changed in the file but apply only after a restart (not applied)."""
+
+
+WORKER_STATES: Final = ("starting", "up", "restarting", "stopping", "stopped")
+
+
+@attrs.frozen
+class WorkerInfo:
+    slot: int
+    state: str
+    """One of WORKER_STATES: restarting is a worker that died and waits out its backoff."""
+    pid: int | None = None
+    restarts: int = 0
+    """Times this slot's worker died and was started again."""
+    since: float = 0.0
+    """Unix time of the last change of state."""
+    last_exit: str = ""
+    """How the last worker of this slot ended (``exit 1``, ``signal SIGKILL``)."""
+    control: str = ""
+    """Its control socket's path, once it is up."""
+
+
+@attrs.frozen
+class HostWorkers:
+    """A host's workers, as the supervisor sees them."""
+
+    expected: int
+    supervisor_pid: int
+    started_at: float
+    workers: list[WorkerInfo] = attrs.Factory(list)
+
+    @property
+    def up(self) -> int:
+        return sum(1 for worker in self.workers if worker.state == "up")
 
 
 @attrs.frozen

@@ -41,6 +41,7 @@ from odin.server.fanout import Fanout
 from odin.server.handshake import HandshakeRefused, accept
 from odin.server.http import BadRequest, RequestHead, read_request_head, response
 from odin.server.outbox import Outbox
+from odin.server.worker_role import WorkerRole
 from odin.server.writer import Writer
 
 # Publications the fan-out takes from the feed per wake-up before yielding to other tasks.
@@ -67,12 +68,14 @@ class OdinServer:
         *,
         metrics: Metrics | None = None,
         log: Log | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.context = ServerContext(
             config=config,
             broker=broker,
             metrics=metrics or Metrics(),
             log=log or get_logger(service="odin"),
+            worker=worker,
         )
         self.fanout = Fanout(self.context)
         self._numbers = itertools.count(1)
@@ -112,7 +115,7 @@ class OdinServer:
         config = context.config.server
         context.reader.epoch = context.broker.epoch
         if listeners is None:
-            listeners = await _listen(config.host, config.port)
+            listeners = await open_listeners(config.host, config.port)
         async with trio.open_nursery() as root:
             await root.start(self._pump)
             root.start_soon(self._housekeeping)
@@ -188,6 +191,7 @@ class OdinServer:
         metrics = context.metrics
         while True:
             context.cpu.sample(trio.current_time())
+            metrics.sync()
             metrics.subscriptions.set(context.hub.subscriptions)
             metrics.channels.set(len(context.reader.window.channels()))
             context.reader.window.expire_all(trio.current_time())
@@ -365,13 +369,19 @@ _LISTEN_PROBLEMS = {
 }
 
 
-async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listening sockets on every address of ``host``; StartError says what is wrong."""
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        problem = _LISTEN_PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
-        shown = f"[{host}]" if ":" in host else host
-        raise StartError(f"address {shown}:{port} {problem}") from None
+        raise StartError(listen_problem(host, port, exc)) from None
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """Why ``host:port`` cannot be listened on, for the operator."""
+    problem = _LISTEN_PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
+    shown = f"[{host}]" if ":" in host else host
+    return f"address {shown}:{port} {problem}"
 
 
 async def _answer(writer: Writer, data: bytes) -> None:

@@ -22,6 +22,7 @@ from odin.server.events import EventRing
 from odin.server.history_reads import HistoryReader
 from odin.server.liveness import Wheel
 from odin.server.registry import Registry
+from odin.server.worker_role import WorkerRole
 from odin.server.writer import Flusher
 
 if TYPE_CHECKING:
@@ -52,15 +53,22 @@ class ServerContext:
     """This process's recent CPU use, for /health."""
     rules: ChannelRules = attrs.field(init=False)
     limits: SessionLimits = attrs.field(init=False)
+    worker: WorkerRole | None = None
+    """Set when this process is one of a supervisor's workers (``--workers N``)."""
 
     def __attrs_post_init__(self) -> None:
         self.reader = HistoryReader(self.config, self.broker, self.metrics, self.log)
         self.liveness = Wheel(self.config.connection.ping_interval)
         self.rules = ChannelRules()
         self.limits = session_limits(self.config)
-        self.registry = Registry(
-            plan(self.config.server.max_connections, read_limits()), self.metrics
+        worker = self.worker
+        capacity = plan(
+            self.config.server.max_connections,
+            read_limits(),
+            workers=worker.count if worker else 1,
+            slot=worker.slot if worker else 0,
         )
+        self.registry = Registry(capacity, self.metrics)
         self.metrics.watch_broker(self.broker.stats)
         self.metrics.watch_queues(self._queues, trio.current_time)
 

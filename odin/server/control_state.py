@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from odin import __version__
+from odin.capacity import rss_bytes
 from odin.control.protocol import (
     ChannelInfo,
     ConnectionDetail,
@@ -35,7 +36,6 @@ from odin.metrics import (
 )
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
-from odin.server.endpoints import rss_bytes
 
 CHUNK = 250
 """Connections looked at between two checkpoints."""
@@ -44,6 +44,9 @@ RATE_WINDOW = 10.0
 
 
 def identity(context: ServerContext, websocket: list[str], protocol: int) -> ServerIdentity:
+    """Who this process is; under a supervisor, also its slot, the workers expected and the
+    supervisor (the console groups a host's workers by it)."""
+    worker = context.worker
     return ServerIdentity(
         protocol=protocol,
         server="odin",
@@ -52,6 +55,10 @@ def identity(context: ServerContext, websocket: list[str], protocol: int) -> Ser
         pid=os.getpid(),
         started_at=context.started_at,
         websocket=websocket,
+        role="server",
+        worker=worker.slot if worker is not None else None,
+        workers=worker.count if worker is not None else 1,
+        supervisor_pid=worker.supervisor_pid if worker is not None else None,
     )
 
 

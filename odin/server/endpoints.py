@@ -5,17 +5,22 @@ uptime, and ``checks.cpu``/``memory``/``capacity`` with their ``percentage``): 2
 healthy or degraded, 503 when unhealthy (the broker is unreachable).
 ``/ready`` says whether this instance should get new clients: 503 while the broker is down,
 while draining, or at the connection limit.
+
+Under ``odin serve --workers N`` whichever worker accepted the request answers: both
+documents say which (``worker``) and describe the host (``workers``: up of expected, and
+each worker's state as the supervisor published it); a worker restarting makes the host
+``degraded``, not unhealthy (the others serve).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from odin import __version__
+from odin.capacity import rss_bytes
 from odin.server.http import RequestHead, response
 
 if TYPE_CHECKING:
@@ -23,15 +28,6 @@ if TYPE_CHECKING:
 
 _JSON = "application/json"
 _START = time.monotonic()
-
-
-def rss_bytes() -> int | None:
-    """This process's resident memory, from /proc (None where there is no /proc)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class CpuSampler:
@@ -64,6 +60,12 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
         warnings.append(f"Server near capacity ({percentage}%)")
     if context.registry.draining:
         warnings.append("draining: not accepting new connections")
+    workers = host_view(context)
+    if workers["up"] < workers["expected"]:
+        down = ", ".join(
+            f"worker {w['slot']} {w['state']}" for w in workers["workers"] if w["state"] != "up"
+        )
+        warnings.append(f"{workers['up']} of {workers['expected']} workers up ({down})")
     healthy = broker.connected
     broker_status = "connected" if broker.connected else "disconnected"
     checks: dict[str, object] = {
@@ -91,6 +93,7 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
             "cores": context.registry.capacity.limits.cpu_cores,
         },
         "accepting": {"healthy": not context.registry.draining},
+        "workers": {"healthy": workers["up"] >= workers["expected"], **workers},
     }
     if context.config.broker.kind == "nats":  # the original's name for the broker check
         checks["nats"] = {"status": broker_status, "healthy": broker.connected}
@@ -103,8 +106,27 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
         "uptime": round(time.monotonic() - _START, 3),
         "version": __version__,
         "instance": context.instance,
+        "worker": context.worker.slot if context.worker else None,
     }
     return (200 if healthy else 503), body
+
+
+def host_view(context: ServerContext) -> dict[str, Any]:
+    """The host's workers: this process alone, or what its supervisor published."""
+    role = context.worker
+    state = role.host() if role is not None else None
+    if role is None:
+        return {"expected": 1, "up": 1, "workers": [{"slot": 0, "state": "up", "restarts": 0}]}
+    if state is None:
+        return {"expected": role.count, "up": 0, "workers": []}
+    return {
+        "expected": state.expected,
+        "up": state.up,
+        "workers": [
+            {"slot": w.slot, "state": w.state, "pid": w.pid, "restarts": w.restarts}
+            for w in state.workers
+        ],
+    }
 
 
 def _memory(rss: int | None, limit: int | None) -> dict[str, object]:
@@ -127,7 +149,13 @@ def ready(context: ServerContext) -> tuple[int, dict[str, object]]:
         reasons.append("draining")
     if context.registry.full:
         reasons.append("at connection limit")
-    return (503 if reasons else 200), {"ready": not reasons, "reasons": reasons}
+    workers = host_view(context)
+    return (503 if reasons else 200), {
+        "ready": not reasons,
+        "reasons": reasons,
+        "worker": context.worker.slot if context.worker else None,
+        "workers": {"up": workers["up"], "expected": workers["expected"]},
+    }
 
 
 def answer(context: ServerContext, head: RequestHead) -> bytes:

@@ -108,4 +108,12 @@ def apply(context: ServerContext, reload: Reload) -> None:
         )
     if "server.max_connections" in reload.changed:
         registry = context.registry
-        registry.set_capacity(plan(config.server.max_connections, registry.capacity.limits))
+        old = registry.capacity
+        registry.set_capacity(
+            plan(
+                config.server.max_connections,
+                old.limits,
+                workers=old.workers,
+                slot=context.worker.slot if context.worker else 0,
+            )
+        )

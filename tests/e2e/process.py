@@ -100,6 +100,8 @@ def odin_process(
         **os.environ,
         "XDG_STATE_HOME": state.name,
         "XDG_RUNTIME_DIR": state.name,
+        # One process, as most tests want to signal and read it; --workers N overrides.
+        "ODIN_SERVER_WORKERS": "1",
         **(env or {}),
     }
     process = subprocess.Popen(

@@ -614,14 +614,36 @@ class _SharedCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         files = [str(path) for path in self._directory.glob("*.db")]
         merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        depth: dict[str, Metric] = {}
         for metric in merged:
             metric.samples = [
                 sample._replace(labels={_WORKER.get(k, k): v for k, v in sample.labels.items()})
                 for sample in metric.samples
             ]
-            yield metric
+            if metric.name in _DEPTH_PARTS:
+                depth[metric.name] = metric
+            else:
+                yield metric
+        if depth:
+            yield _depth_histogram(depth)
 
 
+def _depth_histogram(parts: dict[str, Metric]) -> Metric:
+    """The queue-depth gauge histogram again, from the two gauges that share it (the
+    multiprocess files hold no gauge histograms)."""
+    buckets = parts.get("odin_connection_queue_depth_bucket")
+    total = parts.get("odin_connection_queue_depth_gsum")
+    counts = {s.labels["le"]: s.value for s in buckets.samples} if buckets else {}
+    order = [*map(str, QUEUE_DEPTH_BUCKETS), "+Inf"]
+    return GaugeHistogramMetricFamily(
+        "odin_connection_queue_depth",
+        _DEPTH_HELP,
+        buckets=[(le, counts.get(le, 0.0)) for le in order],
+        gsum_value=total.samples[0].value if total and total.samples else 0.0,
+    )
+
+
+_DEPTH_PARTS = ("odin_connection_queue_depth_bucket", "odin_connection_queue_depth_gsum")
 _WORKER = {"pid": "worker"}
 
 

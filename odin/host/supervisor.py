@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -86,6 +87,8 @@ class _Slot:
     last_exit: str = ""
     control: str = ""
     process: trio.Process | None = None
+    reported: bool = False
+    """Its first worker's readiness was reported to the start (nursery.start)."""
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -183,16 +186,18 @@ class Supervisor:
                 if self.config.control.enabled:
                     await nursery.start(control.run)
                 readiness = [await nursery.start(self._keep, slot) for slot in self.slots]
-                self._websocket = readiness[0].listening.websocket
-                self.log.lifecycle().info(
-                    "workers_ready",
-                    workers=self.count,
-                    pids=[slot.pid for slot in self.slots],
-                    websocket=readiness[0].listening.websocket,
-                    sockets=self.config.server.worker_sockets,
-                )
-                if announce is not None:
-                    announce(readiness[0], self.count)
+                first = readiness[0]
+                if first is not None and not self.stopping:
+                    self._websocket = first.listening.websocket
+                    self.log.lifecycle().info(
+                        "workers_ready",
+                        workers=self.count,
+                        pids=[slot.pid for slot in self.slots],
+                        websocket=first.listening.websocket,
+                        sockets=self.config.server.worker_sockets,
+                    )
+                    if announce is not None:
+                        announce(first, self.count)
                 await self._all_stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -231,15 +236,21 @@ class Supervisor:
 
     # ---- one slot ----------------------------------------------------------------------
 
-    async def _keep(self, slot: _Slot, *, task_status: trio.TaskStatus[Ready]) -> None:
+    async def _keep(self, slot: _Slot, *, task_status: trio.TaskStatus[Ready | None]) -> None:
         """Start the slot's worker and start it again whenever it dies, until the stop."""
         backoff = BACKOFF_MIN
         first = True
+        if self._stop.is_set():  # stopped before this slot's turn to start
+            self._stopped(slot)
+            task_status.started(None)
+            return
         while True:
             began = trio.current_time()
             ended = await self._run_worker(slot, task_status if first else None)
             if self._stop.is_set():
                 self._stopped(slot, pid=None, last_exit=ended, control="")
+                if first and not slot.reported:
+                    task_status.started(None)
                 return
             if trio.current_time() - began >= STABLE_AFTER:
                 backoff = BACKOFF_MIN
@@ -265,7 +276,9 @@ class Supervisor:
         if all(other.state == "stopped" for other in self.slots):
             self._all_stopped.set()
 
-    async def _run_worker(self, slot: _Slot, task_status: trio.TaskStatus[Ready] | None) -> str:
+    async def _run_worker(
+        self, slot: _Slot, task_status: trio.TaskStatus[Ready | None] | None
+    ) -> str:
         """Run one worker process of ``slot`` to its end; how it ended, for the logs."""
         ours, theirs = socket.socketpair()
         spec = WorkerSpec(
@@ -292,7 +305,7 @@ class Supervisor:
         try:
             with status:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._await_ready, slot, status, task_status)
+                    nursery.start_soon(partial(self._await_ready, slot, status, task_status))
                     await process.wait()
                     nursery.cancel_scope.cancel()
         finally:
@@ -310,7 +323,7 @@ class Supervisor:
         self,
         slot: _Slot,
         status: trio.socket.SocketType,
-        task_status: trio.TaskStatus[Ready] | None,
+        task_status: trio.TaskStatus[Ready | None] | None,
     ) -> None:
         buffer = b""
         with trio.move_on_after(READY_TIMEOUT) as waiting:
@@ -330,6 +343,7 @@ class Supervisor:
         )
         self._set(slot, "up", control=ready.control)
         if task_status is not None:
+            slot.reported = True
             task_status.started(ready)
         if self.stopping and slot.process is not None:
             slot.process.send_signal(signal.SIGTERM)  # the stop began while it started

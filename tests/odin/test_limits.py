@@ -210,7 +210,10 @@ async def test_http_endpoints() -> None:
         assert health["checks"]["capacity"]["current"] == 1
         assert health["checks"]["broker"]["epoch"] == harness.broker.epoch
         status, _, body = await http_exchange(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (status, json.loads(body)) == (200, {"ready": True, "reasons": []})
+        assert (status, json.loads(body)) == (
+            200,
+            {"ready": True, "reasons": [], "worker": None, "workers": {"up": 1, "expected": 1}},
+        )
         status, headers, body = await http_exchange(
             port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
         )

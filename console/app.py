@@ -6,6 +6,11 @@ at most every ``flush_every`` seconds, so a burst of updates costs one repaint. 
 the selected server for a page when shown, on a change of sort, filter or server, and every
 ``refresh_every`` seconds while visible.
 
+Sockets come from ``--socket`` or a look in the directory every ``scan_every`` seconds (at most
+``MAX_SOCKETS``). A supervisor's socket is polled for its workers instead of watched; with
+``--socket``, the workers' sockets it reports are attached too. A worker that died and whose
+slot now runs another is let go once its supervisor stops listing it.
+
 Paused (``p``), the model still takes in every update but the views stand still: the event
 log, the overview and the tables' periodic refresh; the header stays live and says PAUSED.
 Resuming paints what arrived meanwhile.
@@ -13,10 +18,11 @@ Resuming paints what arrived meanwhile.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from rich.text import Text
 from textual import on
@@ -31,7 +37,7 @@ from textual.worker import Worker
 from console.cli import DEFAULT_GRAFANA
 from console.client import ControlClient, NotConnected, RequestFailed
 from console.link import LinkStatus
-from console.messages import ActionOutcome, LinkChanged, UpdateArrived
+from console.messages import ActionOutcome, LinkChanged, UpdateArrived, WorkersArrived
 from console.model import ConsoleModel, LoggedEvent, ServerView
 from console.screens.confirm import ConfirmScreen, ReloadScope, ReloadScreen
 from console.screens.help import HelpScreen
@@ -42,9 +48,12 @@ from console.widgets.header import StatusLine
 from console.widgets.overview import Overview
 from console.widgets.tables import PagedTable
 from odin.control.paths import default_directory, find_sockets
-from odin.control.protocol import Drain, Draining, Reload, Reloaded, Update
+from odin.control.protocol import Drain, Draining, HostWorkers, Reload, Reloaded, Update
 
 TABS = ("overview", "connections", "channels", "events")
+MAX_SOCKETS: Final = 128
+"""Sockets attached at most besides those named with ``--socket``: found in the directory or
+reported by a supervisor."""
 
 
 class ConsoleApp(App[None]):
@@ -100,6 +109,11 @@ class ConsoleApp(App[None]):
         self._dirty = True
         self._misses: dict[str, int] = {}
         self._options: list[tuple[str, str]] = []
+        self._replaced: dict[str, int] = {}
+        """Sockets of workers let go as replaced, by inode: a dead worker's file can stay
+        (SIGKILL leaves it), and is not attached again unless another process binds there."""
+        self._left_out = 0
+        """Sockets found but not attached: beyond MAX_SOCKETS."""
 
     # ---- layout ------------------------------------------------------------------------------
 
@@ -129,9 +143,8 @@ class ConsoleApp(App[None]):
         self.sub_title = f"deeper history in Grafana: {self.grafana_url}"
         for path in self.sockets:
             self.attach_server(path)
-        if not self.sockets:
-            self._scan()
-            self.set_interval(self.scan_every, self._scan)
+        self._scan()
+        self.set_interval(self.scan_every, self._scan)
         self.set_interval(self.flush_every, self.paint)
         self.set_interval(self.refresh_every, self._refresh_table)
         self.paint()
@@ -150,7 +163,16 @@ class ConsoleApp(App[None]):
         def on_update(update: Update) -> None:
             self.post_message(UpdateArrived(key, update))
 
-        client = ControlClient(path, on_link=on_link, on_update=on_update, interval=self.interval)
+        def on_workers(workers: HostWorkers) -> None:
+            self.post_message(WorkersArrived(key, workers))
+
+        client = ControlClient(
+            path,
+            on_link=on_link,
+            on_update=on_update,
+            on_workers=on_workers,
+            interval=self.interval,
+        )
         self.clients[key] = client
         self._links[key] = self.run_worker(
             client.run(), name=f"link {path.name}", group="links", description=str(path)
@@ -159,7 +181,7 @@ class ConsoleApp(App[None]):
             self._select(key)
         self._dirty = True
 
-    def detach_server(self, key: str) -> None:
+    def detach_server(self, key: str, why: str = "its socket is gone") -> None:
         worker = self._links.pop(key, None)
         if worker is not None:
             worker.cancel()
@@ -168,25 +190,48 @@ class ConsoleApp(App[None]):
         self.model.detach(key)
         self._misses.pop(key, None)
         if view is not None:
-            self.report(f"{view.label}: its socket is gone ({view.path.name}); detached")
+            self.report(f"{view.label}: {why} ({view.path.name}); detached")
         if self.selected == key:
             self._select(next(iter(self.model.servers), None))
         self._dirty = True
 
+    def _attach_found(self, path: Path) -> None:
+        """Attach a socket found (not named with ``--socket``), within MAX_SOCKETS."""
+        key = str(path)
+        if key in self.clients:
+            return
+        replaced = self._replaced.get(key)
+        if replaced is not None:
+            if replaced == _inode(path):
+                return  # the dead worker's file, still there
+            del self._replaced[key]
+        if len(self.clients) - len(self.sockets) >= MAX_SOCKETS:
+            self._left_out += 1
+            return
+        self.attach_server(path)
+
     def _scan(self) -> None:
         """Attach to new sockets in the directory; let go of those gone while their link is
-        down (a server that stopped)."""
-        found = {str(path): path for path in find_sockets(self.directory)}
-        for key, path in found.items():
-            self._misses.pop(key, None)
-            self.attach_server(path)
-        for key in list(self.clients):
-            view = self.model.servers.get(key)
-            if key in found or (view is not None and view.up):
-                continue
-            self._misses[key] = self._misses.get(key, 0) + 1
-            if self._misses[key] >= 2:  # twice: not a server in the middle of restarting
-                self.detach_server(key)
+        down (a server that stopped), and of workers replaced in their slot."""
+        self._left_out = 0
+        fixed = {str(path) for path in self.sockets}
+        if not self.sockets:
+            found = {str(path): path for path in find_sockets(self.directory)}
+            for key, path in found.items():
+                self._misses.pop(key, None)
+                self._attach_found(path)
+            for key in list(self.clients):
+                view = self.model.servers.get(key)
+                if key in found or (view is not None and view.up):
+                    continue
+                self._misses[key] = self._misses.get(key, 0) + 1
+                if self._misses[key] >= 2:  # twice: not a server in the middle of restarting
+                    self.detach_server(key)
+        for view in self.model.replaced():
+            if view.key not in fixed:
+                self._replaced[view.key] = _inode(view.path) or 0
+                self.detach_server(view.key, "replaced by another worker")
+        self._replaced = {key: inode for key, inode in self._replaced.items() if _inode(Path(key))}
 
     def selected_view(self) -> ServerView | None:
         return self.model.servers.get(self.selected) if self.selected is not None else None
@@ -245,6 +290,17 @@ class ConsoleApp(App[None]):
             self._fresh += added
         self._dirty = True
 
+    @on(WorkersArrived)
+    def _workers_arrived(self, message: WorkersArrived) -> None:
+        self.model.apply_workers(message.key, message.workers)
+        if self.sockets:
+            # Sockets named on the command line: a supervisor's brings its workers' along
+            # (in the directory, the scan finds them).
+            for worker in message.workers.workers:
+                if worker.control and worker.state == "up":
+                    self._attach_found(Path(worker.control))
+        self._dirty = True
+
     @on(ActionOutcome)
     def _action_outcome(self, message: ActionOutcome) -> None:
         self.report(message.text, error=message.error)
@@ -276,6 +332,8 @@ class ConsoleApp(App[None]):
                 f"no Odin server found in {self.directory}; waiting for one"
                 " (odin serve creates odin-<pid>.sock there)"
             )
+        if self._left_out:
+            lines.append(f"{self._left_out} more sockets not attached (at most {MAX_SOCKETS})")
         banner = self.query_one("#banner", Static)
         banner.update(Text("\n".join(lines)))
         banner.display = bool(lines)
@@ -304,10 +362,15 @@ class ConsoleApp(App[None]):
             info = f"socket {shown}"
             if identity is not None:
                 # Two short lines beside the list: they fit in the 42 columns left at 80.
-                info = (
-                    f"instance {identity.instance}  pid {identity.pid}  {identity.server}"
-                    f" {identity.version}\n{', '.join(identity.websocket)}  {shown}"
-                )
+                if view.is_supervisor:
+                    first = f"supervisor pid {identity.pid}  of {identity.workers} workers"
+                    where = "serves no clients"
+                else:
+                    first = f"instance {identity.instance}  pid {identity.pid}"
+                    if identity.worker is not None:
+                        first += f"  worker {identity.worker} of {identity.workers}"
+                    where = ", ".join(identity.websocket)
+                info = f"{first}  {identity.server} {identity.version}\n{where}  {shown}"
             if not view.up:
                 info = f"{info}  ·  link {view.status.state.value}"
         self.query_one("#server-info", Static).update(Text(info))
@@ -370,12 +433,22 @@ class ConsoleApp(App[None]):
         if view is None or not view.up:
             self.notify("no connected server selected", severity="warning")
             return
-        connections = view.snapshot.connections if view.snapshot is not None else 0
-        question = (
-            f"Drain {view.label} ({view.path.name}, {connections:,} connections)?\n"
-            "Every client is told to reconnect elsewhere and the server stops taking new"
-            " connections, as on SIGTERM."
-        )
+        if view.is_supervisor:
+            host = next(host for host in self.model.hosts() if host.supervisor is view)
+            total = host.total()
+            connections = total.connections if total is not None else 0
+            question = (
+                f"Drain every worker of {host.label} ({view.path.name}, {connections:,}"
+                " connections)?\nEach worker tells its clients to reconnect elsewhere and"
+                " stops, as on SIGTERM to the supervisor."
+            )
+        else:
+            connections = view.snapshot.connections if view.snapshot is not None else 0
+            question = (
+                f"Drain {view.label} ({view.path.name}, {connections:,} connections)?\n"
+                "Every client is told to reconnect elsewhere and the server stops taking new"
+                " connections, as on SIGTERM."
+            )
         key = view.key
 
         def decided(yes: bool | None) -> None:
@@ -395,12 +468,15 @@ class ConsoleApp(App[None]):
         except (NotConnected, RequestFailed) as exc:
             self.post_message(ActionOutcome(f"drain {label} failed: {exc}", error=True))
         else:
-            self.post_message(
-                ActionOutcome(
+            view = self.model.servers.get(key)
+            if view is not None and view.is_supervisor:
+                text = f"{label}: every worker is draining"
+            else:
+                text = (
                     f"{label} is draining: {draining.connections:,} connections told to"
                     f" reconnect, closing within {draining.timeout:g} s"
                 )
-            )
+            self.post_message(ActionOutcome(text))
 
     def action_reload(self) -> None:
         view = self.selected_view()
@@ -495,9 +571,21 @@ class ConsoleApp(App[None]):
 
 
 def _option(view: ServerView) -> str:
-    if view.identity is None:
+    identity = view.identity
+    if identity is None:
         return view.path.name
-    return f"{view.identity.instance} (pid {view.identity.pid})"
+    if view.is_supervisor:
+        return f"supervisor (pid {identity.pid})"
+    if identity.worker is not None:
+        return f"{identity.instance} w{identity.worker} (pid {identity.pid})"
+    return f"{identity.instance} (pid {identity.pid})"
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _bindings(

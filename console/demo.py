@@ -4,8 +4,9 @@ It speaks the real control protocol (the same parser and encoders as the server)
 socket: it answers hello, snapshot, connections, channels, slow, inspect, kick, drain, reload
 and workers from its ``FakeData``, sends updates after watch, and records every command it
 received. With a supervisor's identity (``supervisor_data``) it answers as a supervisor does:
-hello, workers, reload and drain, and ``unavailable`` to the rest. Nothing random is left to chance: the data come from a seeded generator and fixed
-clocks, so the screenshots are the same on every run.
+hello, workers, reload and drain, and ``unavailable`` to the rest. Nothing random is left to
+chance: the data come from a seeded generator and fixed clocks, so the screenshots are the
+same on every run.
 """
 
 from __future__ import annotations
@@ -269,7 +270,9 @@ def supervisor_data(pid: int, workers: list[WorkerInfo]) -> FakeData:
     """A supervisor reporting ``workers``; it serves no clients, so it has no snapshot to
     give (the one kept here is never sent)."""
     data = demo_data("", pid, connections=0)
-    data.identity = attrs.evolve(data.identity, role="supervisor", websocket=[], workers=len(workers))
+    data.identity = attrs.evolve(
+        data.identity, role="supervisor", websocket=[], workers=len(workers)
+    )
     data.events = []
     data.workers = HostWorkers(len(workers), pid, BASE_TIME - 11_520, workers)
     return data
@@ -460,6 +463,8 @@ class FakeServer:
                 if data.snapshot.draining:
                     return encode_error(request_id, ErrorCode.DRAINING, "already draining")
                 data.snapshot = attrs.evolve(data.snapshot, draining=True)
+                if data.supervisor:
+                    return encode_result(request_id, Draining(0, 0.0))
                 data.events.append(
                     ServerEvent(0, data.snapshot.time, "drain", "", {"by_pid": 5120})
                 )

@@ -1,8 +1,9 @@
 """The console's first line: what an operator must see from every view, at any width.
 
 Servers up, connections and messages per second over every server, the workers of a host
-that are not up (restarting, say), DRAINING and PAUSED when so. It is always live, paused or not (pausing freezes the views, not the link). At 80 columns
-everything fits; narrower, the title goes first, then the long words.
+that are not up (restarting, say), DRAINING and PAUSED when so. It is always live, paused or
+not (pausing freezes the views, not the link). At 80 columns everything fits; narrower, the
+title goes first, then the long words.
 """
 
 from __future__ import annotations

@@ -46,9 +46,8 @@ class SupervisorControl(ControlSocket):
         reload: Callable[[], tuple[list[str], list[str]]],
         drain: Callable[[], None],
         path: Path | None = None,
-        uid: int | None = None,
     ) -> None:
-        super().__init__(config, log, path=path, uid=uid)
+        super().__init__(config, log, path=path)
         self.state = state
         """The supervisor's current view of its workers."""
         self.identity = identity

@@ -314,6 +314,10 @@ class Supervisor:
                 process.kill()
                 with trio.CancelScope(shield=True):
                     await process.wait()
+            if slot.control and (process.returncode or 0) < 0:
+                # Killed, it could not remove its control socket; no console should find it.
+                with contextlib.suppress(OSError):
+                    os.unlink(slot.control)
         ended = describe_exit(process.returncode)
         if task_status is not None and slot.state == "starting" and not self.stopping:
             raise WorkerStartError(f"worker {slot.index} {ended} before it was ready")

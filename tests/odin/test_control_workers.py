@@ -261,4 +261,3 @@ async def test_a_socket_it_cannot_set_up_leaves_the_supervisor_running(socket_di
     refused = [log for log in logs if log["event"] == "control_unavailable"]
     assert refused and "is not a socket" in refused[0]["error"]
     assert (socket_dir / "odin.sock").read_text() == "not a socket"
-

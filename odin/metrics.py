@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -43,12 +44,13 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from odin import __version__
 from odin.broker.base import BrokerStats
 from odin.capacity import read_limits, rss_bytes
 from odin.control.protocol import ErrorCode as ControlErrorCode
-from odin.control.protocol import HostWorkers
+from odin.control.protocol import HostWorkers, WorkerInfo
 from odin.core.recovery import Reason
 
 # Counters would also export a *_created series each; Prometheus does not need them.
@@ -131,6 +133,8 @@ class Metrics:
         self.registry.register(_LimitsCollector())
         if shared is None:
             ProcessCollector(registry=r)
+            # The same series as a host of workers exports: a lone process is a host of one.
+            self.registry.register(_HostCollector(_alone))
         else:
             self._mirrors.append(_ProcessMirror(r, shared.slot))
             self._exposition = CollectorRegistry(auto_describe=False)
@@ -579,6 +583,10 @@ class _ProcessMirror:
             registry=registry, multiprocess_mode="livesum",
         )  # fmt: skip
         Gauge(
+            "process_max_fds", "File descriptors each worker may open (the lowest limit).",
+            registry=registry, multiprocess_mode="livemin",
+        ).set(resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
+        Gauge(
             "process_start_time_seconds", "Start time of the oldest worker (Unix time).",
             registry=registry, multiprocess_mode="livemin",
         ).set(time.time())  # fmt: skip
@@ -615,7 +623,10 @@ class _SharedCollector(Collector):
         files = [str(path) for path in self._directory.glob("*.db")]
         merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
         depth: dict[str, Metric] = {}
+        stream = _stream_counters(files)
         for metric in merged:
+            if metric.name in stream:
+                metric.samples = stream[metric.name]
             metric.samples = [
                 sample._replace(labels={_WORKER.get(k, k): v for k, v in sample.labels.items()})
                 for sample in metric.samples
@@ -626,6 +637,28 @@ class _SharedCollector(Collector):
                 yield metric
         if depth:
             yield _depth_histogram(depth)
+
+
+STREAM_COUNTERS = ("odin_publications_received", "odin_broker_ingested")
+"""Counts of the stream itself, which every worker reads whole: the host's figure is the
+highest worker's, not the sum (a sum would grow with the number of workers). Each slot's
+count never goes back, so neither does their maximum."""
+
+
+def _stream_counters(files: list[str]) -> dict[str, list[Sample]]:
+    best: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
+    for path in files:
+        if not os.path.basename(path).startswith("counter_"):
+            continue
+        for metric in MultiProcessCollector.merge([path], accumulate=True):  # type: ignore[no-untyped-call]
+            if metric.name not in STREAM_COUNTERS:
+                continue
+            samples = best.setdefault(metric.name, {})
+            for sample in metric.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples or sample.value > samples[key].value:
+                    samples[key] = sample
+    return {name: list(samples.values()) for name, samples in best.items()}
 
 
 def _depth_histogram(parts: dict[str, Metric]) -> Metric:
@@ -645,6 +678,10 @@ def _depth_histogram(parts: dict[str, Metric]) -> Metric:
 
 _DEPTH_PARTS = ("odin_connection_queue_depth_bucket", "odin_connection_queue_depth_gsum")
 _WORKER = {"pid": "worker"}
+
+
+def _alone() -> HostWorkers:
+    return HostWorkers(1, os.getpid(), time.time(), [WorkerInfo(0, "up")])
 
 
 class _HostCollector(Collector):

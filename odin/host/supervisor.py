@@ -40,7 +40,7 @@ import trio
 from odin import __version__
 from odin.broker.embedded import run_embedded_nats
 from odin.capacity import usable_cpus
-from odin.config import Config, ConfigError, load_config
+from odin.config import Config, ConfigError, ControlSection, load_config
 from odin.control.host_state import METRICS_DIR, write_state
 from odin.control.paths import default_directory
 from odin.control.protocol import PROTOCOL_VERSION, HostWorkers, ServerIdentity, WorkerInfo
@@ -49,6 +49,7 @@ from odin.host.spec import WorkerSpec
 from odin.logs import Log
 from odin.metrics import forget_worker
 from odin.server.app import Listening, StartError, listen_problem, open_listeners
+from odin.server.control_socket import ControlUnavailable, prepare_directory
 from odin.server.reload import plan_reload
 
 BACKOFF_MIN = 0.5
@@ -114,7 +115,7 @@ class Supervisor:
         self.log = log
         self.slots = [_Slot(index) for index in range(workers)]
         self.started_at = time.time()
-        self.directory = host_directory()
+        self.directory = Path()
         self.stopping = False
         self.forced = False
         self._listeners: list[trio.SocketListener] = []
@@ -165,9 +166,10 @@ class Supervisor:
         """Run until every worker has stopped; 0 after a drain, 130 when a second signal cut
         it short. Raises WorkerStartError (or StartError, EmbeddedNatsError) if it cannot
         start."""
-        await self._open_port()
         try:
-            (self.directory / METRICS_DIR).mkdir(parents=True, mode=0o700)
+            await self._open_port()
+            self.directory = host_directory(self.config.control)
+            (self.directory / METRICS_DIR).mkdir(mode=0o700)
             self._publish()
             async with self._broker() as nats_url, trio.open_nursery() as nursery:
                 if nats_url is not None:
@@ -205,7 +207,8 @@ class Supervisor:
                 listener.socket.close()
             for reserved in self._reserved:
                 reserved.close()
-            shutil.rmtree(self.directory, ignore_errors=True)
+            if self.directory != Path():
+                shutil.rmtree(self.directory, ignore_errors=True)
         return 130 if self.forced else 0
 
     async def _open_port(self) -> None:
@@ -444,16 +447,29 @@ def describe_exit(code: int | None) -> str:
     return f"exit {code}"
 
 
-def host_directory() -> Path:
-    """This supervisor's directory beside the control sockets; those of supervisors that
-    are gone (killed before they could clean up) are removed."""
-    parent = default_directory()
-    parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-    for stale in parent.glob("host-*"):
-        pid = stale.name.removeprefix("host-")
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return parent / f"host-{os.getpid()}"
+def host_directory(control: ControlSection) -> Path:
+    """This supervisor's directory (mode 0700) beside the control sockets, in a directory
+    checked as theirs is (odin.server.control_socket); those of supervisors that are gone
+    (killed before they could clean up) are removed."""
+    explicit = bool(control.path)
+    parent = Path(control.path).parent if explicit else default_directory()
+    try:
+        fd = prepare_directory(parent, os.getuid(), explicit=explicit)
+    except (ControlUnavailable, OSError) as exc:
+        raise StartError(f"host directory {parent}: {exc}") from None
+    try:
+        for stale in parent.glob("host-*"):
+            pid = stale.name.removeprefix("host-")
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        name = f"host-{os.getpid()}"
+        shutil.rmtree(parent / name, ignore_errors=True)  # a reused pid's leftover
+        os.mkdir(name, 0o700, dir_fd=fd)
+    except OSError as exc:
+        raise StartError(f"host directory {parent}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return parent / name
 
 
 def _alive(pid: int) -> bool:

@@ -68,7 +68,7 @@ _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 """The last component must be a directory itself: a symlink fails (ENOTDIR or ELOOP)."""
 
 
-def _prepare_directory(directory: Path, uid: int, *, explicit: bool) -> int:
+def prepare_directory(directory: Path, uid: int, *, explicit: bool) -> int:
     """An fd on the socket's directory, which is created (the last component only, mode 0700)
     if missing. A directory that fails ``_check_directory`` is refused as it is: Odin never
     follows a symlink there nor chmods a directory it did not create (running as root, a
@@ -148,7 +148,7 @@ def _remove_stale(path: Path, directory: int) -> None:
 
 async def listen(path: Path, uid: int, *, explicit: bool, backlog: int) -> trio.SocketListener:
     """Bind and listen on ``path`` (mode 0600) in a directory that passes the checks."""
-    directory = _prepare_directory(path.parent, uid, explicit=explicit)
+    directory = prepare_directory(path.parent, uid, explicit=explicit)
     try:
         _remove_stale(path, directory)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

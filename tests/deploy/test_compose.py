@@ -8,6 +8,7 @@ and the scrape targets Prometheus is given.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import pytest
 import yaml
 
 from odin import __version__
+from odin.cli import build_parser
 from odin.config import Config
+from odin.host.supervisor import STOP_GRACE
 from publisher.config import PublisherConfig
 from tests.deploy.tools import (
     COMPOSE,
@@ -232,8 +235,29 @@ def test_odin_has_a_file_limit_a_memory_limit_and_time_to_drain() -> None:
     assert nofile["soft"] == nofile["hard"] >= 100_000
     limits = odin["deploy"]["resources"]["limits"]
     assert re.fullmatch(r"\d+[MG]", limits["memory"]), limits
-    # docker stop sends SIGTERM, then SIGKILL after the grace period: the drain must fit.
-    assert seconds(odin["stop_grace_period"]) > Config().shutdown.drain_timeout
+    # docker stop sends SIGTERM, then SIGKILL after the grace period: the workers' drain
+    # must fit, and so must the supervisor's kill of a worker that outlives it.
+    grace = seconds(odin["stop_grace_period"])
+    assert grace > Config().shutdown.drain_timeout + STOP_GRACE
+
+
+def test_odin_runs_a_worker_per_cpu_of_its_quota_in_one_container() -> None:
+    odin = SERVICES["odin"]
+    command = odin["command"]
+    assert isinstance(command, list), command
+    # The image's entry point is odin: the command is its arguments, as the CLI parses them.
+    args = build_parser().parse_args(command)
+    assert args.command == "serve"
+    # 0: as many workers as the container's CPU quota (rounded up) allows.
+    assert args.workers == 0
+    assert "ODIN_SERVER_WORKERS" not in environment(odin)
+    cpus = float(odin["deploy"]["resources"]["limits"]["cpus"])
+    assert math.ceil(cpus) >= 2, "one worker is what a single process gives: no supervisor"
+    # docker stop's SIGTERM must reach the supervisor alone (an init that signals only its
+    # child): a worker given SIGTERM by Docker and again by its supervisor would cut its
+    # drain short.
+    assert odin["init"] is True
+    assert "command" not in PROD["services"]["odin"]
 
 
 def test_every_service_has_a_health_check_and_waits_for_what_it_needs() -> None:

@@ -4,6 +4,7 @@ the ones Odin derives from the memory limits the files set."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -19,11 +20,13 @@ README = (DOCS / "README.md").read_text()
 SERVICES = yaml.safe_load(COMPOSE.read_text())["services"]
 
 
-def connections(memory: str) -> int:
-    """What Odin admits under a memory limit written as compose or systemd write it."""
+def connections(memory: str, workers: int = 1) -> int:
+    """What Odin admits under a memory limit written as compose or systemd write it, in all
+    over ``workers`` workers."""
     value, unit = int(memory[:-1]), memory[-1]
     size = value * {"M": 2**20, "G": 2**30}[unit]
-    return plan(0, Limits(size, "cgroup", None, "none", 200_000)).max_connections
+    limits = Limits(size, "cgroup", None, "none", 200_000)
+    return plan(0, limits, workers=workers).host_max_connections
 
 
 def test_the_pages_are_there() -> None:
@@ -53,12 +56,27 @@ def test_the_ports_table_lists_every_published_port() -> None:
 
 
 def test_the_quoted_connection_limits_are_the_derived_ones() -> None:
-    memory = SERVICES["odin"]["deploy"]["resources"]["limits"]["memory"]
-    assert f"{connections(memory):,} connections" in README
-    drop_in = (DEPLOY / "systemd" / "odin@.service.d" / "memory.conf").read_text()
+    odin = SERVICES["odin"]
+    memory = odin["deploy"]["resources"]["limits"]["memory"]
+    # serve --workers 0: one worker per CPU of the container's quota, rounded up.
+    assert odin["command"][-2:] == ["--workers", "0"]
+    workers = math.ceil(float(odin["deploy"]["resources"]["limits"]["cpus"]))
+    total = connections(memory, workers)
+    # The pages wrap their lines: compare the words.
+    readme = " ".join(README.split())
+    assert f"{total:,} connections in all ({total // workers:,} per worker)" in readme
+    vm = " ".join((DOCS / "vm.md").read_text().split())
+    # One process per port (odin@.service): the drop-in is each process's limit.
+    assert f"{connections(memory_max('odin@.service.d')):,} connections" in vm
+    # odin.service: the drop-in is the host's, quoted for the two workers of a 2-vCPU VM.
+    assert f"{connections(memory_max('odin.service.d'), 2):,} connections in all" in vm
+
+
+def memory_max(drop_in_directory: str) -> str:
+    drop_in = (DEPLOY / "systemd" / drop_in_directory / "memory.conf").read_text()
     match = re.search(r"^MemoryMax=(\S+)", drop_in, re.MULTILINE)
     assert match is not None
-    assert f"{connections(match.group(1)):,} connections" in (DOCS / "vm.md").read_text()
+    return match.group(1)
 
 
 def test_the_base_image_named_is_the_one_built_on() -> None:

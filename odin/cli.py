@@ -43,6 +43,8 @@ from odin.simulator.runner import run_simulator, wall_clock
 EX_START = 1
 EX_CONFIG = 78
 EX_FORCED = 130
+WORKER_READY_WAIT = 30.0
+"""Seconds a worker waits for its broker before it accepts clients all the same."""
 
 DESCRIPTION = (
     "Odin streams live market events to WebSocket clients, in order, with positions that let "
@@ -419,6 +421,11 @@ async def serve(
             server = run.server = OdinServer(
                 config, broker, metrics=metrics, log=log, worker=worker.role if worker else None
             )
+            if worker is not None:
+                # The port is the host's: while this worker connects to the broker, the others
+                # take its share of new clients rather than it hand them a server not ready.
+                with trio.move_on_after(WORKER_READY_WAIT):
+                    await broker.wait_ready()
             listening = await tasks.start(partial(server.run, listeners=listeners))
             tune_gc()
             control_path = None

@@ -3,7 +3,7 @@ server, and the benchmarks against peers.
 
     odin-stress run --profile light [--url ws://127.0.0.1:3002/ws] [--json out.json]
     odin-stress profiles
-    odin-stress bench fanout|ingest|publisher [their own options]
+    odin-stress bench fanout|ingest|publisher|workers [their own options]
 
 Exit codes of ``run``: 0 all good; 1 an invariant broke (a silent gap, a duplicate, an event
 out of order, a wrong recovery answer, a bad frame); 2 a usage error; 3 a threshold was
@@ -35,6 +35,7 @@ BENCHES = {
     "fanout": "stress.bench_fanout",
     "ingest": "stress.bench_ingest",
     "publisher": "stress.bench_publisher",
+    "workers": "stress.bench_workers",
 }
 
 

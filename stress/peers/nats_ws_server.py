@@ -128,10 +128,11 @@ class NatsServer:
                 self.proc.wait(5)
 
 
-async def publish(nc: Client, rate: float, total: int, size: int) -> None:
+async def publish(nc: Client, rate: float, total: int, size: int, subject: str = CHANNEL) -> None:
+    """Publish ``total`` payloads on ``subject`` at ``rate`` (all at once when 0), paced by
+    ``Schedule``; stress.peers.nats_publisher publishes Odin's subject with it."""
     loop = asyncio.get_running_loop()
     schedule = Schedule(loop.time(), rate, total)
-    subject = CHANNEL
     sent = 0
     while sent < total:
         target = schedule.due(loop.time())

@@ -113,12 +113,12 @@ class ServerSection:
     """Worker processes accepting on the port (``--workers``): 0 is one per core this process
     may use (its CPU affinity and cgroup quota); 1 is a single process, no supervisor. The
     memory broker keeps history in one process, so it always runs one."""
-    worker_sockets: Literal["shared", "reuseport"] = "shared"
-    """How workers share the port: ``shared``, one listening socket opened by the supervisor
-    and inherited by every worker (a restarted worker takes over its queue; nothing is lost
-    while one is down); ``reuseport``, a socket per worker with SO_REUSEPORT (the kernel
-    spreads connections by address hash; those queued on a dying worker's socket are reset).
-    docs/performance.md compares the two."""
+    worker_sockets: Literal["reuseport", "shared"] = "reuseport"
+    """How workers share the port: ``reuseport``, a socket per worker with SO_REUSEPORT (the
+    kernel spreads connections evenly by address hash; those queued on a dying worker's socket
+    are reset); ``shared``, one listening socket opened by the supervisor and inherited by
+    every worker (nothing queued is lost while one is down, but whichever worker is awake
+    takes the next connection: measured, it spreads them unevenly, docs/performance.md)."""
     ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
     """The WebSocket endpoint's path."""
     max_connections: int = attrs.field(default=0, validator=v.ge(0))

@@ -5,6 +5,8 @@ and the start log."""
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from odin.capacity import (
     Limits,
     plan,
     read_limits,
+    share,
+    usable_cpus,
 )
 from tests.helpers import capture_logs, http_get, make_config, running_server
 
@@ -130,6 +134,65 @@ def test_a_configured_limit_wins() -> None:
     assert (capacity.max_connections, capacity.source, capacity.bound_by) == (
         2000, "configured", ""
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("total", [0, 1, 5, 100, 1001, 100_000])
+def test_the_shares_of_the_workers_add_up_to_the_host_total(total: int, workers: int) -> None:
+    shares = [share(total, workers, slot) for slot in range(workers)]
+    assert sum(shares) == total
+    assert max(shares) - min(shares) <= 1
+    assert shares == sorted(shares, reverse=True)  # the first ones take one more
+
+
+def test_a_configured_limit_is_the_hosts_and_each_worker_takes_its_share() -> None:
+    capacities = [plan(1001, limits(256 * MIB), workers=2, slot=slot) for slot in (0, 1)]
+    assert [c.max_connections for c in capacities] == [501, 500]
+    for capacity in capacities:
+        assert (capacity.source, capacity.host_max_connections, capacity.workers) == (
+            "configured", 1001, 2
+        )  # fmt: skip
+        described = capacity.describe()
+        assert (described["host_max_connections"], described["workers"]) == (1001, 2)
+
+
+def test_a_derived_limit_counts_the_base_once_per_worker() -> None:
+    memory = 768 * MIB
+    host = int((memory - 2 * BASE) * 0.8 // PER_CONNECTION)  # 6553
+    capacities = [plan(0, limits(memory), workers=2, slot=slot) for slot in (0, 1)]
+    assert [c.max_connections for c in capacities] == [share(host, 2, 0), share(host, 2, 1)]
+    assert all(c.host_max_connections == host for c in capacities)
+    assert all((c.source, c.bound_by) == ("derived", "memory") for c in capacities)
+    # Fewer than one worker alone could hold: each worker's base takes its memory.
+    assert host < plan(0, limits(memory)).max_connections
+
+
+def test_the_descriptor_limit_bounds_each_worker_by_itself() -> None:
+    # The soft limit on open files is per process: each worker may hold that many.
+    nofile = 2000
+    capacities = [plan(0, limits(24 * GIB, nofile), workers=2, slot=s) for s in (0, 1)]
+    assert [c.max_connections for c in capacities] == [nofile - FD_RESERVE] * 2
+    assert all(c.bound_by == "file descriptors" for c in capacities)
+    assert capacities[0].host_max_connections == 2 * (nofile - FD_RESERVE)
+    # The maximum is the host's, shared.
+    capacities = [plan(0, limits(24 * GIB), workers=3, slot=s) for s in range(3)]
+    assert sum(c.max_connections for c in capacities) == MAXIMUM
+    assert all(c.bound_by == "maximum" for c in capacities)
+
+
+def test_each_worker_keeps_the_minimum_however_little_memory() -> None:
+    capacities = [plan(0, limits(200 * MIB), workers=4, slot=s) for s in range(4)]
+    assert [c.max_connections for c in capacities] == [MINIMUM] * 4
+    assert capacities[0].host_max_connections == 4 * MINIMUM
+    assert capacities[0].bound_by == "minimum"
+
+
+def test_usable_cores_are_the_affinity_capped_by_the_quota() -> None:
+    cores = usable_cpus()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    quota = read_limits().cpu_cores
+    if quota is not None:
+        assert cores <= max(1, math.ceil(quota))
 
 
 @pytest.mark.trio

@@ -187,8 +187,7 @@ class Supervisor:
                 )
                 if self.config.control.enabled:
                     await nursery.start(control.run)
-                readiness = [await nursery.start(self._keep, slot) for slot in self.slots]
-                first = readiness[0]
+                first = await self._start_workers(nursery)
                 if first is not None and not self.stopping:
                     self._websocket = first.listening.websocket
                     self.log.lifecycle().info(
@@ -210,6 +209,19 @@ class Supervisor:
             if self.directory != Path():
                 shutil.rmtree(self.directory, ignore_errors=True)
         return 130 if self.forced else 0
+
+    async def _start_workers(self, nursery: trio.Nursery) -> Ready | None:
+        """Start every worker at once; the first one's report (None if the stop came first).
+        A worker that cannot start stops the start of the others."""
+        reports: list[Ready | None] = [None] * self.count
+
+        async def start(slot: _Slot) -> None:
+            reports[slot.index] = await nursery.start(self._keep, slot)
+
+        async with trio.open_nursery() as starting:
+            for slot in self.slots:
+                starting.start_soon(start, slot)
+        return reports[0]
 
     async def _open_port(self) -> None:
         """Bind the port before any worker starts: an address in use is one error here,
@@ -374,7 +386,7 @@ class Supervisor:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     self.log.info("signal", signal=name, action="reload")
-                    with contextlib.suppress(ConfigError):
+                    with contextlib.suppress(ConfigError, OSError):
                         self.reload()
                 elif not self.stopping:
                     self.log.info("signal", signal=name, action="drain")
@@ -409,14 +421,18 @@ class Supervisor:
             raise
         outcome = plan_reload(self.config, config)
         self.config = outcome.config
-        self._signal_workers(signal.SIGHUP)
+        # Only workers that are up: one still starting has no handler yet (SIGHUP would end
+        # it) and reads the file as it starts anyway.
+        self._signal_workers(signal.SIGHUP, only_up=True)
         self.log.lifecycle().info(
             "config_reloaded", changed=outcome.changed, restart_required=outcome.restart_required
         )
         return outcome.changed, outcome.restart_required
 
-    def _signal_workers(self, signum: int) -> None:
+    def _signal_workers(self, signum: int, *, only_up: bool = False) -> None:
         for slot in self.slots:
+            if only_up and slot.state != "up":
+                continue
             if slot.process is not None and slot.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     slot.process.send_signal(signum)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,8 +24,42 @@ class OdinProcess:
         self.process = process
         self.lines: list[str] = []
         self._buffer = b""
+        self._follower: threading.Thread | None = None
+        self._changed = threading.Condition()
+        self._ended = False
         assert process.stderr is not None
         os.set_blocking(process.stderr.fileno(), False)
+
+    def follow(self) -> None:
+        """From now on read stderr in a thread: a process that logs a line per connection must
+        never block on a full pipe while the test is busy elsewhere. ``wait_for`` and ``wait``
+        then wait for what the thread reads (and may be called from any one thread)."""
+        if self._follower is None:
+            self._follower = threading.Thread(target=self._follow, daemon=True)
+            self._follower.start()
+
+    def _follow(self) -> None:
+        try:
+            while self._read_available(0.2):
+                with self._changed:
+                    self._changed.notify_all()
+        except (OSError, ValueError):  # the pipe was closed under the thread
+            pass
+        if self._buffer:
+            self.lines.append(self._buffer.decode())
+            self._buffer = b""
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def _wait_for_more(self, seen: int, timeout: float) -> bool:
+        """Wait for lines beyond ``seen`` (False: stderr ended, and none came)."""
+        if self._follower is None:
+            return self._read_available(timeout)
+        with self._changed:
+            if len(self.lines) == seen and not self._ended:
+                self._changed.wait(timeout)
+            return len(self.lines) > seen or not self._ended
 
     @property
     def pid(self) -> int:
@@ -61,7 +96,8 @@ class OdinProcess:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no {event!r} log line within {timeout}s: {self.lines}")
-            if not self._read_available(min(remaining, 0.2)) and self.process.poll() is not None:
+            more = self._wait_for_more(seen, min(remaining, 0.2))
+            if not more and self.process.poll() is not None:
                 raise RuntimeError(f"odin exited ({self.process.returncode}): {self.lines}")
 
     def records(self) -> list[dict[str, Any]]:
@@ -73,7 +109,13 @@ class OdinProcess:
     def wait(self, timeout: float = 15) -> int:
         """Wait for the exit, reading the rest of stderr; return the exit code."""
         deadline = time.monotonic() + timeout
-        while self._read_available(max(0.0, min(0.2, deadline - time.monotonic()))):
+        if self._follower is not None:
+            self._follower.join(timeout)
+            if self._follower.is_alive():
+                raise TimeoutError("odin did not exit")
+        while self._follower is None and self._read_available(
+            max(0.0, min(0.2, deadline - time.monotonic()))
+        ):
             if time.monotonic() > deadline:
                 raise TimeoutError("odin did not exit")
         code = self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -112,8 +154,9 @@ def odin_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    odin = OdinProcess(process)
     try:
-        yield OdinProcess(process)
+        yield odin
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -122,6 +165,8 @@ def odin_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if odin._follower is not None:
+            odin._follower.join(5)  # to the end of stderr, before it is closed under it
         assert process.stderr is not None
         process.stderr.close()
         state.cleanup()

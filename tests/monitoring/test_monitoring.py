@@ -101,16 +101,22 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one process", "2 workers"])
+def stack(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """Odin (embedded NATS, simulated events), the publisher on the same NATS, clients on
-    Odin, and Prometheus scraping them every second with the project's rules."""
+    Odin, and Prometheus scraping them every second with the project's rules. Once as one
+    process, once as ``--workers 2``: the dashboards and alerts must work unchanged for
+    both (each scrape answered by whichever worker takes it)."""
+    workers: int = request.param
     workdir = Path(tempfile.mkdtemp(prefix="odin-monitoring-"))
     prometheus_binary = tool("prometheus")
-    with odin_process(["serve", "--port", "0", "--simulate", "--rate", "50"]) as odin:
+    args = ["serve", "--port", "0", "--simulate", "--rate", "50", "--workers", str(workers)]
+    with odin_process(args) as odin:
+        odin.follow()
         odin_port = port_of(odin.wait_for("listening"))
         nats_url = odin.wait_for("nats_embedded_started")["url"]
-        odin.wait_for("broker_ready")
+        for slot in range(workers) if workers > 1 else [None]:
+            odin.wait_for("broker_ready", worker=slot)
         publisher_args = ["--port", "0", "--nats-url", nats_url, "--autostart", "--rate", "20",
                           "--set", "simulation.statistics_interval=1s"]  # fmt: skip
         with odin_process(publisher_args, module="publisher") as publisher:
@@ -176,11 +182,12 @@ def query(base: str, expr: str) -> list[Any]:
     return result
 
 
-_COMPARISON = re.compile(r"\s(>|<|==|!=|>=|<=)\s+[0-9.e+-]+\s*$")
+_COMPARISON = re.compile(r"\s(>|<|==|!=|>=|<=)\s+[^<>=!]+$")
 
 
 def measured(expr: str) -> str:
-    """An alert's expression without its final threshold: what it measures."""
+    """An alert's expression without its final comparison (a threshold, or another series
+    such as ``odin_workers_expected``): what it measures."""
     return _COMPARISON.sub("", expr.strip())
 
 

@@ -31,7 +31,7 @@ import trio
 from odin.broker.base import Broker
 from odin.config import Config
 from odin.logs import Log, get_logger
-from odin.metrics import Metrics
+from odin.metrics import WALK_EVERY, Metrics
 from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
 from odin.protocol.negotiation import UnsupportedVersion, negotiate
 from odin.server.connection import Connection
@@ -189,9 +189,9 @@ class OdinServer:
     async def _housekeeping(self) -> None:
         context = self.context
         metrics = context.metrics
-        while True:
+        for tick in itertools.count():
             context.cpu.sample(trio.current_time())
-            metrics.sync()
+            metrics.sync(walk=tick % WALK_EVERY == 0)
             metrics.subscriptions.set(context.hub.subscriptions)
             metrics.channels.set(len(context.reader.window.channels()))
             context.reader.window.expire_all(trio.current_time())

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
@@ -90,6 +93,62 @@ async def test_the_console_shows_a_running_servers_clients(socket_path: Path) ->
                 peers = {str(table.get_row_at(n)[1]) for n in range(3)}
                 local = {f"127.0.0.1:{c.local_address[1]}" for c in clients}
                 assert peers == local
+        finally:
+            for client in clients:
+                await client.close()
+
+
+@pytest.mark.asyncio
+async def test_the_console_shows_every_worker_of_a_host_and_one_restarting(
+    socket_path: Path,
+) -> None:
+    """``odin-console --socket`` on a supervisor: one host, a row per worker with its pid and
+    clients, the host's total; a worker killed shows as restarting, then up again."""
+    args = ["serve", "--workers", "2", "--port", "0", "--simulate", "--rate", "50",
+            "--set", f"control.path={socket_path}"]  # fmt: skip
+    with odin_process(args) as odin:
+        odin.follow()
+        url = odin.wait_for("workers_ready")["websocket"][0]
+        clients = [await subscribed_client(url, ["BTC.*"]) for _ in range(4)]
+        try:
+            app = ConsoleApp(sockets=[socket_path], interval=0.2, scan_every=0.5)
+            async with app.run_test(size=SIZE) as pilot:
+
+                def rows() -> list[Any]:
+                    hosts = app.model.hosts()
+                    return hosts[0].rows if len(hosts) == 1 else []
+
+                def serving() -> bool:
+                    current = rows()
+                    return len(current) == 2 and all(
+                        row.state == "up" and row.view is not None and row.view.snapshot
+                        for row in current
+                    )
+
+                await wait_until(pilot, serving, "both workers up, each with a snapshot")
+                host = app.model.hosts()[0]
+                assert host.expected == 2
+                await wait_until(
+                    pilot,
+                    lambda: (t := app.model.hosts()[0].total()) is not None and t.connections == 4,
+                    "the host's total of 4 clients",
+                )
+                table = app.query_one("#hosts").query_one(DataTable)
+                await wait_until(pilot, lambda: table.row_count == 2, "a table row per worker")
+
+                victim = next(row for row in rows() if row.slot == 1)
+                assert victim.pid is not None
+                os.kill(victim.pid, signal.SIGKILL)
+                await wait_until(
+                    pilot,
+                    lambda: any(r.slot == 1 and r.restarts == 1 for r in rows()),
+                    "worker 1's restart counted",
+                )
+                await wait_until(
+                    pilot,
+                    lambda: serving() and next(r for r in rows() if r.slot == 1).pid != victim.pid,
+                    "worker 1 up again with a new pid",
+                )
         finally:
             for client in clients:
                 await client.close()

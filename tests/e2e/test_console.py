@@ -43,8 +43,8 @@ async def wait_until(pilot: Pilot[None], predicate: Callable[[], object], what: 
         await pilot.pause(0.05)
 
 
-def figures(app: ConsoleApp) -> str:
-    widget = app.query_one("#figures", Static)
+def figures(app: ConsoleApp, widget_id: str = "#figures") -> str:
+    widget = app.query_one(widget_id, Static)
     out = Console(file=io.StringIO(), width=widget.size.width or SIZE[0], record=True)
     out.print(widget.content)
     return out.export_text()
@@ -133,8 +133,12 @@ async def test_the_console_shows_every_worker_of_a_host_and_one_restarting(
                     lambda: (t := app.model.hosts()[0].total()) is not None and t.connections == 4,
                     "the host's total of 4 clients",
                 )
-                table = app.query_one("#hosts").query_one(DataTable)
-                await wait_until(pilot, lambda: table.row_count == 2, "a table row per worker")
+                pids = [str(row.pid) for row in rows()]
+                await wait_until(
+                    pilot,
+                    lambda: all(pid in figures(app, "#hosts") for pid in pids),
+                    "a row per worker, with its pid",
+                )
 
                 victim = next(row for row in rows() if row.slot == 1)
                 assert victim.pid is not None

@@ -159,8 +159,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    worker = WorkerLink(WorkerSpec.decode(args.worker)) if getattr(args, "worker", None) else None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    worker = None
+    if getattr(args, "worker", None):
+        try:
+            worker = WorkerLink(WorkerSpec.decode(args.worker))
+        except ValueError as exc:
+            parser.error(f"--worker: {exc}")  # exits 2
     if worker is not None:
         spec = worker.spec
         run = _Run(Path(spec.config_file) if spec.config_file else None, spec.overrides)
@@ -195,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown_env and worker is None:
         log.warning("config_unknown_environment", names=unknown_env)
     demo = getattr(args, "demo", False)
-    announce: Announce | None = _banner if demo else (_where_to_connect if _tty() else None)
+    tty = sys.stdout.isatty()
+    announce: Announce | None = _banner if demo else (_where_to_connect if tty else None)
     try:
         if worker is not None:
             code = trio.run(serve, run, config, log, None, worker)
@@ -217,10 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EX_START
     log.lifecycle().info("exited", code=code)
     return code
-
-
-def _tty() -> bool:
-    return sys.stdout.isatty()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -310,9 +313,10 @@ def _banner(ready: Ready, workers: int) -> None:
     websocket = ready.listening.websocket[0]
     http = ready.listening.http[0]
     subscribe = """'{"type":"subscribe","data":{"channels":["BTC.*"]}}'"""
+    cores = f", {workers} workers" if workers > 1 else ""
     lines = [
-        "Odin demo: simulated market events through an embedded NATS JetStream.",
-        f"  WebSocket  {websocket}" + (f"  ({workers} workers)" if workers > 1 else ""),
+        f"Odin demo: simulated market events through an embedded NATS JetStream{cores}.",
+        f"  WebSocket  {websocket}",
         f"  Health     {http}/health",
         f"  Metrics    {http}/metrics",
         f"  History    {ready.history}",

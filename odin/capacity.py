@@ -4,7 +4,7 @@ A server in a container with 768 MiB must not accept the connections a 24 GiB ho
 hold: past its memory limit the kernel kills it and every client reconnects at once. So
 unless ``server.max_connections`` is set, the limit is derived at start:
 
-    max_connections = (memory - BASE) * (1 - HEADROOM) / PER_CONNECTION
+    max_connections = (memory - (BASE + history.max_bytes)) * (1 - HEADROOM) / PER_CONNECTION
 
 clamped to [MINIMUM, MAXIMUM] and to the file-descriptor limit less a reserve, where
 ``memory`` is the cgroup's memory limit (v2 ``memory.max``, else v1
@@ -13,11 +13,14 @@ machine's memory. PER_CONNECTION is measured: 34.5 KiB of RSS per idle subscribe
 connection at 19,900 connections (docs/performance.md), doubled for what a busy connection
 adds (queued frames, up to ``connection.queue_max_bytes`` for a slow one) and for the kernel's
 socket buffers, which a cgroup charges too. BASE is the process at start (about 70 MiB RSS
-with the history window empty) with room for the history to fill.
+with the history window empty) with room for what else grows (the subscription index, the
+broker's buffers, the allocator's slack); ``history.max_bytes`` is the bound of the history
+window, which every process keeps whole, so it counts in full.
 
-With ``--workers N`` the memory is the host's: the limit above, with BASE counted once per
-worker, is the host's total, and each worker takes its share (the first ``total % N`` one
-more); the file-descriptor limit is per process and bounds each worker's share by itself.
+With ``--workers N`` the memory is the host's: the limit above, with BASE and the history
+window counted once per worker, is the host's total, and each worker takes its share (the
+first ``total % N`` one more); the file-descriptor limit is per process and bounds each
+worker's share by itself.
 
 The CPU limit (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) is not used for admission (admission
 by CPU, the original's, refused clients for load spikes that a bounded queue absorbs); with the
@@ -73,6 +76,9 @@ class Capacity:
     host_max_connections: int = 0
     """The host's total over every worker (this process's limit when it runs alone)."""
     workers: int = 1
+    history_bytes: int = 0
+    """The history window's bound (``history.max_bytes``) a derived limit left room for in
+    each process."""
 
     def describe(self) -> dict[str, object]:
         """For the start log and /health."""
@@ -89,25 +95,29 @@ class Capacity:
             "cpu_source": limits.cpu_source,
             "nofile": limits.nofile,
             "per_connection_bytes": PER_CONNECTION,
+            "history_max_bytes": self.history_bytes,
         }
 
 
-def plan(configured: int, limits: Limits, *, workers: int = 1, slot: int = 0) -> Capacity:
+def plan(
+    configured: int, limits: Limits, *, history_bytes: int, workers: int = 1, slot: int = 0
+) -> Capacity:
     """The connection limit of worker ``slot`` of ``workers`` (of the process when it runs
     alone): its share of ``configured`` (the host's total) when that is set (non-zero), else
-    derived from the limits."""
+    derived from the limits, leaving each process ``history_bytes`` for its history window
+    (``history.max_bytes``)."""
     if configured:
         value = share(configured, workers, slot)
-        return Capacity(value, "configured", limits, "", configured, workers)
-    value, bound_by = _derived(limits, workers, slot)
-    total = sum(_derived(limits, workers, other)[0] for other in range(workers))
-    return Capacity(value, "derived", limits, bound_by, total, workers)
+        return Capacity(value, "configured", limits, "", configured, workers, history_bytes)
+    value, bound_by = _derived(limits, history_bytes, workers, slot)
+    total = sum(_derived(limits, history_bytes, workers, other)[0] for other in range(workers))
+    return Capacity(value, "derived", limits, bound_by, total, workers, history_bytes)
 
 
-def _derived(limits: Limits, workers: int, slot: int) -> tuple[int, str]:
+def _derived(limits: Limits, history_bytes: int, workers: int, slot: int) -> tuple[int, str]:
     candidates = [(share(MAXIMUM, workers, slot), "maximum")]
     if limits.memory_bytes is not None:
-        usable = (limits.memory_bytes - BASE * workers) * (1 - HEADROOM)
+        usable = (limits.memory_bytes - (BASE + history_bytes) * workers) * (1 - HEADROOM)
         candidates.append((share(int(usable // PER_CONNECTION), workers, slot), "memory"))
     candidates.append((limits.nofile - FD_RESERVE, "file descriptors"))
     value, bound_by = min(candidates)

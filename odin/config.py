@@ -174,6 +174,10 @@ class HistorySection:
     """Seconds a message is kept."""
     max_channels: int = attrs.field(default=10_000, validator=v.ge(1))
     """Channels whose history is kept; the least recently published one is forgotten first."""
+    max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=v.ge(1024 * 1024))
+    """Bytes the history window of each process may hold (frames, bodies and their objects);
+    past it the least recently published channel's oldest messages go first (a recovery that
+    needs them reads the broker). Counted per worker in the derived connection limit."""
     recovery_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
     """More missed messages than this on a channel: recovered false (limit_exceeded)."""
     replay_max_messages: int = attrs.field(default=1000, validator=v.ge(1))
@@ -201,7 +205,9 @@ class NatsSection:
     stream: str = attrs.field(default="ODIN_TOKENS", validator=v.matches_re(r"[A-Za-z0-9_-]+"))
     """The JetStream stream that keeps the history of ``odin.token.>``."""
     manage_stream: bool = True
-    """Create the stream, or update its limits, at start to match this section."""
+    """Create the stream at start, or raise its replicas and limits to this section's (never
+    lower them: a stream an operator set higher keeps its settings, logged as
+    ``stream_config_differs``)."""
     storage: Literal["file", "memory"] = "file"
     """Where the stream keeps messages: file survives a nats-server restart, memory does not."""
     max_age: float = attrs.field(default=3600.0, validator=positive)
@@ -214,6 +220,9 @@ class NatsSection:
     """Messages the stream keeps per channel."""
     duplicate_window: float = attrs.field(default=120.0, validator=positive)
     """Seconds within which a publish with a repeated Nats-Msg-Id is stored once."""
+    replicas: int = attrs.field(default=1, validator=[v.ge(1), v.le(5)])
+    """Copies of the stream a NATS cluster keeps (1 to 5; 3 survives the loss of one server).
+    Odin only raises it on a running stream, never lowers it."""
     ping_interval: float = attrs.field(default=2.0, validator=positive)
     """Seconds between pings to NATS; a silent partition is noticed after
     ``ping_interval * (max_outstanding_pings + 1)``."""

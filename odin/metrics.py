@@ -87,6 +87,7 @@ GAP_REASONS = (
     "invalid_payload",
     "payload_too_large",
 )
+HISTORY_EVICTION_REASONS = ("max_bytes", "max_messages", "max_age", "max_channels")
 CLOSE_REASONS = (
     "client",
     "slow_consumer",
@@ -320,6 +321,22 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.history_bytes = Gauge(
+            "odin_history_bytes",
+            "Bytes held by the history windows (frames, bodies and their objects; bounded by "
+            "history.max_bytes in each process; the host's workers add up).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.history_evicted = Counter(
+            "odin_history_evicted",
+            "Messages that left the history window, by the bound that dropped them "
+            "(max_bytes, max_messages, max_age, max_channels: with their channel).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HISTORY_EVICTION_REASONS:
+            self.history_evicted.labels(reason)
 
         self.duplicates = Counter(
             "odin_duplicate_publications",
@@ -418,6 +435,11 @@ _BROKER_COUNTERS = (
         "odin_broker_publish_retries",
         "publish_retries",
         "Publications sent again after a failed or missing acknowledgement.",
+    ),
+    (
+        "odin_broker_publish_dropped",
+        "publish_dropped",
+        "Publications given up after retrying past their bound (also in publish_failed).",
     ),
 )
 

@@ -26,9 +26,12 @@ from odin.capacity import (
     share,
     usable_cpus,
 )
+from odin.config import HistorySection
 from tests.helpers import capture_logs, http_get, make_config, running_server
 
 GIB = 1024 * MIB
+HISTORY = HistorySection().max_bytes
+"""The default history.max_bytes, 64 MiB."""
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:
@@ -112,25 +115,25 @@ def limits(memory: int | None, nofile: int = 1_000_000) -> Limits:
 @pytest.mark.parametrize(
     ("memory", "nofile", "expected", "bound_by"),
     [
-        # (768 MiB - 128 MiB) * 0.8 / 64 KiB: the original's compose gave ws-go 768 MiB
-        (768 * MIB, 1_000_000, 8192, "memory"),
-        (512 * MIB, 1_000_000, 4915, "memory"),
+        # (768 MiB - (128 MiB + 64 MiB)) * 0.8 / 64 KiB: the original's compose gave ws-go 768 MiB
+        (768 * MIB, 1_000_000, 7372, "memory"),
+        (512 * MIB, 1_000_000, 4096, "memory"),
         (24 * GIB, 1_000_000, MAXIMUM, "maximum"),
         (24 * GIB, 20_000, 20_000 - FD_RESERVE, "file descriptors"),
         (100 * MIB, 1_000_000, MINIMUM, "minimum"),
     ],
 )
 def test_the_derived_limit(memory: int, nofile: int, expected: int, bound_by: str) -> None:
-    capacity = plan(0, limits(memory, nofile))
+    capacity = plan(0, limits(memory, nofile), history_bytes=HISTORY)
     assert (capacity.max_connections, capacity.bound_by, capacity.source) == (
         expected, bound_by, "derived"
     )  # fmt: skip
     if bound_by == "memory":
-        assert expected == int((memory - BASE) * 0.8 // PER_CONNECTION)
+        assert expected == int((memory - (BASE + HISTORY)) * 0.8 // PER_CONNECTION)
 
 
 def test_a_configured_limit_wins() -> None:
-    capacity = plan(2000, limits(256 * MIB))
+    capacity = plan(2000, limits(256 * MIB), history_bytes=HISTORY)
     assert (capacity.max_connections, capacity.source, capacity.bound_by) == (
         2000, "configured", ""
     )  # fmt: skip
@@ -146,7 +149,10 @@ def test_the_shares_of_the_workers_add_up_to_the_host_total(total: int, workers:
 
 
 def test_a_configured_limit_is_the_hosts_and_each_worker_takes_its_share() -> None:
-    capacities = [plan(1001, limits(256 * MIB), workers=2, slot=slot) for slot in (0, 1)]
+    capacities = [
+        plan(1001, limits(256 * MIB), history_bytes=HISTORY, workers=2, slot=slot)
+        for slot in (0, 1)
+    ]
     assert [c.max_connections for c in capacities] == [501, 500]
     for capacity in capacities:
         assert (capacity.source, capacity.host_max_connections, capacity.workers) == (
@@ -158,30 +164,56 @@ def test_a_configured_limit_is_the_hosts_and_each_worker_takes_its_share() -> No
 
 def test_a_derived_limit_counts_the_base_once_per_worker() -> None:
     memory = 768 * MIB
-    host = int((memory - 2 * BASE) * 0.8 // PER_CONNECTION)  # 6553
-    capacities = [plan(0, limits(memory), workers=2, slot=slot) for slot in (0, 1)]
+    host = int((memory - 2 * (BASE + HISTORY)) * 0.8 // PER_CONNECTION)  # 4915
+    capacities = [
+        plan(0, limits(memory), history_bytes=HISTORY, workers=2, slot=slot) for slot in (0, 1)
+    ]
     assert [c.max_connections for c in capacities] == [share(host, 2, 0), share(host, 2, 1)]
     assert all(c.host_max_connections == host for c in capacities)
     assert all((c.source, c.bound_by) == ("derived", "memory") for c in capacities)
     # Fewer than one worker alone could hold: each worker's base takes its memory.
-    assert host < plan(0, limits(memory)).max_connections
+    assert host < plan(0, limits(memory), history_bytes=HISTORY).max_connections
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_the_history_window_bound_is_subtracted_once_per_worker(workers: int) -> None:
+    memory = 4 * GIB
+    window = 256 * MIB
+    without = plan(0, limits(memory), history_bytes=0, workers=workers)
+    with_window = plan(0, limits(memory), history_bytes=window, workers=workers)
+    expected = int((memory - (BASE + window) * workers) * 0.8 // PER_CONNECTION)
+    assert with_window.host_max_connections == expected
+    # Each worker's window costs the connections its bytes would have held.
+    lost = without.host_max_connections - with_window.host_max_connections
+    assert abs(lost - int(workers * window * 0.8 // PER_CONNECTION)) <= 1
+    assert with_window.describe()["history_max_bytes"] == window
+    # A configured limit is not derived: the window does not change it, but is reported.
+    configured = plan(5000, limits(memory), history_bytes=window, workers=workers)
+    assert configured.host_max_connections == 5000
+    assert configured.describe()["history_max_bytes"] == window
 
 
 def test_the_descriptor_limit_bounds_each_worker_by_itself() -> None:
     # The soft limit on open files is per process: each worker may hold that many.
     nofile = 2000
-    capacities = [plan(0, limits(24 * GIB, nofile), workers=2, slot=s) for s in (0, 1)]
+    capacities = [
+        plan(0, limits(24 * GIB, nofile), history_bytes=HISTORY, workers=2, slot=s) for s in (0, 1)
+    ]
     assert [c.max_connections for c in capacities] == [nofile - FD_RESERVE] * 2
     assert all(c.bound_by == "file descriptors" for c in capacities)
     assert capacities[0].host_max_connections == 2 * (nofile - FD_RESERVE)
     # The maximum is the host's, shared.
-    capacities = [plan(0, limits(24 * GIB), workers=3, slot=s) for s in range(3)]
+    capacities = [
+        plan(0, limits(24 * GIB), history_bytes=HISTORY, workers=3, slot=s) for s in range(3)
+    ]
     assert sum(c.max_connections for c in capacities) == MAXIMUM
     assert all(c.bound_by == "maximum" for c in capacities)
 
 
 def test_each_worker_keeps_the_minimum_however_little_memory() -> None:
-    capacities = [plan(0, limits(200 * MIB), workers=4, slot=s) for s in range(4)]
+    capacities = [
+        plan(0, limits(200 * MIB), history_bytes=HISTORY, workers=4, slot=s) for s in range(4)
+    ]
     assert [c.max_connections for c in capacities] == [MINIMUM] * 4
     assert capacities[0].host_max_connections == 4 * MINIMUM
     assert capacities[0].bound_by == "minimum"
@@ -206,6 +238,7 @@ async def test_the_limit_shows_in_health_metrics_and_the_start_log() -> None:
             assert check["max"] == capacity.max_connections
             assert check["source"] == "derived"
             assert check["memory_source"] in {"cgroup v2", "cgroup v1", "machine"}
+            assert check["history_max_bytes"] == harness.server.context.config.history.max_bytes
             _, _, metrics = await http_get(harness.port, "/metrics")
             assert f"odin_connections_max {float(capacity.max_connections)}" in metrics.decode()
             await trio.lowlevel.checkpoint()

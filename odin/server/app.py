@@ -193,7 +193,7 @@ class OdinServer:
             context.cpu.sample(trio.current_time())
             metrics.sync(walk=tick % WALK_EVERY == 0)
             metrics.subscriptions.set(context.hub.subscriptions)
-            metrics.channels.set(len(context.reader.window.channels()))
+            metrics.channels.set(context.reader.window.channel_count())
             context.reader.window.expire_all(trio.current_time())
             await trio.sleep(1.0)
 

@@ -65,6 +65,7 @@ class ServerContext:
         capacity = plan(
             self.config.server.max_connections,
             read_limits(),
+            history_bytes=self.config.history.max_bytes,
             workers=worker.count if worker else 1,
             slot=worker.slot if worker else 0,
         )

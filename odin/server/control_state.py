@@ -140,7 +140,7 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
         connections=len(context.registry.connections),
         max_connections=context.registry.max_connections,
         subscriptions=context.hub.subscriptions,
-        channels=len(context.reader.window.channels()),
+        channels=context.reader.window.channel_count(),
         draining=context.registry.draining,
         publications=value("odin_publications_received_total"),
         deliveries=value("odin_deliveries_total"),

@@ -51,6 +51,17 @@ class Event:
         self.detail = detail
 
 
+EVENT_OVERHEAD = 400
+"""Bytes an event in the history window holds besides its frame and body: the Event, its
+Publication, their numbers and the window's (stored at, event) pair (``sys.getsizeof``)."""
+
+
+def event_size(event: Event) -> int:
+    """What one event costs the history window: its frame, the body it was built from (kept
+    even when refused, so a too-large body counts in full) and its objects."""
+    return len(event.frame) + len(event.publication.payload) + EVENT_OVERHEAD
+
+
 INVALID_PAYLOAD = "invalid_payload"
 PAYLOAD_TOO_LARGE = "payload_too_large"
 
@@ -110,7 +121,9 @@ class Fanout:
         event = make_event(publication, self._max_payload)
         if event.refused is not None:
             self._refused(event)
-        appended = self.history.append(publication.channel, event, now)
+        # event_size, inline: a call would cost a fifth of the window's append.
+        size = len(event.frame) + len(publication.payload) + EVENT_OVERHEAD
+        appended = self.history.append(publication.channel, event, now, size)
         if appended is not APPENDED:
             if appended.duplicate:
                 context.metrics.duplicates.inc()

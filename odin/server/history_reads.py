@@ -6,9 +6,16 @@ The window answers most requests without awaiting, which also means without any 
 slipping in between. When it cannot prove continuity (the position is older than the window,
 or the window has a hole from a feed gap) the broker's history is read, bounded by
 ``history.read_timeout``; identical reads in flight at once share one broker read.
+
+The window is bounded in bytes too (``history.max_bytes``; the fan-out measures each event,
+``fanout.event_size``): what a bound drops is counted in ``odin_history_evicted_total{reason}``, and
+the byte bound dropping messages is logged (``history_bytes_evicting``) at most once a minute.
+A recovery that needed dropped events finds the window short and reads the broker.
 """
 
 from __future__ import annotations
+
+import time
 
 import attrs
 import trio
@@ -21,6 +28,9 @@ from odin.logs import Log
 from odin.metrics import Metrics
 from odin.protocol.publication import Publication
 from odin.server.fanout import Event, make_event
+
+EVICTION_LOG_INTERVAL = 60.0
+"""Seconds between two ``history_bytes_evicting`` warnings while the byte bound drops."""
 
 
 class HistoryUnavailable(Exception):
@@ -68,6 +78,7 @@ class HistoryReader:
             max_messages=history.max_messages,
             max_age=history.max_age,
             max_channels=history.max_channels,
+            max_bytes=history.max_bytes,
         )
         """Recent events of every channel, appended by the fan-out."""
         self.epoch = ""
@@ -77,6 +88,46 @@ class HistoryReader:
         self._metrics = metrics
         self._log = log
         self._reads: dict[tuple[str, int, int], SharedRead] = {}
+        self._flushed = (0, 0, 0, 0)
+        self._evicted_logged = 0
+        self._logged_at: float | None = None
+        metrics.before_scrape(self.flush_metrics)
+
+    def flush_metrics(self) -> None:
+        """Bring the window's counts into the metrics (every second, and before a scrape),
+        and warn when the byte bound has dropped messages since the last warning (at most
+        once per ``EVICTION_LOG_INTERVAL``)."""
+        window = self.window
+        stats = window.stats
+        counts = (
+            stats.messages_evicted,
+            stats.messages_trimmed,
+            stats.messages_expired,
+            stats.messages_forgotten,
+        )
+        evicted = self._metrics.history_evicted
+        for reason, count, flushed in zip(
+            ("max_bytes", "max_messages", "max_age", "max_channels"),
+            counts,
+            self._flushed,
+            strict=True,
+        ):
+            if count > flushed:
+                evicted.labels(reason).inc(count - flushed)
+        self._flushed = counts
+        self._metrics.history_bytes.set(window.bytes)
+        dropped = stats.messages_evicted - self._evicted_logged
+        now = time.monotonic()
+        if dropped and (self._logged_at is None or now - self._logged_at >= EVICTION_LOG_INTERVAL):
+            self._log.warning(
+                "history_bytes_evicting",
+                evicted=dropped,
+                bytes=window.bytes,
+                max_bytes=window.max_bytes,
+                channels=window.channel_count(),
+            )
+            self._evicted_logged = stats.messages_evicted
+            self._logged_at = now
 
     def reconfigure(self, config: Config) -> None:
         """A reload: read limits and timeouts change live (the window's size does not)."""

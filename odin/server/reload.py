@@ -113,6 +113,7 @@ def apply(context: ServerContext, reload: Reload) -> None:
             plan(
                 config.server.max_connections,
                 old.limits,
+                history_bytes=old.history_bytes,
                 workers=old.workers,
                 slot=context.worker.slot if context.worker else 0,
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import attrs
 import pytest
 
@@ -227,3 +229,130 @@ def test_clear_forgets_everything():
     assert not log.knows("B.trade")
     # After a clear (new epoch), low positions are new again.
     assert log.append("A.trade", Entry(1, 0), now=0.0) == Appended()
+
+
+# ---- the byte bound ----------------------------------------------------------------------
+
+
+def sized_log(max_bytes: int, max_messages: int = 100, max_channels: int = 10) -> HistoryLog[Entry]:
+    return HistoryLog(
+        max_messages=max_messages, max_age=60.0, max_channels=max_channels, max_bytes=max_bytes
+    )
+
+
+def fill_sized(log: HistoryLog[Entry], channel: str, seqs: list[int], size: int) -> None:
+    prev = log.last_seq(channel)
+    for seq in seqs:
+        assert log.append(channel, Entry(seq, prev), 0.0, size) == Appended()
+        prev = seq
+
+
+def test_max_bytes_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        HistoryLog(max_messages=1, max_age=1.0, max_channels=1, max_bytes=0)
+
+
+def test_bytes_are_the_sizes_of_the_retained_entries_whichever_bound_drops_them():
+    log = HistoryLog[Entry](max_messages=3, max_age=10.0, max_channels=2, max_bytes=10_000)
+    fill_sized(log, "A.trade", [1, 2], 100)
+    assert log.bytes == 200
+    fill_sized(log, "A.trade", [3, 4, 5], 100)  # trimmed to 3
+    assert (log.bytes, log.stats.messages_trimmed) == (300, 2)
+    log.append("B.trade", Entry(6, 0), 5.0, 50)
+    log.expire_all(now=10.5)  # A's entries, stored at 0, are older than 10 s
+    assert (log.bytes, log.stats.messages_expired) == (50, 3)
+    log.append("C.trade", Entry(7, 0), 5.0, 70)  # forgets A, the least recently published
+    log.append("D.trade", Entry(8, 0), 5.0, 30)  # forgets B with its entry
+    assert (log.bytes, log.stats.messages_forgotten) == (100, 1)
+    log.clear()
+    assert log.bytes == 0
+    # Without a bound the sizes are only counted.
+    unbounded = make_log()
+    unbounded.append("A.trade", Entry(1, 0), 0.0, 10**9)
+    assert unbounded.bytes == 10**9
+
+
+def test_over_the_byte_bound_the_least_recently_published_channels_oldest_go_first():
+    log = sized_log(max_bytes=1000)
+    fill_sized(log, "A.trade", [1, 2, 3, 4], 100)
+    fill_sized(log, "B.trade", [5, 6, 7, 8], 100)
+    fill_sized(log, "A.trade", [9], 100)  # A is now the most recently published
+    assert log.bytes == 900
+    fill_sized(log, "C.trade", [10, 11], 100)  # 1100: B (least recent) loses its oldest two
+    assert log.bytes <= 1000
+    assert log.stats.messages_evicted == 2
+    assert seqs_of(log.after("B.trade", 0, 100, 0.0)) == [7, 8]
+    assert seqs_of(log.after("A.trade", 0, 100, 0.0)) == [1, 2, 3, 4, 9]
+    assert log.message_count() * 100 == log.bytes
+
+
+def test_a_channel_the_byte_bound_empties_keeps_its_position_and_is_idle():
+    log = sized_log(max_bytes=1000)
+    fill_sized(log, "A.trade", [1, 2], 100)
+    fill_sized(log, "B.trade", [3, 4, 5, 6, 7, 8, 9, 10], 100)
+    fill_sized(log, "C.trade", [11], 100)  # 1100: A's two go, A is emptied
+    assert log.stats.messages_evicted == 2
+    assert log.after("A.trade", 0, 100, 0.0) == []
+    assert log.latest("A.trade", 0.0) is None
+    # Known, with its last position: a client current on A is still told it is, and the next
+    # entry on A is not reported as missing anything.
+    assert log.knows("A.trade")
+    assert log.last_seq("A.trade") == 2
+    assert log.channel_stats("A.trade", 0.0, 1.0) == (0, 2, 0)
+    assert sorted(log.channels()) == ["A.trade", "B.trade", "C.trade"]
+    assert log.channel_count() == 3
+    assert log.append("A.trade", Entry(12, 2), 0.0, 10) == Appended()
+    assert log.append("A.trade", Entry(12, 2), 0.0, 10).duplicate
+    log.skip_to("C.trade", 20)
+    assert log.last_seq("C.trade") == 20
+
+
+def test_an_idle_channel_skips_and_reports_what_it_missed():
+    log = sized_log(max_bytes=100)
+    fill_sized(log, "A.trade", [1], 100)
+    fill_sized(log, "B.trade", [2], 100)  # A is emptied
+    assert log.last_seq("A.trade") == 1 and log.after("A.trade", 0, 10, 0.0) == []
+    log.skip_to("A.trade", 5)
+    assert log.last_seq("A.trade") == 5
+    assert log.append("A.trade", Entry(9, 7), 0.0, 10) == Appended(missed_from=6, missed_to=7)
+
+
+def test_the_byte_bound_never_leaves_a_hole_in_what_a_channel_keeps():
+    # Whatever is evicted, each channel keeps its newest entries, consecutive: a reader sees a
+    # shorter window (and reads the broker for the rest), never one that skips a message.
+    log = sized_log(max_bytes=5_000, max_channels=50)
+    prev: dict[str, int] = {}
+    for seq in range(1, 3000):
+        channel = f"C{(seq * 7919) % 13}.trade"
+        log.append(channel, Entry(seq, prev.get(channel, 0)), 0.0, 50 + seq % 200)
+        prev[channel] = seq
+        assert log.bytes <= 5_000
+    for channel, last in prev.items():
+        kept = log.after(channel, 0, 10_000, 0.0)
+        assert all(b.prev == a.seq for a, b in itertools.pairwise(kept))
+        assert not kept or kept[-1].seq == last
+        assert log.last_seq(channel) == last
+    assert log.stats.messages_evicted > 0
+
+
+def test_the_channel_bound_forgets_idle_channels_first():
+    log = sized_log(max_bytes=300, max_channels=3)
+    fill_sized(log, "A.trade", [1], 200)
+    fill_sized(log, "B.trade", [2], 200)  # A is emptied (idle)
+    fill_sized(log, "C.trade", [3], 50)
+    fill_sized(log, "D.trade", [4], 50)  # a fourth channel: the idle A goes
+    assert not log.knows("A.trade")
+    assert log.channel_count() == 3
+    assert log.stats.channels_evicted == 1
+    assert seqs_of(log.after("B.trade", 0, 10, 0.0)) == [2]
+
+
+def test_eviction_makes_room_below_the_bound_so_it_runs_once_per_many_appends():
+    log = sized_log(max_bytes=64_000, max_messages=10_000)
+    fill_sized(log, "A.trade", list(range(1, 641)), 100)  # exactly at the bound
+    assert log.stats.messages_evicted == 0
+    fill_sized(log, "A.trade", [641], 100)
+    # Down to 63,000 (1/64 below): ten entries, then nothing for the next ten appends.
+    assert (log.stats.messages_evicted, log.bytes) == (11, 63_000)
+    fill_sized(log, "A.trade", list(range(642, 652)), 100)
+    assert log.stats.messages_evicted == 11

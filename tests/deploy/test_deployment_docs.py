@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from odin.capacity import Limits, plan
+from odin.config import HistorySection
 from tests.deploy.tools import COMPOSE, DEPLOY, DOCKERFILE, ROOT
 
 DOCS = ROOT / "docs" / "deployment"
@@ -26,11 +27,19 @@ def connections(memory: str, workers: int = 1) -> int:
     value, unit = int(memory[:-1]), memory[-1]
     size = value * {"M": 2**20, "G": 2**30}[unit]
     limits = Limits(size, "cgroup", None, "none", 200_000)
-    return plan(0, limits, workers=workers).host_max_connections
+    return plan(
+        0, limits, history_bytes=HistorySection().max_bytes, workers=workers
+    ).host_max_connections
 
 
 def test_the_pages_are_there() -> None:
-    assert {page.name for page in PAGES} == {"README.md", "vm.md", "cloud.md", "tls.md"}
+    assert {page.name for page in PAGES} == {
+        "README.md",
+        "vm.md",
+        "cloud.md",
+        "tls.md",
+        "kubernetes.md",
+    }
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)

@@ -10,7 +10,14 @@ import trio
 
 from odin.broker.base import HistoryPage
 from odin.broker.memory import MemoryBroker
-from tests.helpers import Message, checkpoint_chain, make_broker, make_config, running_server
+from tests.helpers import (
+    Message,
+    capture_logs,
+    checkpoint_chain,
+    make_broker,
+    make_config,
+    running_server,
+)
 
 pytestmark = pytest.mark.trio
 
@@ -252,3 +259,56 @@ async def test_live_messages_published_during_a_slow_read_are_not_lost() -> None
             events = await client.events(len(missed) + 3)
             assert [e["seq"] for e in events] == missed + during
             assert checkpoint_chain(events, {"BTC.trade": first}) == []
+
+
+async def test_a_window_over_its_byte_bound_still_recovers_exactly_through_the_broker() -> None:
+    # 1 MiB holds about 60 of these (8 KB bodies: frame and body count, ~17 KB an event).
+    config = make_config(**{"history.max_bytes": 1024 * 1024})
+    body = {"pad": "x" * 8000}
+    with capture_logs() as logs:
+        async with running_server(config) as harness:
+            harness.publish("BTC.trade", body)
+            await harness.settle()
+            async with harness.client() as client:
+                ack = await client.subscribe(["BTC.trade"])
+            position = ack["positions"]["BTC.trade"]
+            missed = [harness.publish("BTC.trade", body) for _ in range(40)]
+            # Busier channels push the window over its bound: BTC.trade, the least recently
+            # published, loses its oldest messages first.
+            for _ in range(40):
+                harness.publish("ETH.trade", body)
+                harness.publish("SOL.trade", body)
+            await harness.settle()
+            reader = harness.server.context.reader
+            window = reader.window
+            assert window.bytes <= config.history.max_bytes
+            assert window.stats.messages_evicted > 0
+            assert [e.seq for e in window.after("BTC.trade", position["seq"], 100, 0.0)] != missed
+            assert window.last_seq("BTC.trade") == missed[-1]
+            reads = reader._metrics.history_reads.labels("ok")._value.get()
+            async with harness.client() as client:
+                ack = await client.subscribe(["BTC.trade"], recover={"BTC.trade": position})
+                assert ack["recovery"]["BTC.trade"] == {"recovered": True, "count": 40}
+                events = await client.events(40)
+                assert [e["seq"] for e in events] == missed
+                # Linked, from the position on: nothing lost, nothing twice.
+                assert [e["prev"] for e in events] == [position["seq"], *missed[:-1]]
+            assert reader._metrics.history_reads.labels("ok")._value.get() > reads
+            reader.flush_metrics()
+            metrics = reader._metrics
+            assert metrics.history_evicted.labels("max_bytes")._value.get() == (
+                window.stats.messages_evicted
+            )
+            assert metrics.history_bytes._value.get() == window.bytes
+            # A recovery whose messages are all still in the window needs no broker read.
+            tail = window.after("SOL.trade", 0, 1000, 0.0)
+            assert len(tail) >= 2
+            reads = metrics.history_reads.labels("ok")._value.get()
+            async with harness.client() as client:
+                since = {"epoch": harness.broker.epoch, "seq": tail[0].seq}
+                ack = await client.subscribe(["SOL.trade"], recover={"SOL.trade": since})
+                assert ack["recovery"]["SOL.trade"] == {"recovered": True, "count": len(tail) - 1}
+            assert metrics.history_reads.labels("ok")._value.get() == reads
+    warned = [log for log in logs if log["event"] == "history_bytes_evicting"]
+    assert len(warned) == 1
+    assert warned[0]["max_bytes"] == 1024 * 1024

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -279,12 +280,23 @@ async def _simulate(run: _Run, broker: Broker, log: logs.Log) -> None:
     market = Market(
         settings.tokens, settings.events, rng=random.Random(settings.seed), clock=wall_clock
     )
+    # Each event carries a message id (as the publisher's do), so a NATS broker retries a
+    # publish that a stream leader election or a lost connection left unacknowledged and
+    # the stream stores it once.
+    instance = secrets.token_hex(4)
+    sent = 0
+
+    async def publish(channel: str, payload: bytes) -> None:
+        nonlocal sent
+        sent += 1
+        await broker.publish(channel, payload, msg_id=f"sim-{instance}-{sent}")
+
     while True:
         settings = run.config().simulator
         market.set_tokens(settings.tokens)
         market.set_events(settings.events)
         with trio.CancelScope() as run.simulator:
-            await run_simulator(broker.publish, market, settings.rate, log=log)
+            await run_simulator(publish, market, settings.rate, log=log)
 
 
 Announce = Callable[[Ready, int], None]

@@ -5,7 +5,8 @@
 | ``POST /control`` | start / stop / configure; 200, or 4xx with ``{"success": false, "message",
   "error": {"code", "field", "message"}}``: 400 bad JSON or unknown field or action, 422 a bad
   value, 409 starting twice or stopping when stopped, 413 a body over 64 KiB |
-| ``GET /stats`` | the original's shape, plus ``rate``, ``retries``, ``skipped`` |
+| ``GET /stats`` | the original's shape, plus ``rate``, ``retries``, ``dropped``, ``retrying``,
+  ``skipped`` |
 | ``GET /health`` | 200 ``{"status": "healthy" or "degraded", "nats", "publishing", "uptime"}``
   (liveness: the process answers; NATS down is "degraded", not an error) |
 | ``GET /ready`` | 200 when connected to NATS with the stream known, else 503 |
@@ -62,6 +63,8 @@ def build_app(
             "startTime": int(started * 1000) if started is not None else None,
             "errors": summary["failed"],
             "retries": summary["retries"],
+            "dropped": summary["dropped"],
+            "retrying": summary["retrying"],
             "skipped": summary["skipped"],
             "rate": summary["rate"],
         }

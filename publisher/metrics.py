@@ -27,6 +27,8 @@ class _ServiceCollector(Collector):
              "Publishes refused (NATS down, queue full) or lost after their retries."),
             ("odin_publisher_retries", stats.publish_retries,
              "Publishes sent again, with the same message id, after no acknowledgement."),
+            ("odin_publisher_dropped", stats.publish_dropped,
+             "Publishes given up after retrying past their bound (also in failed)."),
             ("odin_publisher_generated", service.simulator.published,
              "Events generated and handed to NATS."),
             ("odin_publisher_skipped", service.simulator.skipped,
@@ -43,6 +45,8 @@ class _ServiceCollector(Collector):
             ("odin_publisher_rate", service.achieved_rate(),
              "Acknowledged events per second over the last 10 s."),
             ("odin_publisher_tokens", len(service.targets.tokens), "Tokens being simulated."),
+            ("odin_publisher_retrying", stats.publish_retrying,
+             "Publishes being retried now (the queue waits behind them)."),
             ("odin_publisher_nats_connected", int(broker.status().connected),
              "1 while connected to NATS with the stream known."),
         )  # fmt: skip

@@ -7,8 +7,9 @@ when publishing (the original applied a new rate only at the next start). The ma
 prices, trends) survives stop, start and configure.
 
 Every event is published into JetStream with a ``Nats-Msg-Id`` (``<instance>-<n>``): the
-bridge retries a publish whose acknowledgement fails or times out, and the stream's
-duplicate window stores it once.
+bridge retries a publish whose acknowledgement fails or times out (a stream leader election,
+a lost connection), with backoff, for up to half the duplicate window (at most 30 s), and
+the stream's duplicate window stores it once (odin.broker.nats.publish).
 """
 
 from __future__ import annotations
@@ -230,6 +231,8 @@ class PublisherService:
             "published": stats.published,
             "failed": stats.publish_failed,
             "retries": stats.publish_retries,
+            "dropped": stats.publish_dropped,
+            "retrying": stats.publish_retrying,
             "skipped": self.simulator.skipped,
             "rate": round(self.achieved_rate(), 1),
             "tokens": len(self.targets.tokens),

@@ -74,6 +74,11 @@ class BrokerStats:
     """Publications refused or lost (after their retries)."""
     publish_retries: int = 0
     """Publications sent again after a failed or missing acknowledgement."""
+    publish_dropped: int = 0
+    """Publications given up after their retries outlasted their bound (also counted in
+    ``publish_failed``)."""
+    publish_retrying: int = 0
+    """Publications being retried now (waiting for their next attempt or its answer)."""
 
 
 @attrs.define

@@ -52,7 +52,7 @@ from odin.broker.nats import jetstream
 from odin.broker.nats.delivery import Delivery, DeliverySettings
 from odin.broker.nats.jetstream import SUBJECTS, ReadFailed, Stored
 from odin.broker.nats.link import LinkSettings
-from odin.broker.nats.publish import JetStreamPublisher
+from odin.broker.nats.publish import JetStreamPublisher, retry_window
 from odin.config import NatsSection, nats_addresses
 from odin.logs import Log
 from odin.protocol.channels import channel_from_subject, subject_for
@@ -72,8 +72,6 @@ async def aio(function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kw
 # channel's next message then looks its predecessor up in the stream (one read, then cached).
 _REMEMBERED_CHANNELS = 100_000
 _READ_TIMEOUT = 5.0
-# Attempts of a publish that carries a message id (the first and the retries).
-_PUBLISH_ATTEMPTS = 3
 _FAILURES = (
     nats.errors.Error,
     ReadFailed,
@@ -119,7 +117,7 @@ class NatsBroker:
             self._link_settings(),
             ack_timeout=settings.publish_ack_timeout,
             capacity=settings.publish_queue,
-            attempts=_PUBLISH_ATTEMPTS,
+            retry_for=retry_window(settings.duplicate_window),
             stats=self._stats,
             on_failure=self._publish_failed,
             log=self._log,
@@ -463,7 +461,10 @@ class NatsBroker:
     async def _ensure_stream(self) -> StreamInfo:
         assert self._js is not None
         return await jetstream.ensure_stream(
-            self._js, self._settings, update=self._consume and self._settings.manage_stream
+            self._js,
+            self._settings,
+            update=self._consume and self._settings.manage_stream,
+            log=self._log,
         )
 
     def _adopt(self, info: StreamInfo) -> None:

@@ -9,6 +9,7 @@ newest one. None of them creates a consumer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from datetime import UTC, datetime
@@ -20,9 +21,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig, StreamInfo
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from odin.config import NatsSection
+from odin.logs import Log
 
 SUBJECTS = "odin.token.>"
 SUBJECT_PREFIX = "odin.token."
@@ -54,13 +56,101 @@ def stream_config(settings: NatsSection) -> StreamConfig:
         max_msgs_per_subject=settings.max_msgs_per_subject,
         duplicate_window=settings.duplicate_window,
         allow_direct=True,
-        num_replicas=1,
+        num_replicas=settings.replicas,
     )
 
 
-async def ensure_stream(js: JetStreamContext, settings: NatsSection, *, update: bool) -> StreamInfo:
-    """The stream's info, creating it when Odin manages it, and updating its limits to the
-    configured ones when ``update``."""
+# The policy for a stream that exists: Odin never lowers what an operator (or another Odin)
+# set. It raises the limits it manages when its configuration asks for more (more replicas,
+# a longer age, more messages or bytes, a longer duplicate window), adds what it cannot work
+# without (its subjects captured, direct gets allowed), and keeps every other difference as
+# the stream has it: reported, not changed. Nothing here removes a message or a copy.
+
+# Limits where more is more: the stream's value is kept when it is the larger one.
+# Unlimited (max_age 0, counts -1) is the largest.
+_RAISED = ("num_replicas", "max_age", "max_msgs", "max_bytes", "max_msgs_per_subject",
+           "duplicate_window")  # fmt: skip
+# Settings Odin cannot change in place (or would not): reported when they differ.
+_KEPT = ("storage", "discard")
+_UNLIMITED = float("inf")
+
+
+@attrs.frozen
+class StreamPlan:
+    """What ``ensure_stream`` does to a stream that exists."""
+
+    update: dict[str, Any]
+    """Fields to set on the stream: raised limits, and what Odin needs added."""
+    differs: dict[str, dict[str, Any]]
+    """Fields whose value the stream keeps although Odin's configuration says otherwise:
+    ``{"stream": theirs, "odin": ours}``."""
+
+
+def plan_stream(wanted: StreamConfig, existing: StreamConfig) -> StreamPlan:
+    """Compare Odin's configuration of the stream with the stream's: what to raise, what to
+    keep and report. Pure: ``ensure_stream`` applies it."""
+    update: dict[str, Any] = {}
+    differs: dict[str, dict[str, Any]] = {}
+    theirs_subjects = list(existing.subjects or [])
+    if not any(subject_covers(pattern, SUBJECTS) for pattern in theirs_subjects):
+        update["subjects"] = [*theirs_subjects, SUBJECTS]
+    elif theirs_subjects != [SUBJECTS]:
+        differs["subjects"] = {"stream": theirs_subjects, "odin": [SUBJECTS]}
+    if not existing.allow_direct:
+        update["allow_direct"] = True  # history reads are direct gets
+    for name in _RAISED:
+        ours, theirs = getattr(wanted, name), getattr(existing, name)
+        if _amount(name, ours) > _amount(name, theirs):
+            update[name] = ours
+        elif _amount(name, ours) < _amount(name, theirs):
+            differs[name] = {"stream": _shown(name, theirs), "odin": _shown(name, ours)}
+    for name in _KEPT:
+        ours, theirs = getattr(wanted, name), getattr(existing, name)
+        if ours != theirs:
+            differs[name] = {"stream": _shown(name, theirs), "odin": _shown(name, ours)}
+    return StreamPlan(update, differs)
+
+
+def _amount(name: str, value: float | None) -> float:
+    """A limit as a comparable number: unlimited is infinite."""
+    if name == "num_replicas":
+        return float(value or 1)
+    if name == "duplicate_window":
+        return float(value or 0)
+    if value is None or value <= 0:  # max_age 0; max_msgs, max_bytes, per subject -1
+        return _UNLIMITED
+    return float(value)
+
+
+def _shown(name: str, value: object) -> object:
+    """A value for the log (JSON): enums by their value, unlimited said so."""
+    if isinstance(value, DiscardPolicy | StorageType):
+        return value.value
+    if name in _RAISED and _amount(name, value) == _UNLIMITED:  # type: ignore[arg-type]
+        return "unlimited"
+    return value
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether the NATS subject filter ``pattern`` matches everything ``subject`` (itself a
+    filter) matches: ``odin.>`` and ``>`` cover ``odin.token.>``, ``odin.token.*`` does not."""
+    ours, theirs = subject.split("."), pattern.split(".")
+    for index, token in enumerate(theirs):
+        if token == ">":
+            return index < len(ours)
+        if index >= len(ours) or ours[index] == ">" or token not in ("*", ours[index]):
+            return False
+    return len(theirs) == len(ours)
+
+
+async def ensure_stream(
+    js: JetStreamContext, settings: NatsSection, *, update: bool, log: Log
+) -> StreamInfo:
+    """The stream's info, creating it when Odin manages it. With ``update`` an existing
+    stream is brought up to the configuration by ``plan_stream``'s policy: limits raised,
+    never lowered (``stream_updated``), other differences logged (``stream_config_differs``)
+    and kept. An update the servers refuse (more replicas than servers) leaves the stream as
+    it is (``stream_update_failed``)."""
     wanted = stream_config(settings)
     try:
         info = await js.stream_info(settings.stream)
@@ -68,21 +158,24 @@ async def ensure_stream(js: JetStreamContext, settings: NatsSection, *, update: 
         if not settings.manage_stream:
             raise
         return await js.add_stream(wanted)
-    if update and _limits(info.config) != _limits(wanted):
-        info = await js.update_stream(wanted)
+    if not update:
+        return info
+    plan = plan_stream(wanted, info.config)
+    if plan.differs:
+        log.warning("stream_config_differs", stream=settings.stream, fields=plan.differs)
+    if plan.update:
+        changes = {
+            name: {"from": _shown(name, getattr(info.config, name)), "to": _shown(name, value)}
+            for name, value in plan.update.items()
+        }
+        try:
+            info = await js.update_stream(dataclasses.replace(info.config, **plan.update))
+        except APIError as exc:
+            log.warning("stream_update_failed", stream=settings.stream, fields=changes,
+                        error=str(exc))  # fmt: skip
+        else:
+            log.info("stream_updated", stream=settings.stream, fields=changes)
     return info
-
-
-def _limits(config: StreamConfig) -> tuple[object, ...]:
-    return (
-        config.subjects,
-        config.max_age,
-        config.max_msgs,
-        config.max_bytes,
-        config.max_msgs_per_subject,
-        config.duplicate_window,
-        config.allow_direct,
-    )
 
 
 def epoch_of(info: StreamInfo) -> str:

@@ -11,6 +11,17 @@ MSG/HMSG, PING/PONG; https://docs.nats.io/reference/reference-protocols/nats-pro
 replies (subscription 1), pings so a silent partition is noticed, and reconnects for ever
 with backoff and jitter. A subclass parses what arrives in ``_parse`` (synchronously, the
 per-message path) and starts its work in ``_connected``.
+
+Cluster discovery, as the official clients do it: every INFO (the greeting, and the ones a
+server sends whenever the cluster changes) may list the cluster's client URLs in
+``connect_urls``; they join the configured seeds (``nats.url``), with the credentials of the
+server that announced them. A URL that leaves ``connect_urls`` leaves the pool (the seeds
+stay). After a connection is lost the link tries every known server, shuffled, the ones that
+failed last at the back, with the same backoff and jitter as before (growing with each full
+pass over the pool). An INFO with ``ldm: true`` says the server is in lame-duck mode (about
+to shut down): the link drops that connection at once and reconnects elsewhere without
+waiting (what was in flight is handled as on any reconnect: the publisher sends it again
+with the same message ids, the delivery resumes from the next stream position).
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import random
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -48,6 +61,92 @@ LOST = (
 NO_RESPONDERS = b'{"error":{"code":503,"description":"no responders"}}'
 
 
+class LameDuck(ConnectionLost):
+    """The server announced lame-duck mode: it is about to go away."""
+
+
+# ---- discovery (pure) -------------------------------------------------------------------
+
+ServerKey = tuple[str, int]
+
+
+def server_key(address: NatsAddress) -> ServerKey:
+    return (address.host.lower(), address.port)
+
+
+def parse_info(line: bytes) -> dict[str, Any]:
+    """The JSON of an ``INFO {...}`` line (an empty dict if it is not one)."""
+    try:
+        info = orjson.loads(line[5:]) if line.startswith(b"INFO ") else None
+    except orjson.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def connect_urls(info: Mapping[str, Any]) -> list[str] | None:
+    """The cluster's client URLs an INFO announces (``host:port``); None when it announces
+    none (a server with ``no_advertise``, or an INFO about something else)."""
+    urls = info.get("connect_urls")
+    if not isinstance(urls, list) or not urls:
+        return None
+    return [url for url in urls if isinstance(url, str) and url]
+
+
+def is_lame_duck(info: Mapping[str, Any]) -> bool:
+    return info.get("ldm") is True
+
+
+def discovered_addresses(urls: Iterable[str], announcer: NatsAddress) -> list[NatsAddress]:
+    """``host:port`` (or ``nats://host:port``, ``[v6]:port``) URLs an INFO announced, with
+    the credentials of the server that announced them: a cluster shares its accounts, and
+    Odin's credentials are the configured ones. Malformed ones are skipped."""
+    addresses: list[NatsAddress] = []
+    for url in urls:
+        parsed = urlsplit(url if "://" in url else f"nats://{url}")
+        try:
+            port = parsed.port or 4222
+        except ValueError:
+            continue
+        if parsed.scheme != "nats" or not parsed.hostname:
+            continue
+        host = parsed.hostname
+        shown = f"[{host}]" if ":" in host else host
+        addresses.append(
+            NatsAddress(f"nats://{shown}:{port}", host, port,
+                        announcer.user, announcer.password, announcer.token)
+        )  # fmt: skip
+    return addresses
+
+
+def merge_servers(
+    seeds: Sequence[NatsAddress], discovered: Iterable[NatsAddress]
+) -> list[NatsAddress]:
+    """The configured seeds (with their own credentials), then the discovered servers that
+    are not seeds, each once."""
+    pool = list(seeds)
+    seen = {server_key(address) for address in pool}
+    for address in discovered:
+        key = server_key(address)
+        if key not in seen:
+            seen.add(key)
+            pool.append(address)
+    return pool
+
+
+def connect_order(
+    servers: Sequence[NatsAddress],
+    failed_at: Mapping[ServerKey, float],
+    rng: random.Random | None = None,
+) -> list[NatsAddress]:
+    """The order to try ``servers`` in: shuffled (so instances spread over the cluster),
+    then those that never failed first and the others by when they last failed, the most
+    recent last."""
+    order = list(servers)
+    (rng or random).shuffle(order)
+    order.sort(key=lambda address: failed_at.get(server_key(address), float("-inf")))
+    return order
+
+
 @attrs.define
 class LinkSettings:
     servers: list[NatsAddress]
@@ -75,6 +174,18 @@ class Link:
         self._replies: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._request_number = 0
         self._outstanding_pings = 0
+        self._seeds = list(settings.servers)
+        self._discovered: list[NatsAddress] = []
+        """The servers the cluster announced (``connect_urls``), from the latest INFO."""
+        self._failed_at: dict[ServerKey, float] = {}
+        self.server: NatsAddress | None = None
+        """The server of the current connection (None while there is none)."""
+        self._lame_duck = False
+
+    @property
+    def servers(self) -> list[NatsAddress]:
+        """Every known server: the configured seeds and those the cluster announced."""
+        return merge_servers(self._seeds, self._discovered)
 
     # ---- for subclasses ------------------------------------------------------------------
 
@@ -91,34 +202,62 @@ class Link:
     def _disconnected(self) -> None:
         """Called when a connection ends."""
 
+    def _servers_lost(self, lost: list[NatsAddress]) -> None:
+        """Called when an INFO no longer announces servers it announced before on this
+        connection: they left the cluster (stopped, crashed, or cut off)."""
+
     # ---- connection ----------------------------------------------------------------------
 
     async def run(self) -> None:
         settings = self._link_settings
-        attempt = 0
+        order = connect_order(self.servers, self._failed_at)
+        passes = 0
+        """Full passes over the pool that failed since the last connection."""
+        first_in_pass = True
         while True:
-            server = settings.servers[attempt % len(settings.servers)]
+            if not order:
+                order = connect_order(self.servers, self._failed_at)
+            server = order.pop(0)
             failures: list[BaseException] = []
             was_connected = False
+            self._lame_duck = False
             try:
                 with trio.fail_after(settings.connect_timeout):
                     stream = await trio.open_tcp_stream(server.host, server.port)
+                self.server = server
                 try:
                     await self._serve(stream, server)
                 finally:
                     was_connected, self.connected = self.connected, False
                     self._stream = None
+                    self.server = None
                     self._disconnected()
                     await trio.aclose_forcefully(stream)
             except* LOST as group:  # grouped: it may come from any task of the connection
                 failures.extend(group.exceptions)
-            if failures and (was_connected or attempt == 0):  # not every failed retry
+            self._failed_at[server_key(server)] = trio.current_time()
+            lame_duck = self._lame_duck
+            if lame_duck:
+                self._log.warning(f"nats_{self._name}_lame_duck", server=server.display)
+            elif failures and (was_connected or first_in_pass):  # not every failed retry
                 self._log.warning(
                     f"nats_{self._name}_lost", server=server.display, error=repr(failures[0])
                 )
-            attempt = 1 if was_connected else attempt + 1
+            first_in_pass = False
+            if was_connected:
+                # Every known server again, this one (just lost) last.
+                order = connect_order(self.servers, self._failed_at)
+                passes = 0
+                first_in_pass = True
+            elif not order:
+                passes += 1
+                first_in_pass = True
+            if lame_duck and order:
+                await trio.lowlevel.checkpoint()  # it is going away: go elsewhere at once
+                continue
             wait = min(
-                settings.reconnect_wait_max, settings.reconnect_wait_min * 2 ** min(attempt, 16)
+                settings.reconnect_wait_max,
+                settings.reconnect_wait_min * 2 ** min(passes + 1, 16),
             )
             await trio.sleep(wait * random.uniform(0.5, 1.0))
 
@@ -129,6 +268,8 @@ class Link:
             line = await self._read_line(stream, buffer)
             if not line.startswith(b"INFO "):
                 raise ConnectionLost(f"unexpected greeting {line[:40]!r}")
+            if self._info(line, greeting=True):
+                raise LameDuck("the server is in lame-duck mode")
             connect: dict[str, object] = {
                 "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
                 "name": f"odin-{self._name}", "lang": "python", "version": "odin",
@@ -145,12 +286,16 @@ class Link:
             while (line := await self._read_line(stream, buffer)) != b"PONG":
                 if line.startswith(b"-ERR"):
                     raise ConnectionLost(line.decode(errors="replace"))
+                if line.startswith(b"INFO ") and self._info(line):
+                    raise LameDuck("the server is in lame-duck mode")
         self._outstanding_pings = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop, stream, buffer)
             nursery.start_soon(self._ping_loop)
             await self._connected(nursery)
             self.connected = True
+            if self._failed_at:
+                self._log.info(f"nats_{self._name}_connected", server=server.display)
 
     async def _read_line(self, stream: trio.SocketStream, buffer: bytearray) -> bytes:
         while (end := buffer.find(b"\r\n")) < 0:
@@ -209,19 +354,43 @@ class Link:
             self._outstanding_pings = 0
         elif line.startswith(b"-ERR"):
             raise ConnectionLost(line.decode(errors="replace"))
-        return None  # +OK and asynchronous INFO need nothing.
+        elif line.startswith(b"INFO ") and self._info(line):
+            return self._leave()
+        return None  # +OK needs nothing.
+
+    def _info(self, line: bytes, *, greeting: bool = False) -> bool:
+        """An INFO: learn the cluster's servers. True: the server is in lame-duck mode."""
+        info = parse_info(line)
+        urls = connect_urls(info)
+        announcer = self.server
+        if urls is not None and announcer is not None:
+            previous = self._discovered
+            self._discovered = discovered_addresses(urls, announcer)
+            now = {server_key(address) for address in self._discovered}
+            lost = [address for address in previous if server_key(address) not in now]
+            if lost and not greeting:
+                self._log.info(f"nats_{self._name}_servers_left", servers=[a.display for a in lost])
+                self._servers_lost(lost)
+        if is_lame_duck(info):
+            self._lame_duck = True
+            return True
+        return False
+
+    async def _leave(self) -> None:
+        raise LameDuck("the server is in lame-duck mode")
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def request(self, subject: str, body: bytes) -> bytes:
-        """A request-reply on this connection (JetStream API calls)."""
+    async def request(self, subject: str, body: bytes, within: float | None = None) -> bytes:
+        """A request-reply on this connection (JetStream API calls), answered within
+        ``within`` seconds (by default the link's ``request_timeout``)."""
         self._request_number += 1
         token = f"{self._inbox}.r{self._request_number}"
         send, receive = trio.open_memory_channel[bytes](1)
         self._replies[token] = send
         try:
             await self._send(f"PUB {subject} {token} {len(body)}\r\n".encode() + body + b"\r\n")
-            with trio.fail_after(self._link_settings.request_timeout):
+            with trio.fail_after(within or self._link_settings.request_timeout):
                 return await receive.receive()
         except trio.TooSlowError:
             raise ConnectionLost(f"no answer to {subject}") from None

@@ -43,13 +43,8 @@ import attrs
 import orjson
 import trio
 
-from odin.broker.nats.link import (
-    NO_RESPONDERS,
-    YIELD_EVERY,
-    ConnectionLost,
-    Link,
-    LinkSettings,
-)
+from odin.broker.nats.link import ConnectionLost, Link, LinkSettings
+from odin.broker.nats.protocol import HMSG, MSG, Op, header_fields, status
 from odin.config import NatsAddress
 from odin.logs import Log
 
@@ -128,80 +123,62 @@ class Delivery(Link):
 
     # ---- the protocol ----------------------------------------------------------------------
 
-    def _parse(self, data: bytes, position: int) -> tuple[int, Awaitable[None] | None, bool]:
-        """Handle the complete operations in ``data`` from ``position``, synchronously: the
-        per-message path, written with locals and without awaits because it runs 50k times a
-        second. Returns where it stopped; when it stopped for one, an awaitable to finish before
-        going on (a channel's first message, a reply to send); and whether it stopped short of
-        a whole operation (read more). At most ``YIELD_EVERY`` operations per call, so the
-        caller checkpoints between batches."""
-        find = data.find
+    def _handle(self, ops: list[Op], index: int) -> tuple[int, Awaitable[None] | None]:
+        """Handle ``ops`` from ``index``, synchronously: the per-message path, written with
+        locals and without awaits because it runs 50k times a second. Returns where it
+        stopped and, when it stopped for one, an awaitable to finish before going on (a
+        channel's first message, a reply to send)."""
         on_message = self._on_message
         deliver_sid = self._deliver_sid_bytes
         last_consumer_seq = self._last_consumer_seq
         last_reply = b""
         follow_up: Awaitable[None] | None = None
-        short = True
-        for _ in range(YIELD_EVERY):
-            end = find(b"\r\n", position)
-            if end < 0:
-                break
-            op = data[position]
-            if op == 77 or op == 72:
-                # MSG <subject> <sid> [reply] <size>, or HMSG ... [reply] <hsize> <size>
-                parts = data[position + (4 if op == 77 else 5) : end].split(b" ")
-                start = end + 2
-                stop = start + int(parts[-1])
-                if len(data) < stop + 2:
-                    break  # the payload has not all arrived
-                position = stop + 2
-                if op == 72:
-                    body = start + int(parts[-2])
-                    if (
-                        parts[1] != deliver_sid
-                        or len(parts) != 5
-                        or not parts[2].startswith(b"$JS.ACK.")
-                    ):  # a status: flow control, heartbeat, or an API reply
-                        follow_up = self._status(parts, data[start:body], data[body:stop])
-                        if follow_up is not None:
-                            break
-                        continue
-                    start = body  # a stored message with headers (Nats-Msg-Id, ...)
-                elif parts[1] != deliver_sid or len(parts) != 4:
-                    if parts[1] == b"1":
-                        self._reply(parts[0], data[start:stop])
-                    continue  # otherwise a delivery of a consumer we have replaced
-                tokens = parts[2].split(b".")
-                # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
-                # <domain>.<account hash> after ACK (and a random token at the end).
-                if len(tokens) != 9:
-                    del tokens[2:4]
-                consumer_seq = int(tokens[6])
-                if consumer_seq != last_consumer_seq + 1:
-                    # The server skipped a delivery: start again after the last one handed on.
-                    self.restart("next")
-                    deliver_sid = self._deliver_sid_bytes = b""
+        stop = len(ops)
+        for i in range(index, stop):
+            kind, subject, sid, reply, _, payload = ops[i]
+            if kind == HMSG:
+                if sid != deliver_sid or not reply.startswith(b"$JS.ACK."):
+                    # A status: flow control, heartbeat, or an API reply.
+                    follow_up = self._status(ops[i])
+                    if follow_up is not None:
+                        stop = i + 1
+                        break
                     continue
-                last_consumer_seq = consumer_seq
-                last_reply = parts[2]
-                seq = int(tokens[5])
-                self.last_stream_seq = seq
-                follow_up = on_message(parts[0], seq, int(tokens[7]) / 1e9, data[start:stop])
+                # Otherwise a stored message with headers (Nats-Msg-Id, ...).
+            elif kind != MSG:
+                follow_up = self._control(ops[i])
                 if follow_up is not None:
+                    stop = i + 1
                     break
-            else:
-                line = data[position:end]
-                position = end + 2
-                follow_up = self._control(line)
-                if follow_up is not None:
-                    break
-        else:
-            short = False
+                continue
+            elif sid != deliver_sid or not reply:
+                if sid == b"1":
+                    self._reply(subject, payload)
+                continue  # otherwise a delivery of a consumer we have replaced
+            tokens = reply.split(b".")
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
+            # <domain>.<account hash> after ACK (and a random token at the end).
+            if len(tokens) != 9:
+                del tokens[2:4]
+            consumer_seq = int(tokens[6])
+            if consumer_seq != last_consumer_seq + 1:
+                # The server skipped a delivery: start again after the last one handed on.
+                self.restart("next")
+                deliver_sid = self._deliver_sid_bytes = b""
+                continue
+            last_consumer_seq = consumer_seq
+            last_reply = reply
+            seq = int(tokens[5])
+            self.last_stream_seq = seq
+            follow_up = on_message(subject, seq, int(tokens[7]) / 1e9, payload)
+            if follow_up is not None:
+                stop = i + 1
+                break
         self._last_consumer_seq = last_consumer_seq
         if last_reply:
             self._active = True
             self._last_reply = last_reply
-        return position, follow_up, short
+        return stop, follow_up
 
     @property
     def pending(self) -> int:
@@ -212,30 +189,28 @@ class Delivery(Link):
             return 0
         return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
-    def _status(self, parts: list[bytes], headers: bytes, payload: bytes) -> Awaitable[None] | None:
+    def _status(self, op: Op) -> Awaitable[None] | None:
         """A message with headers: a JetStream API reply, or the consumer's flow control and
         idle heartbeats (``NATS/1.0 100 ...``, on the delivery subject)."""
-        status = headers[9:12]
-        if parts[1] == b"1":
-            if status == b"503":  # nobody answers the API: JetStream is not enabled there
-                payload = NO_RESPONDERS
-            self._reply(parts[0], payload)
+        _, _, sid, reply, headers, _ = op
+        if sid == b"1":
+            self._reply_op(op)
             return None
-        if parts[1] != self._deliver_sid_bytes or status != b"100":
+        if sid != self._deliver_sid_bytes or status(headers)[0] != 100:
             return None
         self._active = True
-        if len(parts) == 5 and b"FlowControl" in headers[:40]:
+        if reply and b"FlowControl" in headers[:40]:
             # Everything before it has been handed on: let the server send more.
-            return self._send(b"PUB " + parts[2] + b" 0\r\n\r\n")
+            return self._send(b"PUB " + reply + b" 0\r\n\r\n")
         # An idle heartbeat: it names the last delivery sent, and a flow control request
         # that was missed (the consumer is stalled until it is answered).
-        fields = dict(line.split(b":", 1) for line in headers.split(b"\r\n")[1:] if b":" in line)
+        fields = header_fields(headers)
         last = fields.get(b"Nats-Last-Consumer")
         if last is not None and int(last) != self._last_consumer_seq:
             self.restart("next")
         stalled = fields.get(b"Nats-Consumer-Stalled")
         if stalled is not None:
-            return self._send(b"PUB " + stalled.strip() + b" 0\r\n\r\n")
+            return self._send(b"PUB " + stalled + b" 0\r\n\r\n")
         return None
 
     # ---- the consumer ----------------------------------------------------------------------

@@ -9,8 +9,9 @@ MSG/HMSG, PING/PONG; https://docs.nats.io/reference/reference-protocols/nats-pro
 
 ``Link`` connects (with the URL's user and password or token), subscribes an inbox for
 replies (subscription 1), pings so a silent partition is noticed, and reconnects for ever
-with backoff and jitter. A subclass parses what arrives in ``_parse`` (synchronously, the
-per-message path) and starts its work in ``_connected``.
+with backoff and jitter. What arrives is parsed by ``protocol.Parser`` (sans-IO); a subclass
+handles the operations in ``_handle`` (synchronously, the per-message path) and starts its
+work in ``_connected``.
 
 Cluster discovery, as the official clients do it: every INFO (the greeting, and the ones a
 server sends whenever the cluster changes) may list the cluster's client URLs in
@@ -37,13 +38,24 @@ import attrs
 import orjson
 import trio
 
+from odin.broker.nats.protocol import (
+    ERR,
+    HMSG,
+    INFO,
+    PING,
+    PONG,
+    Op,
+    Parser,
+    ProtocolError,
+    decode_info,
+    status,
+)
 from odin.config import NatsAddress
 from odin.logs import Log
 
 READ_SIZE = 256 * 1024
 YIELD_EVERY = 256
 """Operations parsed between checkpoints (a read can hold a couple of thousand)."""
-_MAX_CONTROL_LINE = 64 * 1024
 
 
 class ConnectionLost(Exception):
@@ -76,11 +88,7 @@ def server_key(address: NatsAddress) -> ServerKey:
 
 def parse_info(line: bytes) -> dict[str, Any]:
     """The JSON of an ``INFO {...}`` line (an empty dict if it is not one)."""
-    try:
-        info = orjson.loads(line[5:]) if line.startswith(b"INFO ") else None
-    except orjson.JSONDecodeError:
-        return {}
-    return info if isinstance(info, dict) else {}
+    return decode_info(line[5:]) if line.startswith(b"INFO ") else {}
 
 
 def connect_urls(info: Mapping[str, Any]) -> list[str] | None:
@@ -189,12 +197,22 @@ class Link:
 
     # ---- for subclasses ------------------------------------------------------------------
 
-    def _parse(self, data: bytes, position: int) -> tuple[int, Awaitable[None] | None, bool]:
-        """Handle the complete operations in ``data`` from ``position``, synchronously.
-        Returns where it stopped; when it stopped for one, an awaitable to finish before going
-        on; and whether it stopped short of a whole operation (read more). At most
-        ``YIELD_EVERY`` operations per call."""
-        raise NotImplementedError
+    def _handle(self, ops: list[Op], index: int) -> tuple[int, Awaitable[None] | None]:
+        """Handle ``ops`` (at most ``YIELD_EVERY``) from ``index``, synchronously. Returns
+        where it stopped and, when it stopped for one, an awaitable to finish before going on
+        (it is called again from there). By default: replies, and what ``_control`` does."""
+        count = len(ops)
+        while index < count:
+            op = ops[index]
+            index += 1
+            if op[0] <= HMSG:
+                if op[2] == b"1":
+                    self._reply_op(op)
+                continue
+            follow_up = self._control(op)
+            if follow_up is not None:
+                return index, follow_up
+        return index, None
 
     async def _connected(self, nursery: trio.Nursery) -> None:
         """Called on each new connection, before it counts as connected."""
@@ -263,12 +281,12 @@ class Link:
 
     async def _serve(self, stream: trio.SocketStream, server: NatsAddress) -> None:
         self._stream = stream
-        buffer = bytearray()
+        parser = Parser()
         with trio.fail_after(self._link_settings.connect_timeout):
-            line = await self._read_line(stream, buffer)
-            if not line.startswith(b"INFO "):
-                raise ConnectionLost(f"unexpected greeting {line[:40]!r}")
-            if self._info(line, greeting=True):
+            op = await self._next_op(stream, parser)
+            if op[0] != INFO:
+                raise ConnectionLost(f"unexpected greeting {op[:2]!r}")
+            if self._info(op[5], greeting=True):
                 raise LameDuck("the server is in lame-duck mode")
             connect: dict[str, object] = {
                 "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
@@ -283,29 +301,33 @@ class Link:
                 b"CONNECT " + orjson.dumps(connect) + b"\r\nSUB " + self._inbox.encode()
                 + b".* 1\r\nPING\r\n"
             )  # fmt: skip
-            while (line := await self._read_line(stream, buffer)) != b"PONG":
-                if line.startswith(b"-ERR"):
-                    raise ConnectionLost(line.decode(errors="replace"))
-                if line.startswith(b"INFO ") and self._info(line):
+            while (op := await self._next_op(stream, parser))[0] != PONG:
+                if op[0] == ERR:
+                    raise ConnectionLost(_error(op))
+                if op[0] == INFO and self._info(op[5]):
                     raise LameDuck("the server is in lame-duck mode")
         self._outstanding_pings = 0
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_loop, stream, buffer)
+            nursery.start_soon(self._read_loop, stream, parser)
             nursery.start_soon(self._ping_loop)
             await self._connected(nursery)
             self.connected = True
             if self._failed_at:
                 self._log.info(f"nats_{self._name}_connected", server=server.display)
 
-    async def _read_line(self, stream: trio.SocketStream, buffer: bytearray) -> bytes:
-        while (end := buffer.find(b"\r\n")) < 0:
+    async def _next_op(self, stream: trio.SocketStream, parser: Parser) -> Op:
+        """The next operation (while connecting: one at a time)."""
+        while True:
+            try:
+                ops = parser.operations(1)
+            except ProtocolError as exc:
+                raise ConnectionLost(str(exc)) from None
+            if ops:
+                return ops[0]
             data = await stream.receive_some(READ_SIZE)
             if not data:
                 raise ConnectionLost("closed by the server")
-            buffer += data
-        line = bytes(buffer[:end])
-        del buffer[: end + 2]
-        return line
+            parser.feed(data)
 
     async def _send(self, data: bytes) -> None:
         stream = self._stream
@@ -325,42 +347,46 @@ class Link:
             self._outstanding_pings += 1
             await self._send(b"PING\r\n")
 
-    async def _read_loop(self, stream: trio.SocketStream, buffer: bytearray) -> None:
-        data = bytes(buffer)
-        position = 0
+    async def _read_loop(self, stream: trio.SocketStream, parser: Parser) -> None:
+        operations = parser.operations
+        handle = self._handle
         while True:
-            position, follow_up, short = self._parse(data, position)
-            if follow_up is not None:
-                await follow_up
-                continue
-            if not short:
+            try:
+                ops = operations(YIELD_EVERY)
+            except ProtocolError as exc:
+                raise ConnectionLost(str(exc)) from None
+            index, count = 0, len(ops)
+            while index < count:
+                index, follow_up = handle(ops, index)
+                if follow_up is not None:
+                    await follow_up
+            if count == YIELD_EVERY:
                 # A full batch: let the rest of the process run (receiving below is a
                 # checkpoint too).
                 await trio.lowlevel.checkpoint()
                 continue
-            if len(data) - position > _MAX_CONTROL_LINE and data.find(b"\r\n", position) < 0:
-                raise ConnectionLost("control line too long")
             more = await stream.receive_some(READ_SIZE)
             if not more:
                 raise ConnectionLost("closed by the server")
-            data = data[position:] + more if position < len(data) else more
-            position = 0
+            parser.feed(more)
 
-    def _control(self, line: bytes) -> Awaitable[None] | None:
-        """A line that is not a message: PING, PONG, -ERR, +OK, INFO."""
-        if line == b"PING":
+    def _control(self, op: Op) -> Awaitable[None] | None:
+        """An operation that is not a message: PING, PONG, -ERR, +OK, INFO."""
+        kind = op[0]
+        if kind == PING:
             return self._send(b"PONG\r\n")
-        if line == b"PONG":
+        if kind == PONG:
             self._outstanding_pings = 0
-        elif line.startswith(b"-ERR"):
-            raise ConnectionLost(line.decode(errors="replace"))
-        elif line.startswith(b"INFO ") and self._info(line):
+        elif kind == ERR:
+            raise ConnectionLost(_error(op))
+        elif kind == INFO and self._info(op[5]):
             return self._leave()
         return None  # +OK needs nothing.
 
-    def _info(self, line: bytes, *, greeting: bool = False) -> bool:
-        """An INFO: learn the cluster's servers. True: the server is in lame-duck mode."""
-        info = parse_info(line)
+    def _info(self, payload: bytes, *, greeting: bool = False) -> bool:
+        """An INFO (its JSON): learn the cluster's servers. True: the server is in lame-duck
+        mode."""
+        info = decode_info(payload)
         urls = connect_urls(info)
         announcer = self.server
         if urls is not None and announcer is not None:
@@ -397,8 +423,21 @@ class Link:
         finally:
             del self._replies[token]
 
+    def _reply_op(self, op: Op) -> None:
+        """A message on the inbox (subscription 1): a reply. A status instead of one (HMSG
+        ``503``: nobody answers the subject) becomes the JSON error ``NO_RESPONDERS``."""
+        if op[0] == HMSG and status(op[4])[0] == 503:
+            self._reply(op[1], NO_RESPONDERS)
+        else:
+            self._reply(op[1], op[5])
+
     def _reply(self, subject: bytes, payload: bytes) -> None:
         channel = self._replies.get(subject.decode())
         if channel is not None:
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                 channel.send_nowait(payload)
+
+
+def _error(op: Op) -> str:
+    """What a -ERR says, as the server wrote it."""
+    return "-ERR " + op[5].decode(errors="replace")

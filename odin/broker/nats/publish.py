@@ -9,12 +9,12 @@ Retries. A publish that carries a message id is retried when its acknowledgement
 (a 503 "no responders" while a stream leader is elected, or the stream is missing), does not
 come within ``ack_timeout``, or its connection is lost before it came; the stream's
 duplicate window stores it once. It is sent again with exponential backoff and jitter (from
-50 ms, doubling to 1 s) for as long as its first write is less than ``retry_for`` ago (see
+50 ms, doubling to 1 s) for as long as ``publish`` took it less than ``retry_for`` ago (see
 ``retry_window``: half the duplicate window, at most 30 s, so every retry reaches the server
-well within the window). Past that it is dropped: counted in ``publish_failed`` and
-``publish_dropped`` and logged (``publish_dropped``, at most one line a second, with the
-count). A publish without an id is counted failed at once, since sending it again could
-store it twice.
+well within the window of its first write, which came later). Past that it is dropped:
+counted in ``publish_failed`` and ``publish_dropped`` and logged (``publish_dropped``, at
+most one line a second, with the count). A publish without an id is counted failed at
+once, since sending it again could store it twice.
 
 Order. While any retry is waiting or in flight, fresh publishes stay queued (the queue
 pauses): a retry written after newer publishes would be stored after them, and a channel's
@@ -23,9 +23,17 @@ election stops every subject anyway, so pausing all of them costs nothing more. 
 publishes already written when the stream came back can be stored out of order (one that
 failed just before, one stored just after): pipelining cannot take back what was written.
 
+While the connection is down. ``publish`` still takes publishes: they wait in the queue
+(behind the ones being retried) and go out, in order, with their message ids, once the
+connection is back. A publish is given up ``retry_for`` after ``publish`` took it, whether it
+is still queued or waiting to be retried: past that it is dropped (counted and logged as
+above, within a sweep of a quarter second). So an outage or a leader election shorter than
+``retry_for`` loses nothing; a longer one loses what waited longer.
+
 Everything is bounded: queued plus unacknowledged plus waiting-to-retry publishes never
 exceed ``capacity``; beyond it ``publish`` refuses (counted in ``publish_failed``). The
-bookkeeping of retries costs nothing on the path of a publish that succeeds.
+bookkeeping of retries costs nothing on the path of a publish that succeeds but a clock
+reading (its deadline).
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from operator import attrgetter
 import trio
 
 from odin.broker.base import BrokerError, BrokerStats
-from odin.broker.nats.link import YIELD_EVERY, Link, LinkSettings
+from odin.broker.nats.link import Link, LinkSettings
+from odin.broker.nats.protocol import HMSG, Op
 from odin.logs import Log
 
 _BATCH_BYTES = 256 * 1024
@@ -53,7 +62,8 @@ _ORDER = attrgetter("order")
 
 
 def retry_window(duplicate_window: float) -> float:
-    """Seconds after its first write during which a publish with a message id is retried:
+    """Seconds after ``publish`` took it during which a publish with a message id is written
+    (queued while the connection is down) or retried:
     half the stream's duplicate window (a retry must reach the server while the first copy's
     id is remembered, whatever the clocks and queues add), at most ``RETRY_FOR_MAX``."""
     return min(duplicate_window / 2, RETRY_FOR_MAX)
@@ -76,7 +86,7 @@ class Outgoing:
         self.order = 0
         """Retries only: the number of its first write (retries go out in this order)."""
         self.expires = 0.0
-        """Retries only: no write after this (``retry_for`` after the first)."""
+        """No write after this: ``retry_for`` after ``publish`` took it."""
 
 
 class JetStreamPublisher(Link):
@@ -129,7 +139,9 @@ class JetStreamPublisher(Link):
     def _enqueue(self, outgoing: Outgoing) -> None:
         if len(self._queue) + len(self._pending) + len(self._waiting) >= self._capacity:
             self._stats.publish_failed += 1
-            raise BrokerError("the publish queue is full")
+            state = "" if self.connected else ", its connection is down, reconnecting"
+            raise BrokerError(f"the publish queue is full ({self._capacity}{state})")
+        outgoing.expires = trio.current_time() + self._retry_for
         self._queue.append(outgoing)
         self._wake.set()
 
@@ -255,7 +267,6 @@ class JetStreamPublisher(Link):
                 return
             # The first failure: from now on it is retried, in the order of this first write.
             outgoing.order = int(reply[len(self._ack_prefix) :])
-            outgoing.expires = outgoing.deadline - self._ack_timeout + self._retry_for
             self._retrying += 1
             self._stats.publish_retrying = self._retrying
         now = trio.current_time()
@@ -285,12 +296,15 @@ class JetStreamPublisher(Link):
 
     def _drop(self, reason: str) -> None:
         """A retried publish past its bound: lost for good (counted, logged once a second)."""
+        self._count_drop(reason)
+        self._retry_done()  # no longer retried (not stored either)
+        self._settled.set()
+
+    def _count_drop(self, reason: str) -> None:
         self._stats.publish_failed += 1
         self._stats.publish_dropped += 1
         self._unlogged_drops += 1
         self._unlogged_reason = reason
-        self._retry_done()  # no longer retried (not stored either)
-        self._settled.set()
 
     async def _drop_expired(self) -> None:
         """Also while disconnected: drop what waited past its bound, and log the drops."""
@@ -298,6 +312,12 @@ class JetStreamPublisher(Link):
         while True:
             await trio.sleep(_SWEEP_EVERY)
             now = trio.current_time()
+            queue = self._queue
+            if queue and queue[0].expires <= now:  # taken in order: the oldest first
+                while queue and queue[0].expires <= now:
+                    queue.popleft()
+                    self._count_drop("queued past the bound (the connection was down)")
+                self._settled.set()
             if self._waiting and any(o.expires <= now for o in self._waiting):
                 keep = []
                 for outgoing in self._waiting:
@@ -321,45 +341,34 @@ class JetStreamPublisher(Link):
 
     # ---- what arrives --------------------------------------------------------------------
 
-    def _parse(self, data: bytes, position: int) -> tuple[int, Awaitable[None] | None, bool]:
-        find = data.find
+    def _handle(self, ops: list[Op], index: int) -> tuple[int, Awaitable[None] | None]:
         pending = self._pending
         stats = self._stats
-        follow_up: Awaitable[None] | None = None
-        for _ in range(YIELD_EVERY):
-            end = find(b"\r\n", position)
-            if end < 0:
-                return position, None, True
-            op = data[position]
-            if op == 77 or op == 72:  # MSG <subject> <sid> <size>, HMSG ... <hsize> <size>
-                parts = data[position + (4 if op == 77 else 5) : end].split(b" ")
-                start = end + 2
-                stop = start + int(parts[-1])
-                if len(data) < stop + 2:
-                    return position, None, True  # the payload has not all arrived
-                position = stop + 2
-                reply = parts[0]
-                outgoing = pending.pop(reply, None)
-                if outgoing is None:
-                    if parts[1] == b"1":  # a reply to a request, or a late acknowledgement
-                        self._reply(reply, data[start:stop])
-                    continue
-                if op == 72:  # a status instead of an answer: 503, no stream has the subject
-                    self._failed(outgoing, reply, "no stream captures the subject (503)")
-                elif data.find(b'"error"', start, stop) >= 0:
-                    self._failed(outgoing, reply, data[start:stop].decode(errors="replace"))
-                else:
-                    stats.published += 1
-                    if outgoing.attempt > 1:
-                        self._retry_stored()
-                self._settled.set()
-            else:
-                line = data[position:end]
-                position = end + 2
-                follow_up = self._control(line)
+        count = len(ops)
+        while index < count:
+            op = ops[index]
+            index += 1
+            kind, subject, sid, _, _, payload = op
+            if kind > HMSG:
+                follow_up = self._control(op)
                 if follow_up is not None:
-                    return position, follow_up, False
-        return position, None, False
+                    return index, follow_up
+                continue
+            outgoing = pending.pop(subject, None)
+            if outgoing is None:
+                if sid == b"1":  # a reply to a request, or a late acknowledgement
+                    self._reply_op(op)
+                continue
+            if kind == HMSG:  # a status instead of an answer: 503, no stream has the subject
+                self._failed(outgoing, subject, "no stream captures the subject (503)")
+            elif b'"error"' in payload:
+                self._failed(outgoing, subject, payload.decode(errors="replace"))
+            else:
+                stats.published += 1
+                if outgoing.attempt > 1:
+                    self._retry_stored()
+            self._settled.set()
+        return index, None
 
     # ---- shutdown ------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ These are plain nats-py coroutines, run from Trio by the bridge through one ``ai
 call each. History reads use JetStream's direct get API (``allow_direct`` on the stream):
 ``next_by_subj`` with a batch reads a channel after a position, ``multi_last`` with
 ``up_to_seq`` finds the message of a channel just before a position, ``last_by_subj`` its
-newest one. None of them creates a consumer.
+newest one. None of them creates a consumer. The bridge reads through ``direct.py`` (the same
+requests on a Trio connection, about ten times faster); the nats-py reads here remain for a
+publisher's broker and for ``stress/bench_recovery.py``'s comparison.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import hashlib
 import itertools
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -286,3 +288,32 @@ async def last_of(nc: Client, stream: str, subject: str, reply_timeout: float) -
     if status is not None:
         raise ReadFailed(f"direct get: {status}")
     return _stored(reply)
+
+
+class HistoryReads(Protocol):
+    """The history reads the bridge makes: on nats-py (``NatsPyReads``, asyncio) or on a Trio
+    connection of their own (``direct.DirectReads``)."""
+
+    async def read_after(self, subject: str, after: int, limit: int) -> list[Stored]: ...
+
+    async def last_before(self, subject: str, seq: int) -> Stored | None: ...
+
+    async def last_of(self, subject: str) -> Stored | None: ...
+
+
+class NatsPyReads:
+    """``HistoryReads`` through nats-py: asyncio coroutines (run them inside ``aio``)."""
+
+    def __init__(self, nc: Client, stream: str, reply_timeout: float) -> None:
+        self._nc = nc
+        self._stream = stream
+        self._timeout = reply_timeout
+
+    async def read_after(self, subject: str, after: int, limit: int) -> list[Stored]:
+        return await read_after(self._nc, self._stream, subject, after, limit, self._timeout)
+
+    async def last_before(self, subject: str, seq: int) -> Stored | None:
+        return await last_before(self._nc, self._stream, subject, seq, self._timeout)
+
+    async def last_of(self, subject: str) -> Stored | None:
+        return await last_of(self._nc, self._stream, subject, self._timeout)

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from odin.broker.base import BrokerError, HistoryPage
 from odin.broker.nats import NatsBroker, open_nats_broker
@@ -34,14 +35,17 @@ async def broker_on(server: NatsServer) -> AsyncIterator[NatsBroker]:
         yield broker
 
 
-async def fill(port: int, channels: list[str], count: int) -> None:
-    """``count`` messages, round robin over ``channels`` (message n at stream position n+1)."""
+async def fill(broker: NatsBroker, port: int, channels: list[str], count: int) -> None:
+    """``count`` messages, round robin over ``channels`` (message n at stream position n+1),
+    returning once the broker has received them all from the stream (so they are stored)."""
+    before = broker.stats().ingested
     publisher = await RawPublisher.connect(port)
     for n in range(count):
         channel = channels[n % len(channels)]
         await publisher.publish(STREAM_SUBJECT.format(channel), {"n": n})
     await publisher.flush()
     await publisher.aclose()
+    await wait_until(lambda: broker.stats().ingested >= before + count, timeout=10)
 
 
 async def both_pages(broker: NatsBroker, channel: str, after: int, limit: int) -> HistoryPage:
@@ -76,7 +80,7 @@ async def both_last_before(broker: NatsBroker, channel: str, seq: int) -> Stored
 
 async def test_reads_after_a_position_match_the_nats_py_path(nats_server: NatsServer) -> None:
     async with broker_on(nats_server) as broker:
-        await fill(nats_server.port, ["BTC.trade", "ETH.trade", "SOL.trade"], 300)
+        await fill(broker, nats_server.port, ["BTC.trade", "ETH.trade", "SOL.trade"], 300)
         # BTC.trade holds positions 1, 4, 7, ... 298.
         page = await both_pages(broker, "BTC.trade", 0, 150)
         assert [p.seq for p in page.messages] == list(range(1, 300, 3))
@@ -94,7 +98,7 @@ async def test_reads_after_a_position_match_the_nats_py_path(nats_server: NatsSe
 
 async def test_the_last_before_a_position_and_the_latest_match(nats_server: NatsServer) -> None:
     async with broker_on(nats_server) as broker:
-        await fill(nats_server.port, ["BTC.trade", "ETH.trade"], 20)
+        await fill(broker, nats_server.port, ["BTC.trade", "ETH.trade"], 20)
         # BTC.trade: 1, 3, ..., 19; ETH.trade: 2, 4, ..., 20.
         assert await both_last_before(broker, "BTC.trade", 1) is None
         assert await both_last_before(broker, "BTC.trade", 2) is not None
@@ -114,7 +118,7 @@ async def test_an_empty_or_unknown_channel_reads_nothing(nats_server: NatsServer
         page = await both_pages(broker, "BTC.trade", 0, 10)
         assert page == HistoryPage(broker.epoch, 0, [])
         assert await both_latest(broker, "BTC.trade") is None
-        await fill(nats_server.port, ["ETH.trade"], 5)
+        await fill(broker, nats_server.port, ["ETH.trade"], 5)
         page = await both_pages(broker, "DOGE.trade", 0, 10)
         assert page == HistoryPage(broker.epoch, 0, [])
         assert await both_latest(broker, "DOGE.trade") is None
@@ -126,7 +130,7 @@ async def test_an_empty_or_unknown_channel_reads_nothing(nats_server: NatsServer
 
 async def test_a_read_across_deleted_messages_matches(nats_server: NatsServer) -> None:
     async with broker_on(nats_server) as broker:
-        await fill(nats_server.port, ["BTC.trade", "ETH.trade"], 40)
+        await fill(broker, nats_server.port, ["BTC.trade", "ETH.trade"], 40)
         admin = await RawPublisher.connect(nats_server.port)
         stream = broker._settings.stream
         for seq in (5, 7, 9, 2, 1):
@@ -154,17 +158,17 @@ async def test_a_read_across_deleted_messages_matches(nats_server: NatsServer) -
 
 async def test_a_read_while_disconnected_is_a_broker_error(nats_server: NatsServer) -> None:
     async with broker_on(nats_server) as broker:
-        await fill(nats_server.port, ["BTC.trade"], 10)
+        await fill(broker, nats_server.port, ["BTC.trade"], 10)
         assert len((await broker.read_after("BTC.trade", 0, 10)).messages) == 10
         nats_server.stop()
-        await wait_until(lambda: not broker._read_link.connected, timeout=10)
+        await wait_until(lambda: not broker.status().connected, timeout=10)
         with pytest.raises(BrokerError):
             await broker.read_after("BTC.trade", 0, 10)
         with pytest.raises(BrokerError):
             await broker.latest("BTC.trade")
         # Back: reads work again on the new connection.
         nats_server.start()
-        await wait_until(lambda: broker._read_link.connected, timeout=15)
+        await wait_until(lambda: broker.status().connected, timeout=15)
         with trio.fail_after(10):
             page = await broker.read_after("BTC.trade", 0, 10)
         assert [p.seq for p in page.messages] == list(range(1, 11))
@@ -173,7 +177,7 @@ async def test_a_read_while_disconnected_is_a_broker_error(nats_server: NatsServ
 async def test_a_read_cut_off_by_a_lost_connection_fails_at_once(nats_server: NatsServer) -> None:
     """A request in flight when the connection goes: a BrokerError, not a 5 s timeout."""
     async with broker_on(nats_server) as broker:
-        await fill(nats_server.port, ["BTC.trade"], 10)
+        await fill(broker, nats_server.port, ["BTC.trade"], 10)
         process = nats_server.process
         assert process is not None
         process.send_signal(signal.SIGSTOP)  # the request goes unanswered
@@ -187,11 +191,12 @@ async def test_a_read_cut_off_by_a_lost_connection_fails_at_once(nats_server: Na
                     failed.set()
 
                 nursery.start_soon(read)
-                await trio.sleep(0.1)
-                stream = broker._read_link._stream
-                assert stream is not None
-                await trio.aclose_forcefully(stream)  # the connection is lost meanwhile
+                # The read has sent its request and waits for the reply (every task blocked).
+                with trio.fail_after(5):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                nats_server.kill()  # the connection is lost while the read waits
                 with trio.fail_after(2):
                     await failed.wait()
         finally:
-            process.send_signal(signal.SIGCONT)
+            if nats_server.process is not None:
+                nats_server.process.send_signal(signal.SIGCONT)

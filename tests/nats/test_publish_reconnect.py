@@ -124,10 +124,12 @@ async def test_a_full_queue_refuses_and_says_which_connection_is_down(
 async def test_publishes_are_refused_once_the_broker_is_closing(nats_server: NatsServer) -> None:
     async with publishing_broker(nats_server) as broker:
         await broker.publish("BTC.trade", b'{"n": 1}', "id-1")
+        # Stored first: the publisher's connection may still be coming up.
+        await wait_until(lambda: broker.stats().published == 1, timeout=10)
         broker.stop_publishing()
         with pytest.raises(BrokerError, match="closing"):
             await broker.publish("BTC.trade", b'{"n": 2}', "id-2")
         with pytest.raises(BrokerError, match="closing"):
             broker.publish_plain("odin.market.statistics", b"{}")
         assert broker.stats().publish_failed == 2
-    assert await stored(nats_server.port) == [1]  # what was taken before drains
+    assert await stored(nats_server.port) == [1]

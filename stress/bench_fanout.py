@@ -842,7 +842,8 @@ def count_fds(pid: int) -> int | None:
         return None
 
 
-def anomalies(record: dict[str, Any]) -> list[str]:
+def delivery_anomalies(record: dict[str, Any]) -> list[str]:
+    """What the load client and the publisher saw go wrong (shared with bench_workers)."""
     checks = record["checks"]
     found = []
     if record["connected"] < record["connections"]:
@@ -861,6 +862,11 @@ def anomalies(record: dict[str, Any]) -> list[str]:
     elif record["mode"] == "rate" and record["publisher"].get("publish_late_max_ms", 0) > 100:
         late = record["publisher"]["publish_late_max_ms"]
         found.append(f"publisher fell {late:.0f} ms behind its schedule")
+    return found
+
+
+def anomalies(record: dict[str, Any]) -> list[str]:
+    found = delivery_anomalies(record)
     if record["client_cpu_pct_publishing"] >= CLIENT_BUSY_PCT:
         found.append(
             f"load client at {record['client_cpu_pct_publishing']}% CPU: it may be the limit"

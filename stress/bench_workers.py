@@ -90,6 +90,7 @@ from stress.bench_fanout import (
     _table,
     core_times,
     core_usage,
+    delivery_anomalies,
     foreign_cpu_pct,
     machine_info,
     merge_results,
@@ -787,24 +788,7 @@ class WorkersBench:
 
 def anomalies(record: dict[str, Any]) -> list[str]:
     """What makes a run's figures doubtful, in words."""
-    checks = record["checks"]
-    found = []
-    if record["connected"] < record["connections"]:
-        found.append(f"only {record['connected']}/{record['connections']} connected")
-    for key in ("bad_frames", "bad_payloads", "seq_errors", "lost", "closed_by_server"):
-        if checks[key]:
-            found.append(f"{key}={checks[key]}")
-    if checks["errors"]:
-        found.append(f"client errors: {checks['errors']}")
-    ratio = record["delivered_ratio"]
-    if ratio is not None and ratio < 0.999:
-        window = "the burst window" if record["mode"] == "burst" else "the drain"
-        found.append(f"delivered {ratio:.1%} of offered by the end of {window}")
-    if not record["publisher"].get("published"):
-        found.append("publisher had not finished when the window closed")
-    elif record["mode"] == "rate" and record["publisher"].get("publish_late_max_ms", 0) > 100:
-        late = record["publisher"]["publish_late_max_ms"]
-        found.append(f"publisher fell {late:.0f} ms behind its schedule")
+    found = delivery_anomalies(record)
     busiest = max((pct or 0.0 for pct in record["client_cpu_pct_publishing_each"]), default=0.0)
     if busiest >= CLIENT_BUSY_PCT:
         found.append(f"a load-client process at {busiest}% of a core: it may be the limit")

@@ -6,7 +6,7 @@
   "error": {"code", "field", "message"}}``: 400 bad JSON or unknown field or action, 422 a bad
   value, 409 starting twice or stopping when stopped, 413 a body over 64 KiB |
 | ``GET /stats`` | the original's shape, plus ``rate``, ``retries``, ``dropped``, ``retrying``,
-  ``skipped`` |
+  ``inFlight``, ``skipped`` |
 | ``GET /health`` | 200 ``{"status": "healthy" or "degraded", "nats", "publishing", "uptime"}``
   (liveness: the process answers; NATS down is "degraded", not an error) |
 | ``GET /ready`` | 200 when connected to NATS with the stream known, else 503 |
@@ -65,6 +65,7 @@ def build_app(
             "retries": summary["retries"],
             "dropped": summary["dropped"],
             "retrying": summary["retrying"],
+            "inFlight": summary["in_flight"],
             "skipped": summary["skipped"],
             "rate": summary["rate"],
         }

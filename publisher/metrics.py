@@ -47,6 +47,8 @@ class _ServiceCollector(Collector):
             ("odin_publisher_tokens", len(service.targets.tokens), "Tokens being simulated."),
             ("odin_publisher_retrying", stats.publish_retrying,
              "Publishes being retried now (the queue waits behind them)."),
+            ("odin_publisher_in_flight", stats.publish_in_flight,
+             "Publishes handed to NATS and not yet settled (stored or counted failed)."),
             ("odin_publisher_nats_connected", int(broker.status().connected),
              "1 while connected to NATS with the stream known."),
         )  # fmt: skip

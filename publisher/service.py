@@ -233,6 +233,7 @@ class PublisherService:
             "retries": stats.publish_retries,
             "dropped": stats.publish_dropped,
             "retrying": stats.publish_retrying,
+            "in_flight": stats.publish_in_flight,
             "skipped": self.simulator.skipped,
             "rate": round(self.achieved_rate(), 1),
             "tokens": len(self.targets.tokens),

@@ -14,6 +14,7 @@ import trio.testing
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
+from wsproto.utilities import LocalProtocolError
 
 from odin.broker.base import Broker
 from odin.broker.memory import MemoryBroker
@@ -155,12 +156,9 @@ async def open_client(
 
     ``v1`` offers the ``odin.v1`` subprotocol (Odin's additions, starting with ``hello``);
     without it the client is one written for the original server, which gets no hello."""
-    async with trio.open_nursery() as nursery:
-        if isinstance(open_stream, int):
-            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", open_stream)
-        else:
-            stream = await open_stream()
-        try:
+    closing = False
+    try:
+        async with _client_nursery_and_stream(open_stream) as (nursery, stream):
             ws = await wrap_client_stream(
                 nursery,
                 stream,
@@ -173,8 +171,28 @@ async def open_client(
             if read_hello and v1:
                 client.hello = await client.expect("hello")
             yield client
+            closing = True
             with trio.move_on_after(2):
                 await ws.aclose()
+    except* LocalProtocolError:
+        # trio-websocket answers a server ping that arrives while its own close is in flight
+        # with a pong wsproto refuses (trio-websocket issue 184, fix unreleased): harmless once
+        # the client is closing, a failure at any other time.
+        if not closing:
+            raise
+
+
+@asynccontextmanager
+async def _client_nursery_and_stream(
+    open_stream: Callable[[], Awaitable[trio.abc.Stream]] | int,
+) -> AsyncIterator[tuple[trio.Nursery, trio.abc.Stream]]:
+    async with trio.open_nursery() as nursery:
+        if isinstance(open_stream, int):
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", open_stream)
+        else:
+            stream = await open_stream()
+        try:
+            yield nursery, stream
         finally:
             await stream.aclose()
             nursery.cancel_scope.cancel()

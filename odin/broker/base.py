@@ -79,6 +79,9 @@ class BrokerStats:
     ``publish_failed``)."""
     publish_retrying: int = 0
     """Publications being retried now (waiting for their next attempt or its answer)."""
+    publish_in_flight: int = 0
+    """Publications handed over and not yet settled (queued, awaiting their acknowledgement,
+    or being retried): zero once everything handed over is stored or counted failed."""
 
 
 @attrs.define

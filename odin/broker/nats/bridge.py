@@ -165,6 +165,7 @@ class NatsBroker:
     def stats(self) -> BrokerStats:
         self._stats.connected = self.status().connected
         self._stats.ingest_dropped = self.feed_stats.dropped
+        self._stats.publish_in_flight = self._publisher.in_flight
         if self._delivery is not None:
             self._stats.pending = self._delivery.pending
             self._stats.resumes = max(0, self._delivery.consumers_created - 1)

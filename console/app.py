@@ -18,6 +18,8 @@ Resuming paints what arrived meanwhile.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -148,6 +150,18 @@ class ConsoleApp(App[None]):
         self.set_interval(self.flush_every, self.paint)
         self.set_interval(self.refresh_every, self._refresh_table)
         self.paint()
+
+    async def on_unmount(self) -> None:
+        # Textual cancels workers as it exits but does not wait for them: a link cancelled
+        # that way never closed its socket (ResourceWarning: unclosed socket). Each link's own
+        # cleanup closes it; this waits for that, briefly.
+        links = list(self._links.values())
+        for worker in links:
+            worker.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                # Each ends cancelled (WorkerCancelled): collected, not raised.
+                await asyncio.gather(*(worker.wait() for worker in links), return_exceptions=True)
 
     # ---- servers -----------------------------------------------------------------------------
 

@@ -173,12 +173,12 @@ class ControlClient:
             return LinkStatus(LinkState.LOST, f"protocol error: {exc}")
         finally:
             self._writer = None
+            writer.close()  # before anything awaits: a second cancellation cannot skip it
             tasks = [reading] if polling is None else [reading, polling]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._fail_pending("connection closed")
-            writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         return self._ended(reason)

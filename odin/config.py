@@ -212,6 +212,15 @@ class BrokerSection:
     """Publications buffered between the broker and the fan-out; overflow becomes gaps."""
     max_payload: int = attrs.field(default=64 * 1024, validator=v.ge(256))
     """Largest publication body delivered to clients; a larger one becomes a gap notice."""
+    interest: Literal["subscribed", "all"] = "subscribed"
+    """subscribed: take from the broker only the channels this process's clients subscribe to
+    (NATS sends each process what it needs); all: every channel (a window warm for any
+    channel, at the cost of reading everything)."""
+    interest_linger: float = attrs.field(default=30.0, validator=v.ge(0))
+    """Seconds a channel stays wanted after its last subscriber left (a client that comes
+    back finds it still warm; a busy channel does not flap in and out of the filter)."""
+    interest_max_filters: int = attrs.field(default=1000, validator=v.ge(1))
+    """Past this many distinct channels and patterns wanted, take every channel."""
 
 
 @attrs.frozen

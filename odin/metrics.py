@@ -338,6 +338,18 @@ class Metrics:
         for reason in HISTORY_EVICTION_REASONS:
             self.history_evicted.labels(reason)
 
+        self.interest_filters = Gauge(
+            "odin_interest_filters",
+            "Channels and patterns this process takes from the broker (-1: every channel).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.interest_changes = Counter(
+            "odin_interest_changes",
+            "Times this process changed what it takes from the broker.",
+            registry=r,
+        )
+
         self.duplicates = Counter(
             "odin_duplicate_publications",
             "Publications ignored because their position was already delivered.",

@@ -16,6 +16,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from odin.protocol.channels import Filters
 from odin.protocol.publication import Gap, Publication
 
 FeedItem = Publication | Gap
@@ -153,6 +154,12 @@ class Broker(Protocol):
 
     def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:
         """Every publication from now on, in history order, through a bounded channel."""
+        ...
+
+    async def want(self, filters: Filters) -> None:
+        """From now on feed only the channels ``filters`` deliver (None: every channel);
+        return once every message stored from then on that they match will be fed. A
+        channel's messages fed after a pause in its interest carry its true ``prev``."""
         ...
 
     async def read_after(self, channel: str, after: int, limit: int) -> HistoryPage:

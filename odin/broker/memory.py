@@ -4,6 +4,10 @@ It behaves like the JetStream-backed broker on a smaller scale: one history stre
 all channels, positions assigned at publish, history bounded by count and age, a new random
 epoch each time the broker starts (its history dies with the process), and bounded feeds
 that announce what they had to drop. Positions are valid only inside this process.
+
+It feeds every channel whatever the server ``want``s, unless made with ``interest=True``:
+then it feeds only the channels wanted, as the NATS broker does (for tests of the server's
+side of interest; one process gains nothing from it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from odin.broker.base import (
     open_bounded_feed,
 )
 from odin.core.history import HistoryLog
+from odin.protocol.channels import Filters, covers
 from odin.protocol.publication import Publication
 
 
@@ -41,6 +46,7 @@ class MemoryBroker:
         max_channels: int = 10_000,
         feed_capacity: int = 10_000,
         wall_clock: Callable[[], float] = time.time,
+        interest: bool = False,
     ) -> None:
         self._history: HistoryLog[Publication] = HistoryLog(
             max_messages=max_messages, max_age=max_age, max_channels=max_channels
@@ -52,6 +58,11 @@ class MemoryBroker:
         self._feeds: list[BoundedFeed] = []
         self.feed_stats = FeedStats()
         self._stats = BrokerStats(connected=True)
+        self._interest = interest
+        self.filters: Filters = None
+        """What the server last wanted (None: everything)."""
+        self.wants = 0
+        """How many times the server changed what it wants."""
 
     @property
     def epoch(self) -> str:
@@ -91,9 +102,16 @@ class MemoryBroker:
             payload=payload,
         )
         self._history.append(channel, publication, trio.current_time())
-        for feed in self._feeds:
-            feed.push(publication)
+        if not self._interest or covers(self.filters, channel):
+            for feed in self._feeds:
+                feed.push(publication)
         return publication
+
+    async def want(self, filters: Filters) -> None:
+        if filters != self.filters:
+            self.filters = filters
+            self.wants += 1
+        await trio.lowlevel.checkpoint()
 
     def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:
         return open_bounded_feed(self._feeds, self._feed_capacity, self.feed_stats)

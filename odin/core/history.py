@@ -252,6 +252,14 @@ class HistoryLog(Generic[E]):
     def channel_count(self) -> int:
         return len(self._logs) + len(self._idle)
 
+    def forget(self, channel: str) -> None:
+        """Forget one channel, entries and last position: this process stops (or stopped)
+        receiving it, so what it holds would soon be, or already is, out of date."""
+        log = self._logs.pop(channel, None)
+        if log is not None:
+            self._drop(log.entries)
+        self._idle.pop(channel, None)
+
     def clear(self) -> None:
         """Forget everything: the history these positions belonged to is gone."""
         self._logs.clear()

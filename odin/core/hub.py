@@ -7,7 +7,7 @@ matching costs four dictionary lookups however many patterns exist.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 from odin.protocol.channels import match_keys
@@ -21,6 +21,8 @@ _KEY_CACHE = 100_000
 class Hub(Generic[S]):
     def __init__(self) -> None:
         self._index: dict[str, set[S]] = {}
+        self.on_key_emptied: Callable[[str], None] | None = None
+        """Called when a key loses its last subscriber (interest follows the hub)."""
         self._subscriptions = 0
         self._keys: dict[str, tuple[str, str, str, str]] = {}
         """match_keys per channel, computed once (the channel names of the market repeat)."""
@@ -40,6 +42,8 @@ class Hub(Generic[S]):
         if not members:
             # Empty sets are dropped so the index never outgrows the live subscriptions.
             del self._index[key]
+            if self.on_key_emptied is not None:
+                self.on_key_emptied(key)
 
     def remove_all(self, keys: Iterable[str], subscriber: S) -> None:
         for key in keys:
@@ -70,6 +74,10 @@ class Hub(Generic[S]):
 
     def subscribers_of(self, key: str) -> int:
         return len(self._index.get(key, ()))
+
+    def key_names(self) -> list[str]:
+        """Every channel and pattern with at least one subscriber."""
+        return list(self._index)
 
     def exact_keys(self) -> list[str]:
         """Channels subscribed by name (not by a pattern)."""

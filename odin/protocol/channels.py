@@ -109,3 +109,57 @@ def channel_from_subject(subject: str, prefix: str = "odin.token.") -> str | Non
 def subject_for(channel: str, prefix: str = "odin.token.") -> str:
     """Map ``BTC.trade`` to ``odin.token.BTC.trade``."""
     return prefix + channel
+
+
+# ---- interest: what a process asks its broker for ------------------------------------------
+#
+# A process consumes only what its clients subscribe to (every instance used to read every
+# subject: at 20 hosts x 8 processes the bus sent 160 copies of each event, mostly to nobody).
+# The subscription keys become *filters*: the same keys minus those another key already covers
+# (``BTC.trade`` under ``BTC.*``). ``None`` means everything: a ``*.*`` subscription, or more
+# than ``max_filters`` keys (a broker matches a long list slower than it sends a firehose).
+
+Filters = frozenset[str] | None
+"""Channel names and patterns to consume; None: every channel."""
+
+EVERYTHING = f"{WILDCARD}.{WILDCARD}"
+
+
+def filters_for(keys: Iterable[str], max_filters: int) -> Filters:
+    """The filters that deliver every channel some key receives, and no other: keys covered by
+    a pattern among them are left out; ``*.*`` or more than ``max_filters`` is everything."""
+    wanted = set(keys)
+    if EVERYTHING in wanted:
+        return None
+    kept = frozenset(key for key in wanted if not _covered_by_other(key, wanted))
+    if len(kept) > max_filters:
+        return None
+    return kept
+
+
+def _covered_by_other(key: str, keys: set[str]) -> bool:
+    symbol, _, event = key.partition(".")
+    if WILDCARD in (symbol, event):
+        return False  # two patterns of the same shape never cover each other; *.* went before
+    return f"{symbol}.{WILDCARD}" in keys or f"{WILDCARD}.{event}" in keys
+
+
+def covers(filters: Filters, channel: str) -> bool:
+    """True if a broker consuming ``filters`` delivers ``channel``."""
+    if filters is None:
+        return True
+    return any(key in filters for key in match_keys(channel))
+
+
+def covers_all(filters: Filters, keys: Iterable[str]) -> bool:
+    """True if every channel each key receives is delivered under ``filters``."""
+    if filters is None:
+        return True
+    for key in keys:
+        symbol, _, event = key.partition(".")
+        if key in filters or f"{symbol}.{WILDCARD}" in filters:
+            continue
+        if symbol != WILDCARD and f"{WILDCARD}.{event}" in filters:
+            continue
+        return False
+    return True

@@ -117,6 +117,7 @@ class OdinServer:
         if listeners is None:
             listeners = await open_listeners(config.host, config.port)
         async with trio.open_nursery() as root:
+            await root.start(context.interest.run)
             await root.start(self._pump)
             root.start_soon(self._housekeeping)
             root.start_soon(context.flusher.run)

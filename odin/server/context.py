@@ -20,6 +20,7 @@ from odin.protocol.session import SessionLimits
 from odin.server.endpoints import CpuSampler
 from odin.server.events import EventRing
 from odin.server.history_reads import HistoryReader
+from odin.server.interest import InterestKeeper
 from odin.server.liveness import Wheel
 from odin.server.registry import Registry
 from odin.server.worker_role import WorkerRole
@@ -38,6 +39,8 @@ class ServerContext:
     hub: Hub[Connection] = attrs.Factory(Hub)
     reader: HistoryReader = attrs.field(init=False)
     """The window of recent events, its epoch, and reads of the broker's history."""
+    interest: InterestKeeper = attrs.field(init=False)
+    """What this process takes from the broker, kept to what its clients subscribe to."""
     registry: Registry = attrs.field(init=False)
     """Who is connected, and the connection limit."""
     instance: str = attrs.Factory(lambda: secrets.token_hex(3))
@@ -58,6 +61,7 @@ class ServerContext:
 
     def __attrs_post_init__(self) -> None:
         self.reader = HistoryReader(self.config, self.broker, self.metrics, self.log)
+        self.interest = InterestKeeper(self)
         self.liveness = Wheel(self.config.connection.ping_interval)
         self.rules = ChannelRules()
         self.limits = session_limits(self.config)

@@ -108,6 +108,9 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         if channel not in connection.session.subscriptions:
             temporary.append(channel)
         hub.add(channel, connection)
+    # The broker feeds every channel subscribed here before any position is read: what is
+    # published from then on comes live, what came before is in the history read below.
+    await context.interest.ensure([*action.added, *action.recover])
     outcomes = {
         channel: await recover(context, channel, position)
         for channel, position in action.recover.items()

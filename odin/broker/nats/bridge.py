@@ -15,11 +15,24 @@ channel's first predecessor) are direct gets through ``direct.py`` (a recovery o
 messages: 1.7 ms and 1 ms of CPU there, 14 ms and 14 ms of CPU through nats-py).
 
 Positions: ``seq`` is the stream sequence. ``prev`` is the stream sequence of the previous
-message on the same subject. The consumer reads every message of the stream in order, so the
-bridge knows ``prev`` for every channel it has seen a message of; for the first message of a
-channel it asks the stream (``multi_last`` up to ``seq - 1``). When that predecessor is gone
-(removed by the stream's limits) it reports ``prev = seq - 1``: the most recent position it
-could have had, so a client that saw anything older sees a gap rather than silence.
+message on the same subject. The consumer reads every message of the subjects it is given in
+order, so the bridge knows ``prev`` for every channel it has seen a message of; for the first
+message of a channel it asks the stream (``multi_last`` up to ``seq - 1``). When that
+predecessor is gone (removed by the stream's limits) it reports ``prev = seq - 1``: the most
+recent position it could have had, so a client that saw anything older sees a gap rather
+than silence. The first messages of the channels in one read are looked up together, the
+lookups pipelined, and the read's messages handed on in order once they are answered: one
+round trip per read, however many channels it starts, instead of one per channel in turn.
+
+Interest (``want``): the consumer delivers only the subjects the server's clients want.
+A channel it stops delivering is forgotten (its next message, once wanted again, is looked up).
+What a remembered ``prev`` relies on is that no message of its channel was removed before the
+consumer reached it; limits remove the oldest first, so that needs the consumer to fall behind
+the stream's retention. Consuming everything, a jump in stream positions shows it. With
+filters, positions jump anyway, so it is checked where it can be seen: when a consumer starts
+(the stream's first position past where it starts), at every stream check (the same, and a
+backlog of half ``max_msgs_per_subject`` matching messages), and any of them forgets every
+channel's last position (each next message is looked up: exact, or a gap).
 """
 
 from __future__ import annotations
@@ -59,7 +72,7 @@ from odin.broker.nats.link import LOST, LinkSettings
 from odin.broker.nats.publish import JetStreamPublisher, retry_window
 from odin.config import NatsSection, nats_addresses
 from odin.logs import Log
-from odin.protocol.channels import channel_from_subject, subject_for
+from odin.protocol.channels import Filters, channel_from_subject, covers, subject_for
 from odin.protocol.publication import Publication
 
 P = ParamSpec("P")
@@ -71,6 +84,10 @@ async def aio(function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kw
     result: T = await trio_asyncio.aio_as_trio(function)(*args, **kwargs)
     return result
 
+
+_UNWANTED = ""
+"""In the subject cache: a subject of a channel the consumer no longer delivers (a message
+of it still in flight from before the change is not handed on)."""
 
 # Channels whose last position the bridge remembers. Past it the memory is cleared: each
 # channel's next message then looks its predecessor up in the stream (one read, then cached).
@@ -116,8 +133,14 @@ class NatsBroker:
         self._last: dict[str, int] = {}
         """The last position of each channel seen: the next message's prev."""
         self._channels: dict[bytes, str] = {}
-        """Channel of each subject seen (a cache of channel_from_subject)."""
+        """Channel of each subject seen (a cache of channel_from_subject), or ``_UNWANTED``."""
         self._last_stream_seq = 0
+        self._filters: Filters = None
+        """What the consumer delivers (None: every channel)."""
+        self._backlog: list[tuple[str, int, float, bytes]] = []
+        """Messages of the current read held back behind first-message lookups."""
+        self._first_seen: dict[str, int] = {}
+        """Channels of the backlog whose predecessor must be looked up: their first position."""
         self._delivery: Delivery | None = None
         self._publisher = JetStreamPublisher(
             self._link_settings(),
@@ -168,7 +191,7 @@ class NatsBroker:
         self._stats.publish_in_flight = self._publisher.in_flight
         if self._delivery is not None:
             self._stats.pending = self._delivery.pending
-            self._stats.resumes = max(0, self._delivery.consumers_created - 1)
+            self._stats.resumes = self._delivery.resumes
         return self._stats
 
     async def wait_ready(self) -> None:
@@ -240,6 +263,22 @@ class NatsBroker:
         except _FAILURES as exc:
             raise BrokerError(f"history read failed: {exc!r}") from exc
 
+    async def want(self, filters: Filters) -> None:
+        """Consume only the channels ``filters`` deliver (None: all) from now on; return once
+        the consumer delivers them (at once before it first starts, which it does with them).
+        Channels no longer delivered are forgotten: a message of one still in flight is not
+        handed on, and when one is wanted again its first message is looked up."""
+        if filters == self._filters:
+            return
+        self._filters = filters
+        self._channels.clear()
+        self._last_stream_seq = 0  # the new consumer's positions jump past the old filters'
+
+        for channel in [c for c in self._last if not covers(filters, c)]:
+            del self._last[channel]
+        if self._delivery is not None:
+            await self._delivery.set_filters(_subjects(filters))
+
     def _direct(self) -> DirectReads:
         """The reads on the Trio connection: connected, with the stream's epoch known."""
         if not self._read_link.connected or not self._epoch:
@@ -303,9 +342,10 @@ class NatsBroker:
     def _on_delivery(
         self, subject: bytes, seq: int, timestamp: float, payload: bytes
     ) -> Awaitable[None] | None:
-        """One message of the stream, in order. Synchronous (it runs for every message),
-        except for a channel's first message, whose predecessor is looked up in the stream."""
-        if self._last_stream_seq and seq > self._last_stream_seq + 1:
+        """One message of the stream, in order. Synchronous (it runs for every message): a
+        channel's first message, whose predecessor is looked up in the stream, and every
+        message after it in the same read wait in the backlog (``_on_batch_end``)."""
+        if self._last_stream_seq and seq > self._last_stream_seq + 1 and self._filters is None:
             # Every message of the stream matches the consumer, so a jump means messages were
             # removed before we read them: which channels they belonged to is unknown.
             self._last.clear()
@@ -320,21 +360,49 @@ class NatsBroker:
                 self._stats.bad_subjects += 1
                 self._warn_once(f"subject:{name.count('.')}", "bad_subject", subject=name)
                 return None
+            if not covers(self._filters, channel):
+                channel = _UNWANTED
             if len(self._channels) < _REMEMBERED_CHANNELS:
                 self._channels[subject] = channel
+        if not channel:  # _UNWANTED
+            return None
+        if self._backlog:
+            self._backlog.append((channel, seq, timestamp, payload))
+            if channel not in self._last and channel not in self._first_seen:
+                self._first_seen[channel] = seq
+            return None
         prev = self._last.get(channel)
         if prev is None:
-            return self._deliver_first(channel, seq, timestamp, payload)
+            self._backlog.append((channel, seq, timestamp, payload))
+            self._first_seen[channel] = seq
+            return None
         self._deliver(channel, seq, prev, timestamp, payload)
         return None
 
-    async def _deliver_first(
-        self, channel: str, seq: int, timestamp: float, payload: bytes
-    ) -> None:
+    def _on_batch_end(self) -> Awaitable[None] | None:
+        return self._deliver_backlog() if self._backlog else None
+
+    async def _deliver_backlog(self) -> None:
+        """Look up the predecessors of the backlog's new channels at once, then hand the
+        backlog on in order."""
+        first_seen, self._first_seen = self._first_seen, {}
+        found: dict[str, int] = {}
+
+        async def look_up(channel: str, seq: int) -> None:
+            found[channel] = await self._first_prev(subject_for(channel), seq)
+
+        async with trio.open_nursery() as nursery:
+            for channel, seq in first_seen.items():
+                nursery.start_soon(look_up, channel, seq)
         if len(self._last) > _REMEMBERED_CHANNELS:
             self._last.clear()
-        subject = subject_for(channel)
-        self._deliver(channel, seq, await self._first_prev(subject, seq), timestamp, payload)
+        backlog, self._backlog = self._backlog, []
+        last = self._last
+        for channel, seq, timestamp, payload in backlog:
+            prev = last.get(channel)
+            if prev is None:
+                prev = found.get(channel, seq - 1)  # forgotten meanwhile: the safe answer
+            self._deliver(channel, seq, prev, timestamp, payload)
 
     def _deliver(self, channel: str, seq: int, prev: int, timestamp: float, payload: bytes) -> None:
         self._last[channel] = seq
@@ -432,13 +500,14 @@ class NatsBroker:
             self._delivery = Delivery(
                 DeliverySettings(
                     stream=settings.stream,
-                    filter_subject=SUBJECTS,
+                    filter_subjects=_subjects(self._filters),
                     heartbeat=settings.consumer_heartbeat,
                 ),
                 self._link_settings(),
                 self._on_delivery,
                 self._on_stream,
                 self._log,
+                on_batch_end=self._on_batch_end,
             )
             # A channel's first delivery looks its predecessor up on the reads' connection.
             await self._read_link.ready.wait()
@@ -587,17 +656,41 @@ class NatsBroker:
         if jetstream.epoch_of(info) != self._epoch:
             self._adopt(info)
             self._new_history()
-        else:
-            self._lossless = jetstream.lossless(info)
+            return
+        self._lossless = jetstream.lossless(info)
+        delivery = self._delivery
+        if self._filters is not None and delivery is not None:
+            reached = max(delivery.last_stream_seq, delivery.considered)
+            if not self._check_removed(info.state.first_seq, reached):
+                backlog = delivery.pending
+                if backlog >= self._settings.max_msgs_per_subject // 2:
+                    self._forget_positions("behind", backlog=backlog)
 
-    def _on_stream(self, info: dict[str, Any]) -> bool:
-        """The delivery is about to (re)start: is the stream still the history we read?"""
+    def _check_removed(self, first_seq: int, reached: int) -> bool:
+        """With filters: the stream's oldest message is past what the consumer had reached,
+        so messages it had yet to read were removed (whose, it cannot tell)."""
+        if reached and first_seq > reached + 1:
+            self._forget_positions("removed_unread", first_seq=first_seq, reached=reached)
+            return True
+        return False
+
+    def _forget_positions(self, reason: str, **fields: object) -> None:
+        """Every channel's next message looks its predecessor up in the stream."""
+        self._last.clear()
+        self._stats.discontinuities += 1
+        self._warn_once(f"discontinuity:{reason}", "nats_positions_forgotten", every=60,
+                        reason=reason, **fields)  # fmt: skip
+
+    def _on_stream(self, info: dict[str, Any], after: int) -> bool:
+        """The delivery is about to (re)start after position ``after``: is the stream still the
+        history we read, and does it still hold what comes after?"""
         state = info.get("state", {})
-        self._lossless = jetstream.lossless_state(
-            state.get("first_seq", 0), state.get("num_deleted", 0)
-        )
+        first_seq = state.get("first_seq", 0)
+        self._lossless = jetstream.lossless_state(first_seq, state.get("num_deleted", 0))
         epoch = jetstream.epoch_of_raw(info)
         if epoch == self._epoch:
+            if self._filters is not None:
+                self._check_removed(first_seq, after)
             return False
         self._log.warning("epoch_changed", stream=self._settings.stream, old=self._epoch, new=epoch)
         self._epoch = epoch
@@ -608,6 +701,8 @@ class NatsBroker:
     def _new_history(self) -> None:
         """Consume the new stream from its first message, with nothing remembered."""
         self._last.clear()
+        self._backlog = []
+        self._first_seen = {}
         self._last_stream_seq = 0
         if self._delivery is not None:
             self._delivery.last_stream_seq = 0
@@ -658,3 +753,10 @@ async def open_nats_broker(
         finally:
             with trio.CancelScope(shield=True):
                 await aio(broker.close)
+
+
+def _subjects(filters: Filters) -> list[str]:
+    """The consumer's filter subjects for ``filters`` (an empty list: nothing)."""
+    if filters is None:
+        return [SUBJECTS]
+    return sorted(subject_for(key) for key in filters)

@@ -58,21 +58,31 @@ server: longer than a JetStream leader election."""
 # seconds), payload. It returns None when done, or an awaitable to
 # finish (rarely: the first message of a channel needs a look at the stream).
 OnMessage = Callable[[bytes, int, float, bytes], Awaitable[None] | None]
-# Called with the stream's info (STREAM.INFO as JSON) before each consumer is created. True
-# means it is not the history being read (the stream was recreated): read it from its start.
-OnStream = Callable[[dict[str, Any]], bool]
+# Called with the stream's info (STREAM.INFO as JSON) before each consumer is created, and
+# the position the consumer will start after. True means it is not the history being read
+# (the stream was recreated): read it from its start.
+OnStream = Callable[[dict[str, Any], int], bool]
+# Called when the messages of a read have all been handed to ``OnMessage``: None, or an
+# awaitable to finish before the next read (the messages it held back, delivered).
+OnBatchEnd = Callable[[], Awaitable[None] | None]
+
+NOTHING = "odin.token._.none"
+"""The filter of a consumer nobody wants anything from: a subject within the stream's that
+no publisher can use (``_`` is not a symbol), so the consumer exists, beats and can be
+widened, but sends nothing."""
 
 
 @attrs.define
 class DeliverySettings:
     stream: str
-    filter_subject: str
+    filter_subjects: list[str]
+    """The subjects to deliver at first; ``set_filters`` changes them."""
     heartbeat: float
     """The consumer's idle heartbeat; two missed ones recreate it."""
 
 
 class Delivery(Link):
-    """A JetStream push consumer of the whole stream, in stream order, for ever."""
+    """A JetStream push consumer of the stream's wanted subjects, in stream order, for ever."""
 
     def __init__(
         self,
@@ -81,15 +91,26 @@ class Delivery(Link):
         on_message: OnMessage,
         on_stream: OnStream,
         log: Log,
+        on_batch_end: OnBatchEnd | None = None,
     ) -> None:
         super().__init__(link, log, "delivery")
         self._settings = settings
         self._on_message = on_message
         self._on_stream = on_stream
+        self._on_batch_end = on_batch_end
         self.ready = trio.Event()
         """Set the first time the consumer is delivering."""
         self.last_stream_seq = 0
         """The last stream position delivered; a recreated consumer starts after it."""
+        self.considered = 0
+        """The last stream position the consumer has looked at with everything it matched
+        delivered and handed on (an idle heartbeat says how far it got): a consumer recreated
+        with other filters starts after it, so a channel just added does not bring back every
+        message it had since the last delivery of another."""
+        self._filters = list(settings.filter_subjects) or [NOTHING]
+        self._filters_asked = 0
+        self._filters_applied = 0
+        self._filters_changed = trio.Event()
         self._policy = "new"
         self._deliver_prefix = f"_odin.deliver.{self._token}"
         self._deliver_sid_bytes = b""
@@ -101,12 +122,33 @@ class Delivery(Link):
         self._last_consumer_seq = 0
         self._active = False
         self._reset = trio.Event()
-        self.consumers_created = 0
+        self.resumes = 0
+        """Consumers recreated to resume after a lost connection, node or delivery (not for a
+        change of filters)."""
 
     def restart(self, policy: str) -> None:
         """Recreate the consumer (``all`` for a new stream, ``next`` after a gap)."""
+        if policy == "all":
+            self.considered = 0
         self._policy = policy
         self._reset.set()
+
+    @property
+    def filters(self) -> list[str]:
+        """The subjects the consumer is asked to deliver (``NOTHING`` for none)."""
+        return list(self._filters)
+
+    async def set_filters(self, subjects: list[str]) -> None:
+        """Deliver ``subjects`` from now on; return once a consumer with them is delivering
+        (every message stored from then on that they match will come). Each change is a new
+        consumer from the next position: exact, and as cheap as a consumer update."""
+        self._filters = list(subjects) or [NOTHING]
+        self._filters_asked += 1
+        asked = self._filters_asked
+        self.restart("next")
+        while self._filters_applied < asked:
+            self._filters_changed = changed = trio.Event()
+            await changed.wait()
 
     async def _connected(self, nursery: trio.Nursery) -> None:
         # Always a new consumer on a new connection: the old one may have gone with a node,
@@ -174,6 +216,9 @@ class Delivery(Link):
             if follow_up is not None:
                 stop = i + 1
                 break
+        else:
+            if self._on_batch_end is not None:
+                follow_up = self._on_batch_end()
         self._last_consumer_seq = last_consumer_seq
         if last_reply:
             self._active = True
@@ -208,6 +253,9 @@ class Delivery(Link):
         last = fields.get(b"Nats-Last-Consumer")
         if last is not None and int(last) != self._last_consumer_seq:
             self.restart("next")
+        elif last is not None and (looked_at := fields.get(b"Nats-Last-Stream")) is not None:
+            # Everything up to there that the filters match has been handed on.
+            self.considered = max(self.considered, int(looked_at))
         stalled = fields.get(b"Nats-Consumer-Stalled")
         if stalled is not None:
             return self._send(b"PUB " + stalled + b" 0\r\n\r\n")
@@ -252,9 +300,10 @@ class Delivery(Link):
         )
         if "error" in info:
             raise ConnectionLost(f"stream: {info['error'].get('description', info['error'])}")
-        if self._on_stream(info):
+        after = max(self.last_stream_seq, self.considered)
+        if self._on_stream(info, after):
             self._policy = "all"
-            self.last_stream_seq = 0
+            self.last_stream_seq = self.considered = after = 0
         sid = self._next_sid
         self._next_sid += 1
         deliver_subject = f"{self._deliver_prefix}.{sid}"
@@ -266,13 +315,13 @@ class Delivery(Link):
             "idle_heartbeat": int(settings.heartbeat * 1e9),
             "mem_storage": True,
             "num_replicas": 1,
-            "filter_subject": settings.filter_subject,
+            "filter_subjects": self._filters,
             "inactive_threshold": int(max(30.0, settings.heartbeat * 10) * 1e9),
         }
-        if self._policy == "next" and self.last_stream_seq:
-            config.update(
-                deliver_policy="by_start_sequence", opt_start_seq=self.last_stream_seq + 1
-            )
+        asked = self._filters_asked
+        filters_only = asked != self._filters_applied
+        if self._policy == "next" and after:
+            config.update(deliver_policy="by_start_sequence", opt_start_seq=after + 1)
         else:
             config["deliver_policy"] = self._policy if self._policy in ("new", "all") else "new"
         self._policy = "next"
@@ -291,9 +340,12 @@ class Delivery(Link):
         if "error" in reply:
             raise ConnectionLost(f"consumer: {reply['error'].get('description', reply['error'])}")
         self._consumer = reply["name"]
-        self.consumers_created += 1
-        if previous:
+        self._filters_applied = asked
+        self._filters_changed.set()
+        if previous and not filters_only:  # a change of filters is the server's to log
+            self.resumes += 1
             self._log.info("nats_consumer_recreated", start=config.get("opt_start_seq"))
+        if previous:
             await self._send(
                 f"PUB $JS.API.CONSUMER.DELETE.{settings.stream}.{previous} 0\r\n\r\n".encode()
             )

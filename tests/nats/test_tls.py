@@ -25,6 +25,7 @@ from odin.broker.nats.auth import (
 )
 from odin.config import ConfigError, load_config
 from tests.helpers import capture_logs, checkpoint_chain
+from tests.nats.jwts import Identity, Operator
 from tests.nats.support import NatsServer, nats_config, odin_on_nats
 
 pytestmark = [pytest.mark.slow]
@@ -326,3 +327,44 @@ def test_tls_settings_are_checked_and_name_the_field(pki: Pki, tmp_path: Path) -
     config, _ = load_config(environ={}, overrides={"nats.url": "tls://u:p@nats:4443"})
     assert config.nats.tls is True
     assert not load_config(environ={}, overrides={"nats.url": "nats://nats"})[0].nats.tls
+
+
+@pytest.fixture
+def operator_server(tmp_path: Path) -> Iterator[tuple[NatsServer, Operator]]:
+    """nats-server in operator mode (JWT accounts, as NGS and most clusters run it)."""
+    _require_nats_server()
+    operator = Operator.new()
+    conf = tmp_path / "operator.conf"
+    conf.write_text(operator.server_config())
+    server = NatsServer(tmp_path / "nats", extra_args=("-c", str(conf)))
+    try:
+        yield server, operator
+    finally:
+        server.stop()
+
+
+@pytest.mark.trio
+async def test_a_creds_file_authenticates_every_connection_in_operator_mode(
+    operator_server: tuple[NatsServer, Operator], tmp_path: Path
+) -> None:
+    server, operator = operator_server
+    creds = operator.user_creds(tmp_path / "odin.creds")
+    await _publish_consume_recover({"nats.creds": str(creds)}, server.url)
+
+
+@pytest.mark.trio
+async def test_a_user_of_an_unknown_account_is_refused_and_odin_says_so(
+    operator_server: tuple[NatsServer, Operator], tmp_path: Path
+) -> None:
+    server, operator = operator_server
+    stranger = Identity.new(nkeys.PREFIX_BYTE_ACCOUNT)
+    creds = operator.user_creds(tmp_path / "stranger.creds", issuer=stranger)
+    config = nats_config(server.url, **{"nats.creds": str(creds)})
+    with capture_logs() as logs:
+        async with odin_on_nats(config) as (_, broker):
+            with trio.fail_after(10):
+                while not any("Authorization Violation" in str(e) for e in logs):
+                    await trio.sleep(0.05)
+            assert broker.status().connected is False
+    _, seed = parse_creds(creds.read_text())
+    assert seed.decode() not in str(logs)  # the secret half is never logged

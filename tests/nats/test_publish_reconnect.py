@@ -133,3 +133,28 @@ async def test_publishes_are_refused_once_the_broker_is_closing(nats_server: Nat
             broker.publish_plain("odin.market.statistics", b"{}")
         assert broker.stats().publish_failed == 2
     assert await stored(nats_server.port) == [1]
+
+
+async def test_publishes_a_broker_closes_on_are_counted_dropped_and_logged() -> None:
+    """NATS never came up: what was queued cannot be stored, and the close says so."""
+    import socket
+
+    from tests.helpers import capture_logs
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = nats_config(f"nats://127.0.0.1:{port}")
+    with capture_logs() as logs:
+        async with open_nats_broker(
+            config.nats, feed_capacity=config.broker.feed_capacity,
+            log=get_logger(service="odin-test"), consume=False,
+        ) as broker:  # fmt: skip
+            for n in range(10):
+                await broker.publish("BTC.trade", json.dumps({"n": n}).encode(), msg_id=f"m{n}")
+            assert broker.stats().publish_in_flight == 10
+    stats = broker.stats()
+    assert (stats.published, stats.publish_dropped, stats.publish_in_flight) == (0, 10, 0)
+    (dropped,) = [entry for entry in logs if entry["event"] == "publish_dropped"]
+    assert dropped["count"] == 10
+    assert dropped["error"] == "the broker closed before they were stored"

@@ -716,6 +716,11 @@ class NatsBroker:
         """Return once what was published is written and acknowledged (bound it)."""
         await self._publisher.drain()
 
+    def abandon_unsent(self) -> None:
+        """After the drain: publishes never stored (NATS down, or too slow to acknowledge) are
+        dropped, counted and logged (``publish_dropped``)."""
+        self._publisher.abandon()
+
     async def close(self) -> None:
         """Close the management connection (asyncio side).
 
@@ -749,6 +754,7 @@ async def open_nats_broker(
                 broker.stop_publishing()
                 with trio.move_on_after(2.0):
                     await broker.drain()
+                broker.abandon_unsent()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

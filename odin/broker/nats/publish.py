@@ -378,3 +378,29 @@ class JetStreamPublisher(Link):
         while self.connected and (self._queue or self._pending or self._waiting):
             self._settled = trio.Event()
             await self._settled.wait()
+
+    def abandon(self) -> int:
+        """At close, after the drain: what is still unsettled (queued while the connection
+        was down, or unacknowledged) is dropped, counted and logged, never lost silently.
+        Returns how many."""
+        unsettled = [
+            outgoing
+            for outgoing in (*self._queue, *self._pending.values(), *self._waiting)
+            if outgoing.jetstream
+        ]
+        self._queue.clear()
+        self._pending.clear()
+        self._waiting = []
+        self._retrying = self._stats.publish_retrying = 0
+        if unsettled:
+            for _ in unsettled:
+                self._count_drop("the broker closed before they were stored")
+            self._unlogged_drops = 0
+            self._log.warning(
+                "publish_dropped",
+                count=len(unsettled),
+                total=self._stats.publish_dropped,
+                error="the broker closed before they were stored",
+                retry_for=self._retry_for,
+            )
+        return len(unsettled)

@@ -156,10 +156,11 @@ class Broker(Protocol):
         """Every publication from now on, in history order, through a bounded channel."""
         ...
 
-    async def want(self, filters: Filters) -> None:
+    async def want(self, filters: Filters) -> Filters:
         """From now on feed only the channels ``filters`` deliver (None: every channel);
-        return once every message stored from then on that they match will be fed. A
-        channel's messages fed after a pause in its interest carry its true ``prev``."""
+        return, once every message stored from then on that they match will be fed, what it
+        feeds now (None from a broker that always feeds everything). A channel's messages fed
+        after a pause in its interest carry its true ``prev``."""
         ...
 
     async def read_after(self, channel: str, after: int, limit: int) -> HistoryPage:

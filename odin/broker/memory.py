@@ -107,11 +107,12 @@ class MemoryBroker:
                 feed.push(publication)
         return publication
 
-    async def want(self, filters: Filters) -> None:
+    async def want(self, filters: Filters) -> Filters:
         if filters != self.filters:
             self.filters = filters
             self.wants += 1
         await trio.lowlevel.checkpoint()
+        return filters if self._interest else None
 
     def open_feed(self) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[FeedItem]]:
         return open_bounded_feed(self._feeds, self._feed_capacity, self.feed_stats)

@@ -35,6 +35,8 @@ class InterestKeeper:
         self.applied: Filters = None
         """What the broker was last told (None: every channel, as a broker starts)."""
         self._started = False
+        self._asked_for: Filters = None
+        """What the broker was last asked for (it may feed more: ``applied``)."""
         self._requested: set[str] = set()
         """Keys of subscriptions under way, not in the hub yet."""
         self._asked = 0
@@ -76,7 +78,7 @@ class InterestKeeper:
             live = [*self._context.hub.key_names(), *self._requested]
             self._requested.clear()
             desired = filters_for(self._lingering.wanted(live, now), self._max_filters)
-            if not self._started or desired != self.applied:
+            if not self._started or desired != self._asked_for:
                 await self._apply(desired)
             self._served = asked
             served, self._served_event = self._served_event, trio.Event()
@@ -91,20 +93,22 @@ class InterestKeeper:
     async def _apply(self, desired: Filters) -> None:
         context = self._context
         before = self.applied
-        await context.broker.want(desired)
-        self.applied, self._started = desired, True
+        self._asked_for = desired
+        fed = await context.broker.want(desired)
+        self.applied, self._started = fed, True
         window = context.reader.window
         changed = [
             channel
             for channel in window.channels()
-            if covers(before, channel) != covers(desired, channel)
+            if covers(before, channel) != covers(fed, channel)
         ]
         for channel in changed:
             window.forget(channel)
-        context.metrics.interest_filters.set(-1 if desired is None else len(desired))
-        context.metrics.interest_changes.inc()
-        context.log.debug(
-            "interest_changed",
-            filters="all" if desired is None else len(desired),
-            forgotten=len(changed),
-        )
+        context.metrics.interest_filters.set(-1 if fed is None else len(fed))
+        if fed != before:
+            context.metrics.interest_changes.inc()
+            context.log.debug(
+                "interest_changed",
+                filters="all" if fed is None else len(fed),
+                forgotten=len(changed),
+            )

@@ -114,11 +114,16 @@ async def test_a_stream_leader_failover_loses_no_event(tmp_path: Path) -> None:
                     await trio.sleep(4.0)
                     status, _ = await call(api, "POST", "/control", {"action": "stop"})
                     assert status == 200
-                    with trio.fail_after(20):  # until every publish is settled
+                    stats = await publisher_stats(api)
+                    with trio.move_on_after(20):  # until every publish is settled
                         while (stats := await publisher_stats(api))["inFlight"] or not all(
                             len(f.events) >= stats["messagesPublished"] for f in followers
                         ):
                             await trio.sleep(0.2)
+                    received = [len(f.events) for f in followers]
+                    assert not stats["inFlight"], stats
+                    assert all(n >= stats["messagesPublished"] for n in received), (
+                        stats, received)  # fmt: skip
                     await trio.sleep(0.5)  # anything more (a duplicate) would show
                 nursery.cancel_scope.cancel()
     published = stats["messagesPublished"]

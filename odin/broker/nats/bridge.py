@@ -263,13 +263,13 @@ class NatsBroker:
         except _FAILURES as exc:
             raise BrokerError(f"history read failed: {exc!r}") from exc
 
-    async def want(self, filters: Filters) -> None:
+    async def want(self, filters: Filters) -> Filters:
         """Consume only the channels ``filters`` deliver (None: all) from now on; return once
         the consumer delivers them (at once before it first starts, which it does with them).
         Channels no longer delivered are forgotten: a message of one still in flight is not
         handed on, and when one is wanted again its first message is looked up."""
         if filters == self._filters:
-            return
+            return filters
         self._filters = filters
         self._channels.clear()
         self._last_stream_seq = 0  # the new consumer's positions jump past the old filters'
@@ -278,6 +278,7 @@ class NatsBroker:
             del self._last[channel]
         if self._delivery is not None:
             await self._delivery.set_filters(_subjects(filters))
+        return filters
 
     def _direct(self) -> DirectReads:
         """The reads on the Trio connection: connected, with the stream's epoch known."""

@@ -43,6 +43,17 @@ NATS_SETTINGS = [
 ]  # fmt: skip
 
 
+ROOMY_QUEUES = [
+    "--set", "connection.queue_max_messages=20000",
+    "--set", "connection.queue_max_bytes=16777216",
+]  # fmt: skip
+"""After the election the publisher's held events are stored in a burst (about 1,000 to 1,800
+here) that the ten clients of this one test process, sharing two cores with two Odins, three
+nats-servers and the publisher, can read slower than their queue's default 1,024 messages
+allow: they would be closed as slow consumers (1008), which is the policy working, not what
+this test is about."""
+
+
 @attrs.define
 class Follower:
     """What one client received: events (with their arrival time), anything unexpected."""
@@ -70,6 +81,17 @@ class Follower:
         return max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else 0
 
 
+def broker_log(odin: Any) -> list[str]:
+    """What an Odin logged about NATS (to say why deliveries stopped)."""
+    return [
+        f"{r['event']} { ({k: v for k, v in r.items() if k not in ('event', 'timestamp')}) }"
+        for r in odin.records()
+        if r["event"].startswith(
+            ("nats", "stream", "broker", "epoch", "slow_consumer", "conn_close")
+        )
+    ]
+
+
 async def publisher_stats(port: int) -> dict[str, Any]:
     status, document = await call(port, "GET", "/stats")
     assert status == 200, document
@@ -83,7 +105,7 @@ async def test_a_stream_leader_failover_loses_no_event(tmp_path: Path) -> None:
 
         def serve(node: int) -> list[str]:
             return ["serve", "--port", "0", "--workers", "1", "--broker", "nats",
-                    "--nats-url", cluster.urls[node], *NATS_SETTINGS]  # fmt: skip
+                    "--nats-url", cluster.urls[node], *NATS_SETTINGS, *ROOMY_QUEUES]  # fmt: skip
 
         with odin_process(serve(0)) as first, odin_process(serve(1)) as second:
             odins = (first, second)
@@ -122,8 +144,11 @@ async def test_a_stream_leader_failover_loses_no_event(tmp_path: Path) -> None:
                             await trio.sleep(0.2)
                     received = [len(f.events) for f in followers]
                     assert not stats["inFlight"], stats
-                    assert all(n >= stats["messagesPublished"] for n in received), (
-                        stats, received)  # fmt: skip
+                    if not all(n >= stats["messagesPublished"] for n in received):
+                        for odin in odins:
+                            print("\n".join(broker_log(odin)))
+                        closed = [f.closed for f in followers]
+                        raise AssertionError(f"{stats} received {received} closed {closed}")
                     await trio.sleep(0.5)  # anything more (a duplicate) would show
                 nursery.cancel_scope.cancel()
     published = stats["messagesPublished"]

@@ -107,7 +107,10 @@ class InterestKeeper:
         context.metrics.interest_filters.set(-1 if fed is None else len(fed))
         if fed != before:
             context.metrics.interest_changes.inc()
-            context.log.debug(
+            # Taking everything, or no longer, is worth an operator's eye (past the bound a
+            # process reads the firehose); the rest comes and goes with the clients.
+            level = context.log.info if (fed is None) != (before is None) else context.log.debug
+            level(
                 "interest_changed",
                 filters="all" if fed is None else len(fed),
                 forgotten=len(changed),

@@ -4,7 +4,7 @@ clients want 1 %, 10 % or 100 % of the channels, with ``broker.interest = "subsc
 
 Usage: ``.venv/bin/python -m stress.bench_interest [--channels 1000] [--rate 5000]
 [--duration 10] [--fractions 0.01,0.1,1] [--modes subscribed,all] [--clients 4]
-[--per-client 100]``
+[--per-client 100] [--latency-samples 50]``
 
 One nats-server (JetStream, a store in a temporary directory, HTTP monitoring on) serves every
 configuration. For each mode and fraction, one ``odin serve --workers 1`` process is started
@@ -20,7 +20,10 @@ they will (at most 5 s after the last publish):
   start with ``odin``) in the nats-server's ``/connz``;
 * Odin's CPU: the delta of utime + stime of its PID (``/proc/PID/stat``), as a percentage of
   one core over the window and in µs per published event;
-* the events the clients received (beside the number published on the channels they want).
+* the events the clients received (beside the number published on the channels they want);
+* then, the publisher stopped, how long a subscribe to a channel nobody wanted yet takes to
+  be acknowledged (``--latency-samples`` channels, one at a time): with interest, each
+  changes the consumer's filters first.
 
 Odin is stopped by its PID (SIGTERM, then SIGKILL) after each configuration, the nats-server
 at the end.
@@ -262,6 +265,7 @@ async def _measure(
                 elif time.monotonic() - still > 1.0:
                     break
         after = await trio.to_thread.run_sync(_snapshot, monitor, odin.pid, port, clients)
+        latencies = await _subscribe_latency(ws_url, args.latency_samples)
         nursery.cancel_scope.cancel()
     by_name: dict[str, list[int]] = {}
     for cid, (name, msgs, size) in after.egress.items():
@@ -295,6 +299,35 @@ async def _measure(
         "filters": after.metrics.get("odin_interest_filters", 0.0),
         "connections": len(after.egress),
         "egress_by_connection": by_name,
+        "subscribe_ms": _percentiles(latencies),
+    }
+
+
+async def _subscribe_latency(url: str, samples: int) -> list[float]:
+    """Milliseconds from a subscribe to its ack, for ``samples`` channels nobody wanted yet,
+    one at a time on one connection (after the publisher stopped): with interest each one
+    changes the consumer's filters before its ack."""
+    latencies = []
+    async with open_websocket_url(url) as ws:
+        for n in range(samples):
+            started = time.perf_counter()
+            await ws.send_message(json.dumps(
+                {"type": "subscribe", "id": n, "data": {"channels": [f"L{n:04d}.trade"]}}
+            ))  # fmt: skip
+            with trio.fail_after(10):
+                while json.loads(await ws.get_message()).get("type") != "subscription_ack":
+                    pass
+            latencies.append(1000 * (time.perf_counter() - started))
+    return latencies
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "p50": round(ordered[len(ordered) // 2], 2),
+        "p99": round(ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)], 2),
     }
 
 
@@ -377,8 +410,8 @@ def _details(rows: list[tuple[str, float, dict[str, Any]]]) -> str:
     lines = [
         "| mode | wanted % | channels / clients | publisher rate /s | acked | Odin ingested "
         "| filters | interest changes | NATS→Odin msgs by connection | window s | gaps "
-        "| Odin log (warnings, consumer, interest) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| subscribe to a new channel p50 / p99 ms | Odin log (warnings, consumer, interest) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for mode, fraction, r in rows:
         egress = sorted(r["egress_by_connection"].items())
@@ -388,6 +421,7 @@ def _details(rows: list[tuple[str, float, dict[str, Any]]]) -> str:
             f"| {r['published'] / r['publish_seconds']:,.0f} | {r['acked']:,} "
             f"| {r['ingested']:,.0f} | {r['filters']:g} | {r['interest_changes']:g} "
             f"| {by_connection} | {r['window']:.1f} | {r['gaps']} "
+            f"| {r['subscribe_ms'].get('p50', 0):.2f} / {r['subscribe_ms'].get('p99', 0):.2f} "
             f"| {', '.join(r['log']) or '-'} |"
         )
     return "\n".join(lines)
@@ -406,6 +440,7 @@ def main() -> None:
     parser.add_argument("--modes", type=lambda t: t.split(","), default=["subscribed", "all"])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-client", type=int, default=100)
+    parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--publish", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publish:

@@ -38,6 +38,7 @@ from odin.metrics import Metrics
 from odin.server.app import Listening, OdinServer, StartError
 from odin.server.control import ControlServer
 from odin.server.reload import apply, plan_reload
+from odin.server.tokens import load_keys
 from odin.simulator.model import Market
 from odin.simulator.runner import run_simulator, wall_clock
 
@@ -354,7 +355,12 @@ class _Run:
         return self.server.context.config
 
     def load(self) -> tuple[Config, list[str]]:
-        return load_config(file=self.config_file, overrides=self.overrides)
+        config, unknown = load_config(file=self.config_file, overrides=self.overrides)
+        try:
+            load_keys(config.auth)  # a key that cannot be used is a configuration error
+        except (OSError, ValueError) as exc:
+            raise ConfigError([str(exc)]) from None
+        return config, unknown
 
     def reload(self) -> tuple[list[str], list[str]]:
         """Load the configuration again and apply what can change live; raises ConfigError

@@ -381,6 +381,70 @@ class SimulatorSection:
     """Random seed, for a reproducible stream."""
 
 
+def _namespaces(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    from odin.protocol.access import POLICIES
+    from odin.protocol.channels import ChannelError, ChannelRules
+
+    rules = ChannelRules(frozenset())
+    for item in value:
+        pattern, sep, policy = item.partition("=")
+        if not sep or policy.strip() not in POLICIES:
+            raise ValueError(
+                f"{attribute.name}: {item!r} is not PATTERN=POLICY (policy: public, token, deny)"
+            )
+        try:
+            rules.check(pattern.strip())
+        except ChannelError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
+
+
+@attrs.frozen
+class AuthSection:
+    required: bool = False
+    """Refuse (401) a connection without a valid token. Without it a connection may come
+    without one, and gets the ``public`` channels only."""
+    hmac_secret: str = attrs.field(default="", repr=False)
+    """The shared secret of HS256/384/512 tokens (prefer ``ODIN_AUTH_HMAC_SECRET`` or
+    ``hmac_secret_file`` to writing it in a file others read)."""
+    hmac_secret_file: str = attrs.field(default="", validator=_existing_file)
+    """A file holding the HS256/384/512 secret (its whitespace trimmed)."""
+    public_key_file: str = attrs.field(default="", validator=_existing_file)
+    """A PEM public key (or certificate): RSA (RS256/384/512), EC P-256 or P-384
+    (ES256/384), Ed25519 (EdDSA)."""
+    jwks_file: str = attrs.field(default="", validator=_existing_file)
+    """A JWKS document; a token's ``kid`` picks its key."""
+    audience: str = ""
+    """When set, a token's ``aud`` must name it."""
+    issuer: str = ""
+    """When set, a token's ``iss`` must be it."""
+    leeway: float = attrs.field(default=5.0, validator=[v.ge(0), v.le(300)])
+    """Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
+    query_token: bool = False
+    """Also accept ``?token=`` in the URL. Off by default: URLs land in proxy and access logs."""
+    namespaces: tuple[str, ...] = attrs.field(default=(), validator=_namespaces)
+    """``PATTERN=POLICY`` in order, the first matching a channel governing it (public: anyone;
+    token: a token whose ``channels`` claim allows it; deny: nobody). Channels none matches are
+    public."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.hmac_secret and self.hmac_secret_file:
+            raise ValueError("hmac_secret_file: set hmac_secret or hmac_secret_file, not both")
+        if self.required and not self.has_keys:
+            raise ValueError("required: tokens are required but no key is set (hmac_secret, "
+                             "hmac_secret_file, public_key_file or jwks_file)")  # fmt: skip
+        if not self.has_keys and any(
+            n.partition("=")[2].strip() == "token" for n in self.namespaces
+        ):
+            raise ValueError("namespaces: a 'token' namespace needs a key to check tokens with")
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.hmac_secret or self.hmac_secret_file or self.public_key_file
+                    or self.jwks_file)  # fmt: skip
+
+
 @attrs.frozen
 class Config:
     server: ServerSection = ServerSection()
@@ -392,6 +456,7 @@ class Config:
     log: LogSection = LogSection()
     simulator: SimulatorSection = SimulatorSection()
     control: ControlSection = ControlSection()
+    auth: AuthSection = AuthSection()
 
     def __attrs_post_init__(self) -> None:
         problems = []

@@ -78,7 +78,25 @@ REJECT_REASONS = (
     "origin",
     "handshake_timeout",
     "bad_request",
+    "unauthorized",
 )
+AUTH_REFUSALS = (
+    "missing",
+    "malformed",
+    "algorithm",
+    "unknown_key",
+    "invalid_signature",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "issuer",
+    "invalid",
+    "forbidden",
+    "token_expired",
+)
+"""Why a token, or what it asked for, was refused (``odin_auth_refused_total{reason}``):
+the first ten at the upgrade (401), ``forbidden`` a subscribe or replay outside what the
+connection may read, ``token_expired`` an open connection closed at its token's expiry."""
 GAP_REASONS = (
     "conflated",
     "missed",
@@ -98,6 +116,7 @@ CLOSE_REASONS = (
     "shutdown",
     "operator",
     "error",
+    "token_expired",
 )
 
 
@@ -161,6 +180,14 @@ class Metrics:
             registry=r,
         )
         self.rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
+        auth_refused = Counter(
+            "odin_auth_refused",
+            "Tokens refused at the upgrade (401), requests outside what a connection may read, "
+            "and connections closed at their token's expiry, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_refused = {reason: auth_refused.labels(reason) for reason in AUTH_REFUSALS}
         closed = Counter(
             "odin_connections_closed",
             "Connections that ended, by why they ended.",

@@ -126,9 +126,15 @@ class Harness:
         read_hello: bool = True,
         v1: bool = True,
         resource: str = "/ws",
+        subprotocols: Sequence[str] = (),
     ) -> AbstractAsyncContextManager[Client]:
         return open_client(
-            self.open_stream, headers=headers, read_hello=read_hello, v1=v1, resource=resource
+            self.open_stream,
+            headers=headers,
+            read_hello=read_hello,
+            v1=v1,
+            resource=resource,
+            subprotocols=subprotocols,
         )
 
     async def settle(self, timeout: float = 5, upto: int | None = None) -> None:
@@ -151,6 +157,7 @@ async def open_client(
     read_hello: bool = True,
     v1: bool = True,
     resource: str = "/ws",
+    subprotocols: Sequence[str] = (),
 ) -> AsyncIterator[Client]:
     """A WebSocket client on a stream it owns (and always closes); an int is a loopback port.
 
@@ -165,7 +172,7 @@ async def open_client(
                 "127.0.0.1",
                 resource,
                 extra_headers=list(headers),
-                subprotocols=[SUBPROTOCOL_V1] if v1 else [],
+                subprotocols=[*([SUBPROTOCOL_V1] if v1 else []), *subprotocols],
             )
             client = Client(ws, stream)
             if read_hello and v1:

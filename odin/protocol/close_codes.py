@@ -31,6 +31,9 @@ class CloseCode(enum.IntEnum):
     KICKED = 4001
     """Closed by an operator (``odin-console``'s kick, or ``kick`` on the control socket);
     the reason is the operator's. The client may reconnect."""
+    TOKEN_EXPIRED = 4010
+    """The connection's token expired (its ``exp``, plus ``auth.leeway``): reconnect with a
+    new one."""
 
 
 SLOW_CONSUMER_REASON = "slow consumer"

@@ -29,6 +29,9 @@ class ErrorCode(enum.StrEnum):
     """A recovery or replay position that cannot be used (for example on a pattern)."""
     RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
     """The connection sent faster than its token bucket allows; the frame was dropped."""
+    FORBIDDEN = "FORBIDDEN"
+    """A channel or pattern this connection may not read (``auth.namespaces``: denied, or a
+    token that does not allow it); nothing of the request was done."""
 
 
 class ClientError(Exception):

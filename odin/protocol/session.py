@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import attrs
 
+from odin.protocol.access import ANONYMOUS, EVERYTHING_PUBLIC, AccessRules, Grant
 from odin.protocol.channels import ChannelError, ChannelRules, covered_by, is_pattern
 from odin.protocol.close_codes import RATE_LIMIT_REASON, CloseCode
 from odin.protocol.codec import decode_request
@@ -117,6 +118,9 @@ class Session:
     limits: SessionLimits
     rules: ChannelRules
     last_activity: float
+    access: AccessRules = EVERYTHING_PUBLIC
+    grant: Grant = ANONYMOUS
+    """Who this connection is (its token's claims) and what it may therefore read."""
     subscriptions: set[str] = attrs.Factory(set)
     _bucket: TokenBucket = attrs.field(init=False)
     _abuse: LeakyCounter = attrs.field(init=False)
@@ -208,8 +212,19 @@ class Session:
                 ) from None
         return list(unique)
 
+    def _allowed(self, names: list[str], kind: str, request_id: RequestId | None) -> None:
+        refusals = self.access.check_all(names, self.grant)
+        if refusals:
+            raise ClientError(
+                ErrorCode.FORBIDDEN,
+                "; ".join(refusal.message() for refusal in refusals),
+                request_type=kind,
+                request_id=request_id,
+            )
+
     def _subscribe(self, message: Subscribe, request_id: RequestId | None) -> SubscribeAction:
         requested = self._checked(message.data.channels, Subscribe.TYPE, request_id)
+        self._allowed(requested, Subscribe.TYPE, request_id)
         added = [name for name in requested if name not in self.subscriptions]
         total = len(self.subscriptions) + len(added)
         if total > self.limits.max_subscriptions:
@@ -270,6 +285,7 @@ class Session:
                 except ChannelError as exc:
                     raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
             names = list(dict.fromkeys(names))
+            self._allowed(names, Replay.TYPE, request_id)
         if data.since is not None:
             if data.since < 0:
                 raise refuse(ErrorCode.INVALID_POSITION, "'since' must be >= 0")

@@ -32,6 +32,7 @@ from odin.broker.base import Broker
 from odin.config import Config
 from odin.logs import Log, get_logger
 from odin.metrics import WALK_EVERY, Metrics
+from odin.protocol.access import ANONYMOUS, Grant
 from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
 from odin.protocol.negotiation import UnsupportedVersion, negotiate
 from odin.server.connection import Connection
@@ -41,6 +42,7 @@ from odin.server.fanout import Fanout
 from odin.server.handshake import HandshakeRefused, accept
 from odin.server.http import BadRequest, RequestHead, read_request_head, response
 from odin.server.outbox import Outbox
+from odin.server.tokens import TokenRefused, token_from
 from odin.server.worker_role import WorkerRole
 from odin.server.writer import Writer
 
@@ -83,6 +85,7 @@ class OdinServer:
         self.stopped = trio.Event()
         """Set when ``run`` has returned (drained and closed, or cancelled)."""
         self._last_capacity_log = -1e9
+        self._auth_logged: dict[str, float] = {}
 
     @property
     def log(self) -> Log:
@@ -122,6 +125,7 @@ class OdinServer:
             root.start_soon(self._housekeeping)
             root.start_soon(context.flusher.run)
             root.start_soon(context.liveness.run, context.flusher.flush)
+            root.start_soon(context.expiries.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
@@ -269,6 +273,7 @@ class OdinServer:
                 v1=upgrade.v1,
                 trailing=upgrade.trailing,
                 scope=nursery.cancel_scope,
+                grant=upgrade.grant,
             )
             if context.registry.draining:
                 self._close_for_shutdown(connection)
@@ -300,6 +305,10 @@ class OdinServer:
             if refusal is not None:
                 await _answer(writer, refusal)
                 return None
+            grant = self._authenticate(head, peer)
+            if isinstance(grant, bytes):
+                await _answer(writer, grant)
+                return None
             try:
                 protocol = negotiate(head.subprotocols, head.query_values("protocol"))
                 writer.offer(accept(head, protocol.subprotocol), force=True)
@@ -312,10 +321,45 @@ class OdinServer:
                 await _answer(writer, exc.answer)
                 return None
             context.registry.admit()
-            return Upgrade(peer, head.headers.get("origin"), protocol.v1, head.trailing)
+            return Upgrade(peer, head.headers.get("origin"), protocol.v1, head.trailing, grant)
         context.metrics.rejected["handshake_timeout"].inc()
         self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
         return None
+
+    def _authenticate(self, head: RequestHead, peer: str) -> Grant | bytes:
+        """What the request's token grants (nothing without one), or the 401 refusing it."""
+        context = self.context
+        settings = context.config.auth
+        verifier = context.verifier
+        token = token_from(
+            head.headers.get("authorization"),
+            head.subprotocols,
+            head.query_values("token"),
+            query_ok=settings.query_token,
+        )
+        if token is None or not verifier.enabled:
+            if settings.required:
+                return self._unauthorized(peer, "missing", "a token is required")
+            return ANONYMOUS  # a token nothing can check grants nothing: public channels
+        try:
+            return verifier.verify(token)
+        except TokenRefused as exc:
+            return self._unauthorized(peer, exc.reason, str(exc))
+
+    def _unauthorized(self, peer: str, reason: str, detail: str) -> bytes:
+        metrics = self.context.metrics
+        metrics.rejected["unauthorized"].inc()
+        metrics.auth_refused[reason].inc()
+        # One line per reason a second at most: under a flood of bad tokens the log stays
+        # readable and cheap (the counter has them all). Never the token itself.
+        now = trio.current_time()
+        if now - self._auth_logged.get(reason, -2.0) >= 1.0:
+            self._auth_logged[reason] = now
+            self.log.warning("auth_refused", peer=peer, reason=reason, detail=detail[:200])
+        challenge = f'Bearer error="invalid_token", error_description="{reason}"'.encode()
+        return response(
+            401, f"unauthorized: {reason}\n".encode(), headers=[(b"WWW-Authenticate", challenge)]
+        )
 
     def _refusal(self, head: RequestHead, peer: str) -> bytes | None:
         """The response refusing an upgrade, or None to accept it."""
@@ -357,6 +401,7 @@ class Upgrade:
     origin: str | None
     v1: bool
     trailing: bytes
+    grant: Grant = ANONYMOUS
 
 
 class StartError(Exception):

@@ -22,8 +22,10 @@ import trio
 
 from odin.core.seam import RecoverySeam
 from odin.logs import Log
+from odin.protocol.access import ANONYMOUS, Grant
 from odin.protocol.close_codes import IDLE_REASON, SLOW_CONSUMER_REASON, CloseCode
 from odin.protocol.codec import encode, text_frame
+from odin.protocol.errors import ErrorCode
 from odin.protocol.messages import Hello, Reconnect, ServerMessage
 from odin.protocol.negotiation import V1_ONLY_TYPES
 from odin.protocol.session import (
@@ -80,6 +82,7 @@ class Connection:
         v1: bool = True,
         trailing: bytes = b"",
         scope: trio.CancelScope | None = None,
+        grant: Grant = ANONYMOUS,
     ) -> None:
         self.context = context
         self.transport = transport
@@ -98,7 +101,13 @@ class Connection:
         """Speaks Odin's protocol v1 (hello, gap, reconnect, replay_complete); otherwise only
         the message types the original server sent (odin.protocol.negotiation)."""
         self.opened_at = trio.current_time()
-        self.session = Session(context.limits, context.rules, last_activity=self.opened_at)
+        self.session = Session(
+            context.limits,
+            context.rules,
+            last_activity=self.opened_at,
+            access=context.access,
+            grant=grant,
+        )
         self.seam: RecoverySeam[Event] = RecoverySeam(writer.outbox.max_messages)
         """Where recoveries join the live stream: live events held while history is read,
         and the floors below which the feed repeats what a replay already sent."""
@@ -114,7 +123,12 @@ class Connection:
         context = self.context
         context.registry.add(self)
         context.liveness.add(self)
-        self.log.info("conn_open", origin=self.origin, protocol=1 if self.v1 else 0)
+        grant = self.session.grant
+        if grant.expires_at is not None:
+            context.expiries.add(self, grant.expires_at)
+        self.log.info(
+            "conn_open", origin=self.origin, protocol=1 if self.v1 else 0, sub=grant.subject or None
+        )
         context.events.emit("conn_open", self.id, peer=self.peer)
         self.writer.attach(nursery)
         try:
@@ -158,6 +172,7 @@ class Connection:
         self.writer.mark_closed()
         self._unindex()
         context.liveness.discard(self)
+        context.expiries.discard(self)
         context.registry.remove(self)
         code, reason, label = self._close_outcome()
         context.metrics.closed[label].inc()
@@ -218,6 +233,12 @@ class Connection:
     def ping(self) -> None:
         if self.closing is None:
             self.writer.offer(PING_FRAME, force=True)
+
+    def close_expired(self) -> None:
+        """Its token's ``exp`` (plus the leeway) has passed: the expiry task calls this."""
+        self.context.metrics.auth_refused["token_expired"].inc()
+        self.log.info("token_expired", sub=self.session.grant.subject or None)
+        self.request_close(CloseCode.TOKEN_EXPIRED, "token expired", "token_expired")
 
     def close_idle(self, now: float) -> None:
         self.log.info("idle_timeout", idle=round(now - self.session.last_activity, 3))
@@ -283,6 +304,8 @@ class Connection:
                 )
         elif isinstance(notice, BadMessage):
             metrics.bad_messages.labels(notice.code.value).inc()
+            if notice.code is ErrorCode.FORBIDDEN:
+                metrics.auth_refused["forbidden"].inc()
             if notice.first:
                 self.log.info("bad_message", code=notice.code.value)
 

@@ -15,14 +15,17 @@ from odin.config import Config
 from odin.core.hub import Hub
 from odin.logs import Log
 from odin.metrics import Metrics
+from odin.protocol.access import AccessRules, rules_from
 from odin.protocol.channels import ChannelRules
 from odin.protocol.session import SessionLimits
 from odin.server.endpoints import CpuSampler
 from odin.server.events import EventRing
+from odin.server.expiry import Expiries
 from odin.server.history_reads import HistoryReader
 from odin.server.interest import InterestKeeper
 from odin.server.liveness import Wheel
 from odin.server.registry import Registry
+from odin.server.tokens import Verifier
 from odin.server.worker_role import WorkerRole
 from odin.server.writer import Flusher
 
@@ -55,6 +58,12 @@ class ServerContext:
     cpu: CpuSampler = attrs.Factory(CpuSampler)
     """This process's recent CPU use, for /health."""
     rules: ChannelRules = attrs.field(init=False)
+    access: AccessRules = attrs.field(init=False)
+    """Which channels need a token, or are not served (``auth.namespaces``)."""
+    verifier: Verifier = attrs.field(init=False)
+    """Checks connection tokens (``auth``)."""
+    expiries: Expiries = attrs.field(init=False)
+    """Closes connections when their token expires."""
     limits: SessionLimits = attrs.field(init=False)
     worker: WorkerRole | None = None
     """Set when this process is one of a supervisor's workers (``--workers N``)."""
@@ -64,6 +73,9 @@ class ServerContext:
         self.interest = InterestKeeper(self)
         self.liveness = Wheel(self.config.connection.ping_interval)
         self.rules = ChannelRules()
+        self.access = rules_from(self.config.auth.namespaces)
+        self.verifier = Verifier.from_config(self.config.auth)
+        self.expiries = Expiries(self.config.auth.leeway)
         self.limits = session_limits(self.config)
         worker = self.worker
         capacity = plan(

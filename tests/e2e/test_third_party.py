@@ -106,3 +106,56 @@ def test_websocat_watches_events_from_a_shell() -> None:
     assert lines[0]["type"] == "subscription_ack"
     assert len(lines) == 5
     assert all(line["channel"] == "BTC.trade" for line in lines[1:])
+
+
+def test_websockets_client_with_a_token_in_a_header_or_the_subprotocol_list() -> None:
+    """An RS256 token from a key Odin reads from a PEM file; the `websockets` library sends
+    it as a Bearer header, then as a browser must, in the subprotocol list."""
+    import tempfile
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from websockets.exceptions import InvalidStatus
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    granted = jwt.encode(
+        {"sub": "bob", "channels": ["BTC.*"], "exp": int(time.time()) + 600}, key, "RS256"
+    )
+    with tempfile.NamedTemporaryFile(suffix=".pem") as public_key:
+        Path(public_key.name).write_bytes(pem)
+        args = ["serve", "--port", "0", "--broker", "memory", "--simulate", "--rate", "100",
+                "--tokens", "BTC,ETH", "--set", f"auth.public_key_file={public_key.name}",
+                "--set", "auth.namespaces=BTC.*=token"]  # fmt: skip
+        with odin_process(args) as odin:
+            url = odin.wait_for("listening")["websocket"][0]
+            with pytest.raises(InvalidStatus) as refused:
+                connect(url, open_timeout=10, additional_headers={"Authorization": "Bearer x.y.z"})
+            assert refused.value.response.status_code == 401
+            ways: list[dict[str, Any]] = [
+                {"additional_headers": {"Authorization": f"Bearer {granted}"},
+                 "subprotocols": [Subprotocol(V1)]},
+                {"subprotocols": [Subprotocol(V1), Subprotocol(f"odin.token.{granted}")]},
+            ]  # fmt: skip
+            for way in ways:
+                with connect(url, open_timeout=10, **way) as ws:
+                    assert ws.subprotocol == "odin.v1"  # never the token
+                    assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+                    ack = request(
+                        ws, {"type": "subscribe", "data": {"channels": ["BTC.trade"]}},
+                        "subscription_ack",
+                    )  # fmt: skip
+                    assert ack["type"] == "subscription_ack"
+                    assert {e["channel"] for e in receive(ws, 3)} == {"BTC.trade"}
+            # Without the token, BTC is not served.
+            with connect(url, open_timeout=10, subprotocols=[Subprotocol(V1)]) as ws:
+                json.loads(ws.recv(timeout=10))
+                error = request(
+                    ws, {"type": "subscribe", "data": {"channels": ["BTC.trade"]}},
+                    "subscription_ack",
+                )  # fmt: skip
+                assert error["code"] == "FORBIDDEN"

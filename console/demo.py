@@ -507,6 +507,7 @@ def connections_page(items: list[ConnectionInfo], query: ListConnections) -> Pag
         if not needle
         or needle in c.id.lower()
         or needle in c.peer.lower()
+        or needle in c.user.lower()
         or any(needle in name.lower() for name in c.channels)
     ]
     kept.sort(key=CONNECTION_KEYS[query.sort], reverse=query.descending)

@@ -38,6 +38,7 @@ from odin.metrics import Metrics
 from odin.server.app import Listening, OdinServer, StartError
 from odin.server.control import ControlServer
 from odin.server.reload import apply, plan_reload
+from odin.server.tls import server_context
 from odin.server.tokens import load_keys
 from odin.simulator.model import Market
 from odin.simulator.runner import run_simulator, wall_clock
@@ -312,7 +313,7 @@ def _single(announce: Announce | None) -> Callable[[Listening, Broker], None] | 
 
 def _where_to_connect(ready: Ready, workers: int) -> None:
     """What ``odin serve`` prints on a terminal: where clients and operators connect."""
-    http = ready.listening.http[0]
+    http = (ready.listening.ops or ready.listening.http)[0]
     cores = f" with {workers} workers" if workers > 1 else ""
     print(
         f"Odin is serving clients at {ready.listening.websocket[0]}{cores} "
@@ -324,7 +325,7 @@ def _where_to_connect(ready: Ready, workers: int) -> None:
 def _banner(ready: Ready, workers: int) -> None:
     """What ``odin demo`` prints: where to look."""
     websocket = ready.listening.websocket[0]
-    http = ready.listening.http[0]
+    http = (ready.listening.ops or ready.listening.http)[0]
     subscribe = """'{"type":"subscribe","data":{"channels":["BTC.*"]}}'"""
     cores = f", {workers} workers" if workers > 1 else ""
     lines = [
@@ -360,6 +361,7 @@ class _Run:
             load_keys(config.auth)  # a key that cannot be used is a configuration error
         except (OSError, ValueError) as exc:
             raise ConfigError([str(exc)]) from None
+        server_context(config.server)  # so is a certificate that cannot be used (ConfigError)
         return config, unknown
 
     def reload(self) -> tuple[list[str], list[str]]:

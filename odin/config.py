@@ -10,6 +10,7 @@ are seconds, or strings with a unit (``"500ms"``, ``"10s"``, ``"2m"``). A bad va
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -120,6 +121,38 @@ def _existing_file(_: object, attribute: attrs.Attribute[str], value: str) -> No
         raise ValueError(f"{attribute.name}: no such file: {value}")
 
 
+def _http_url(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    """Empty (not set), or an http:// or https:// URL with a host."""
+    if not value:
+        return
+    try:
+        parsed = urlsplit(value)
+        parsed.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: not a URL: {exc}") from None
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        raise ValueError(f"{attribute.name}: expected an https:// or http:// URL, got {value!r}")
+
+
+def split_listen_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as (host, port); ValueError if it is not one."""
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port (port 0-65535), got {value!r}")
+    return host, int(port)
+
+
+def _listen_address(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    """Empty (not set), or ``host:port``."""
+    if value:
+        try:
+            split_listen_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
+
+
 @attrs.frozen
 class ServerSection:
     host: str = "127.0.0.1"
@@ -159,6 +192,28 @@ class ServerSection:
     """Largest HTTP request head in bytes (request line and headers)."""
     close_timeout: float = attrs.field(default=5.0, validator=positive)
     """Seconds to wait for a client to answer our close frame."""
+    tls_cert: str = attrs.field(default="", validator=_existing_file)
+    """Certificate chain (PEM) of the client listener: set with ``tls_key``, clients connect
+    with ``wss://`` (TLS 1.2 or later). Read again on every reload (SIGHUP)."""
+    tls_key: str = attrs.field(default="", validator=_existing_file)
+    """The private key (PEM) of ``tls_cert``; both or neither."""
+    ops_listen: str = attrs.field(default="", validator=_listen_address)
+    """``host:port`` of a separate plain-HTTP listener for /metrics, /health and /ready (port 0:
+    any free port); set, the client port serves only WebSocket. Empty: no ops listener."""
+    metrics_token: str = attrs.field(default="", repr=False)
+    """When set, /metrics needs ``Authorization: Bearer <token>`` (prefer
+    ``ODIN_SERVER_METRICS_TOKEN`` to writing it in a file others read)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_cert and not self.tls_key:
+            raise ValueError("tls_key: tls_cert is set, its private key must be too")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_cert: tls_key is set, its certificate must be too")
+
+    @property
+    def ops_address(self) -> tuple[str, int] | None:
+        """``ops_listen`` as (host, port), or None without an ops listener."""
+        return split_listen_address(self.ops_listen) if self.ops_listen else None
 
 
 @attrs.frozen
@@ -415,12 +470,28 @@ class AuthSection:
     (ES256/384), Ed25519 (EdDSA)."""
     jwks_file: str = attrs.field(default="", validator=_existing_file)
     """A JWKS document; a token's ``kid`` picks its key."""
+    jwks_url: str = attrs.field(default="", validator=_http_url)
+    """A JWKS document fetched over HTTP(S) (odin.server.jwks): at start, every
+    ``jwks_refresh``, and when a token names a ``kid`` the keys lack."""
+    jwks_refresh: float = attrs.field(default=300.0, validator=[v.gt(0), v.le(86400)])
+    """Seconds between routine fetches of ``jwks_url``."""
+    jwks_min_interval: float = attrs.field(default=30.0, validator=[v.ge(0), v.le(3600)])
+    """The least time between two fetches caused by unknown ``kid``s (a rate limit: tokens
+    with made-up ``kid``s cannot make Odin hammer the key server)."""
+    jwks_max_stale: float = attrs.field(default=86400.0, validator=v.gt(0))
+    """How long after the last good fetch its keys are still used while fetches fail; then
+    they are dropped and tokens refused (``unknown_key``) until a fetch succeeds."""
+    jwks_timeout: float = attrs.field(default=5.0, validator=[v.gt(0), v.le(60)])
+    """Seconds a fetch of ``jwks_url`` may take (and a connection waits for one)."""
     audience: str = ""
     """When set, a token's ``aud`` must name it."""
     issuer: str = ""
     """When set, a token's ``iss`` must be it."""
     leeway: float = attrs.field(default=5.0, validator=[v.ge(0), v.le(300)])
     """Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
+    expiry_notice: float = attrs.field(default=30.0, validator=v.ge(0))
+    """Seconds before a token's ``exp`` that a v1 connection is sent ``token_expiring`` (time
+    to ``refresh``); 0: no notice."""
     query_token: bool = False
     """Also accept ``?token=`` in the URL. Off by default: URLs land in proxy and access logs."""
     namespaces: tuple[str, ...] = attrs.field(default=(), validator=_namespaces)
@@ -433,7 +504,7 @@ class AuthSection:
             raise ValueError("hmac_secret_file: set hmac_secret or hmac_secret_file, not both")
         if self.required and not self.has_keys:
             raise ValueError("required: tokens are required but no key is set (hmac_secret, "
-                             "hmac_secret_file, public_key_file or jwks_file)")  # fmt: skip
+                             "hmac_secret_file, public_key_file, jwks_file, jwks_url)")  # fmt: skip
         if not self.has_keys and any(
             n.partition("=")[2].strip() == "token" for n in self.namespaces
         ):
@@ -442,7 +513,52 @@ class AuthSection:
     @property
     def has_keys(self) -> bool:
         return bool(self.hmac_secret or self.hmac_secret_file or self.public_key_file
-                    or self.jwks_file)  # fmt: skip
+                    or self.jwks_file or self.jwks_url)  # fmt: skip
+
+
+def _networks(
+    _: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    # As odin.core.admission.parse_networks reads them (config sits beside the layers).
+    for item in value:
+        try:
+            ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{attribute.name}: {item!r} is not an address or a network (CIDR)"
+            ) from None
+
+
+@attrs.frozen
+class AdmissionSection:
+    """Per-client limits at the upgrade (429 beyond them), and who the client is behind
+    proxies. Off by default: behind a proxy that is not in ``trusted_proxies`` every client
+    has the proxy's address, and a per-address limit would cap the whole service."""
+
+    max_per_ip: int = attrs.field(default=0, validator=v.ge(0))
+    """Connections open at once from one client address; 0: no limit."""
+    max_per_subject: int = attrs.field(default=0, validator=v.ge(0))
+    """Connections open at once with tokens of one ``sub``; 0: no limit."""
+    new_per_ip_per_second: float = attrs.field(default=0.0, validator=v.ge(0))
+    """New connections per second one address may open in the long run; 0: no limit."""
+    new_per_ip_burst: int = attrs.field(default=0, validator=v.ge(0))
+    """New connections one address may open at once (the bucket's size)."""
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
+    """Proxies (CIDRs or addresses) whose forwarding header or PROXY header names the client."""
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    """The header trusted proxies record the client in (the other one is ignored)."""
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol (v1 or v2) header first on every connection from a trusted
+    proxy; a connection without a valid one is closed."""
+    max_addresses: int = attrs.field(default=100_000, validator=v.ge(1))
+    """Client addresses tracked at once (their open connections and buckets)."""
+
+    def __attrs_post_init__(self) -> None:
+        if (self.new_per_ip_per_second > 0) != (self.new_per_ip_burst > 0):
+            raise ValueError("new_per_ip_burst: set both new_per_ip_per_second and "
+                             "new_per_ip_burst, or neither")  # fmt: skip
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol: needs trusted_proxies (the proxies that send it)")
 
 
 @attrs.frozen
@@ -457,6 +573,7 @@ class Config:
     simulator: SimulatorSection = SimulatorSection()
     control: ControlSection = ControlSection()
     auth: AuthSection = AuthSection()
+    admission: AdmissionSection = AdmissionSection()
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -675,6 +792,9 @@ def as_dict(config: object) -> dict[str, object]:
     """The effective configuration, for the start-up log and ``--check-config``; passwords
     and tokens in NATS URLs are masked."""
     tree = attrs.asdict(config)  # type: ignore[arg-type]
+    server = tree.get("server")
+    if isinstance(server, dict) and server.get("metrics_token"):
+        server["metrics_token"] = "***"
     nats = tree.get("nats")
     if isinstance(nats, dict) and nats.get("url"):
         nats["url"] = ",".join(_masked(a) for a in nats_addresses(str(nats["url"])))

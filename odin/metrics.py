@@ -79,6 +79,12 @@ REJECT_REASONS = (
     "handshake_timeout",
     "bad_request",
     "unauthorized",
+    "per_ip",
+    "ip_rate",
+    "per_subject",
+    "address_table",
+    "proxy_header",
+    "tls",
 )
 AUTH_REFUSALS = (
     "missing",
@@ -93,6 +99,7 @@ AUTH_REFUSALS = (
     "invalid",
     "forbidden",
     "token_expired",
+    "auth_timeout",
 )
 """Why a token, or what it asked for, was refused (``odin_auth_refused_total{reason}``):
 the first ten at the upgrade (401), ``forbidden`` a subscribe or replay outside what the
@@ -117,6 +124,7 @@ CLOSE_REASONS = (
     "operator",
     "error",
     "token_expired",
+    "auth",
 )
 
 
@@ -180,6 +188,12 @@ class Metrics:
             registry=r,
         )
         self.rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
+        self.admission_evictions = Counter(
+            "odin_admission_evictions",
+            "Client addresses forgotten early because admission.max_addresses were tracked "
+            "(each gets a full new-connection bucket again).",
+            registry=r,
+        )
         auth_refused = Counter(
             "odin_auth_refused",
             "Tokens refused at the upgrade (401), requests outside what a connection may read, "
@@ -188,6 +202,20 @@ class Metrics:
             registry=r,
         )
         self.auth_refused = {reason: auth_refused.labels(reason) for reason in AUTH_REFUSALS}
+        jwks_fetches = Counter(
+            "odin_auth_jwks_fetches",
+            "Fetches of the JWKS document at auth.jwks_url, by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
+        self.jwks_fetches = {result: jwks_fetches.labels(result) for result in ("ok", "error")}
+        self.jwks_age = Gauge(
+            "odin_auth_jwks_age_seconds",
+            "Seconds since the last good fetch of auth.jwks_url (since the start before the "
+            "first one); 0 without a JWKS URL.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         closed = Counter(
             "odin_connections_closed",
             "Connections that ended, by why they ended.",

@@ -20,6 +20,7 @@ def detail_rows(detail: ConnectionDetail) -> list[tuple[str, str]]:
     return [
         ("id", conn.id),
         ("peer", conn.peer),
+        ("user", conn.user or "-"),
         ("origin", detail.origin or "-"),
         ("age", format.duration(conn.age)),
         ("channels", ", ".join(conn.channels) or "-"),

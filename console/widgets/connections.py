@@ -29,6 +29,7 @@ from odin.control.protocol import (
 COLUMNS: list[Column[ConnectionInfo]] = [
     Column("id", "id", lambda c: c.id, sort="id", numeric=False),
     Column("peer", "peer", lambda c: c.peer, numeric=False),
+    Column("user", "user", lambda c: c.user or "-", numeric=False),
     Column(
         "channels",
         "channels",

@@ -134,7 +134,7 @@ class ListConnections:
     sort: str = attrs.field(default="age", validator=_one_of(CONNECTION_SORTS))
     descending: bool = True
     filter: str = attrs.field(default="", validator=_short(200))
-    """Keeps connections whose id, peer or a channel contains this text."""
+    """Keeps connections whose id, peer, user or a channel contains this text."""
 
 
 @attrs.frozen
@@ -311,6 +311,8 @@ class ConnectionInfo:
     """Seconds since it connected."""
     rate_limited: int = 0
     closing: bool = False
+    user: str = ""
+    """The ``sub`` of its token (empty: none). Never the token."""
 
 
 @attrs.frozen

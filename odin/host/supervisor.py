@@ -51,6 +51,7 @@ from odin.metrics import forget_worker
 from odin.server.app import Listening, StartError, listen_problem, open_listeners
 from odin.server.control_socket import ControlUnavailable, prepare_directory
 from odin.server.reload import plan_reload
+from odin.server.tls import server_context
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
@@ -120,6 +121,7 @@ class Supervisor:
         self.forced = False
         self._listeners: list[trio.SocketListener] = []
         self._reserved: list[socket.socket] = []
+        self._reserved_ops: list[socket.socket] = []
         self._addresses: list[tuple[str, int]] = []
         self._worker_overrides: dict[str, object] = {}
         self._stop = trio.Event()
@@ -204,7 +206,7 @@ class Supervisor:
         finally:
             for listener in self._listeners:
                 listener.socket.close()
-            for reserved in self._reserved:
+            for reserved in [*self._reserved, *self._reserved_ops]:
                 reserved.close()
             if self.directory != Path():
                 shutil.rmtree(self.directory, ignore_errors=True)
@@ -227,6 +229,14 @@ class Supervisor:
         """Bind the port before any worker starts: an address in use is one error here,
         and port 0 becomes one port that every worker shares."""
         server = self.config.server
+        if server.ops_address is not None:
+            # Each worker listens on the ops address with SO_REUSEPORT (any of them answers
+            # for the host); held here like the port, and port 0 becomes one port for all.
+            reserved = reserve_port(*server.ops_address)
+            self._reserved_ops = reserved
+            host, port = _address(reserved[0])
+            shown = f"[{host}]" if ":" in host else host
+            self._worker_overrides["server.ops_listen"] = f"{shown}:{port}"
         if server.worker_sockets == "shared":
             self._listeners = await open_listeners(server.host, server.port)
             return
@@ -358,7 +368,9 @@ class Supervisor:
             return
         report = orjson.loads(buffer.split(b"\n", 1)[0])
         ready = Ready(
-            Listening(report["websocket"], report["http"]), report["control"], report["history"]
+            Listening(report["websocket"], report["http"], report.get("ops", [])),
+            report["control"],
+            report["history"],
         )
         self._set(slot, "up", control=ready.control)
         if task_status is not None:
@@ -414,6 +426,7 @@ class Supervisor:
         ConfigError (nothing is forwarded) when it is invalid."""
         try:
             config, _ = load_config(file=self._config_file, overrides=self._overrides)
+            server_context(config.server)  # the certificate every worker will read again
         except ConfigError as exc:
             self.log.warning(
                 "config_reload_failed", errors=exc.problems, kept="the running configuration"

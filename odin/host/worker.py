@@ -46,6 +46,7 @@ class WorkerLink:
         line = {
             "websocket": listening.websocket,
             "http": listening.http,
+            "ops": listening.ops,
             "control": str(control) if control else "",
             "history": history,
             "pid": os.getpid(),

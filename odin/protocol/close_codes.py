@@ -31,6 +31,11 @@ class CloseCode(enum.IntEnum):
     KICKED = 4001
     """Closed by an operator (``odin-console``'s kick, or ``kick`` on the control socket);
     the reason is the operator's. The client may reconnect."""
+    AUTH_REQUIRED = 4011
+    """The server needs a token and the connection's first message was not ``auth`` (or
+    none came within the handshake timeout)."""
+    TOKEN_INVALID = 4012
+    """The ``auth`` message's token does not verify; the reason follows ``token invalid:``."""
     TOKEN_EXPIRED = 4010
     """The connection's token expired (its ``exp``, plus ``auth.leeway``): reconnect with a
     new one."""
@@ -40,3 +45,4 @@ SLOW_CONSUMER_REASON = "slow consumer"
 RATE_LIMIT_REASON = "rate limit abuse"
 SHUTDOWN_REASON = "server shutting down"
 IDLE_REASON = "idle timeout"
+AUTH_REQUIRED_REASON = "authentication required"

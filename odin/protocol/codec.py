@@ -186,6 +186,8 @@ _RESERVED_TYPES = frozenset(
         "replay_incomplete",
         "gap",
         "reconnect",
+        "auth_ok",
+        "token_expiring",
     }
 )
 

@@ -18,7 +18,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_MESSAGE = "INVALID_MESSAGE"
     """JSON, but not an object with the fields its ``type`` needs."""
     UNKNOWN_TYPE = "UNKNOWN_TYPE"
-    """``type`` is not one of subscribe, unsubscribe, heartbeat, replay."""
+    """``type`` is not one of subscribe, unsubscribe, heartbeat, replay, auth, refresh."""
     BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
     """The protocol is JSON text frames only."""
     INVALID_CHANNEL = "INVALID_CHANNEL"
@@ -29,6 +29,9 @@ class ErrorCode(enum.StrEnum):
     """A recovery or replay position that cannot be used (for example on a pattern)."""
     RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
     """The connection sent faster than its token bucket allows; the frame was dropped."""
+    UNAUTHORIZED = "UNAUTHORIZED"
+    """A ``refresh`` (or a late ``auth``) whose token does not verify, or that the connection
+    cannot take (another subject); the connection keeps the token it had."""
     FORBIDDEN = "FORBIDDEN"
     """A channel or pattern this connection may not read (``auth.namespaces``: denied, or a
     token that does not allow it); nothing of the request was done."""

@@ -72,10 +72,32 @@ class Replay:
     data: ReplayData
 
 
-ClientMessage = Subscribe | Unsubscribe | Heartbeat | Replay
+@attrs.frozen
+class TokenData:
+    token: str
+
+
+@attrs.frozen
+class Auth:
+    """The connection's token, in-band: only as the first message (browsers and clients that
+    cannot put it in the upgrade request)."""
+
+    TYPE: ClassVar[str] = "auth"
+    data: TokenData
+
+
+@attrs.frozen
+class Refresh:
+    """A new token for the same subject, before the current one expires."""
+
+    TYPE: ClassVar[str] = "refresh"
+    data: TokenData
+
+
+ClientMessage = Subscribe | Unsubscribe | Heartbeat | Replay | Auth | Refresh
 
 CLIENT_MESSAGE_TYPES: dict[str, type[ClientMessage]] = {
-    cls.TYPE: cls for cls in (Subscribe, Unsubscribe, Heartbeat, Replay)
+    cls.TYPE: cls for cls in (Subscribe, Unsubscribe, Heartbeat, Replay, Auth, Refresh)
 }
 
 
@@ -187,6 +209,26 @@ class GapNotice:
 
 
 @attrs.frozen
+class AuthOk:
+    """A token taken (``auth`` or ``refresh``): who, and until when (Unix ms, or None)."""
+
+    TYPE: ClassVar[str] = "auth_ok"
+    sub: str
+    expires_at: int | None = None
+    id: RequestId | None = None
+
+
+@attrs.frozen
+class TokenExpiring:
+    """The connection's token expires soon: send ``refresh`` with a new one before
+    ``expires_at`` (Unix ms), or the connection is closed with 4010 then."""
+
+    TYPE: ClassVar[str] = "token_expiring"
+    expires_at: int
+    in_ms: int
+
+
+@attrs.frozen
 class Reconnect:
     TYPE: ClassVar[str] = "reconnect"
     after_ms: int
@@ -204,4 +246,6 @@ ServerMessage = (
     | ReplayIncomplete
     | GapNotice
     | Reconnect
+    | AuthOk
+    | TokenExpiring
 )

@@ -18,7 +18,9 @@ LEGACY = 0
 V1 = 1
 SUPPORTED = (LEGACY, V1)
 
-V1_ONLY_TYPES = frozenset({"hello", "gap", "reconnect", "replay_complete"})
+V1_ONLY_TYPES = frozenset(
+    {"hello", "gap", "reconnect", "replay_complete", "auth_ok", "token_expiring"}
+)
 """Server message types a client of the original never receives."""
 
 

@@ -13,14 +13,16 @@ import attrs
 
 from odin.protocol.access import ANONYMOUS, EVERYTHING_PUBLIC, AccessRules, Grant
 from odin.protocol.channels import ChannelError, ChannelRules, covered_by, is_pattern
-from odin.protocol.close_codes import RATE_LIMIT_REASON, CloseCode
+from odin.protocol.close_codes import AUTH_REQUIRED_REASON, RATE_LIMIT_REASON, CloseCode
 from odin.protocol.codec import decode_request
 from odin.protocol.errors import ClientError, ErrorCode
 from odin.protocol.messages import (
+    Auth,
     Error,
     Heartbeat,
     Pong,
     RecoveryReport,
+    Refresh,
     Replay,
     ReplayData,
     RequestId,
@@ -108,7 +110,17 @@ class CloseAction:
     reason: str
 
 
-Action = Reply | SubscribeAction | UnsubscribeAction | ReplayAction | CloseAction
+@attrs.frozen
+class TokenAction:
+    """A token to check (``auth`` as the first message, or ``refresh``): the shell verifies
+    it and hands the result to ``Session.take_grant``."""
+
+    token: str
+    refresh: bool
+    request_id: RequestId | None
+
+
+Action = Reply | SubscribeAction | UnsubscribeAction | ReplayAction | CloseAction | TokenAction
 
 
 @attrs.define
@@ -121,6 +133,10 @@ class Session:
     access: AccessRules = EVERYTHING_PUBLIC
     grant: Grant = ANONYMOUS
     """Who this connection is (its token's claims) and what it may therefore read."""
+    awaiting_auth: bool = False
+    """The server needs a token this connection did not bring: its first message must be
+    ``auth``; anything else closes it (4011)."""
+    _frames: int = attrs.field(init=False, default=0)
     subscriptions: set[str] = attrs.Factory(set)
     _bucket: TokenBucket = attrs.field(init=False)
     _abuse: LeakyCounter = attrs.field(init=False)
@@ -170,13 +186,20 @@ class Session:
                 notice=RateLimited(first=first),
             )
         self._limited_streak = False
+        self._frames += 1
         if isinstance(frame, bytes):
+            if self.awaiting_auth:
+                return CloseAction(CloseCode.AUTH_REQUIRED, AUTH_REQUIRED_REASON)
             return self._refuse(
                 ClientError(ErrorCode.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary")
             )
         try:
             request = decode_request(frame)
             message = request.message
+            if isinstance(message, Auth | Refresh):
+                return self._token(message, request.id)
+            if self.awaiting_auth:
+                return CloseAction(CloseCode.AUTH_REQUIRED, AUTH_REQUIRED_REASON)
             if isinstance(message, Subscribe):
                 return self._subscribe(message, request.id)
             if isinstance(message, Unsubscribe):
@@ -186,7 +209,46 @@ class Session:
             assert isinstance(message, Heartbeat)
             return Reply(Pong(ts=wall_ms, id=request.id))
         except ClientError as error:
+            if self.awaiting_auth:
+                return CloseAction(CloseCode.AUTH_REQUIRED, AUTH_REQUIRED_REASON)
             return self._refuse(error)
+
+    def _token(self, message: Auth | Refresh, request_id: RequestId | None) -> Action:
+        refresh = isinstance(message, Refresh)
+        if not refresh and self._frames > 1:
+            raise ClientError(
+                ErrorCode.INVALID_MESSAGE,
+                "auth is only taken as the first message; send refresh to replace a token",
+                request_type=Auth.TYPE,
+                request_id=request_id,
+            )
+        if refresh and not self.grant.authenticated:
+            raise ClientError(
+                ErrorCode.UNAUTHORIZED,
+                "this connection has no token to refresh",
+                request_type=Refresh.TYPE,
+                request_id=request_id,
+            )
+        return TokenAction(message.data.token, refresh, request_id)
+
+    def take_grant(self, grant: Grant, *, refresh: bool) -> tuple[ErrorCode, str] | None:
+        """Adopt a verified token's grant, or say why not (nothing changes then): a refresh
+        must keep the subject and allow every current subscription."""
+        if refresh and grant.subject != self.grant.subject:
+            return ErrorCode.UNAUTHORIZED, (
+                f"the new token is for {grant.subject!r}, this connection for "
+                f"{self.grant.subject!r}"
+            )
+        refused = self.access.check_all(sorted(self.subscriptions), grant) if refresh else []
+        if refused:
+            kept = "; ".join(refusal.message() for refusal in refused)
+            return (
+                ErrorCode.FORBIDDEN,
+                f"the new token does not allow current subscriptions: {kept}",
+            )
+        self.grant = grant
+        self.awaiting_auth = False
+        return None
 
     def _refuse(self, error: ClientError) -> Reply:
         first = error.code not in self._codes_seen

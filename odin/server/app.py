@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
 import random
+import socket
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -30,18 +32,32 @@ import trio
 
 from odin.broker.base import Broker
 from odin.config import Config
+from odin.core.admission import (
+    ADDRESS_TABLE,
+    IP_RATE,
+    Admission,
+    Limits,
+    Ticket,
+    TrustedProxies,
+    forwarded_for,
+    parse_address,
+    parse_networks,
+)
+from odin.core.proxy_protocol import ProxyHeaderError
 from odin.logs import Log, get_logger
 from odin.metrics import WALK_EVERY, Metrics
 from odin.protocol.access import ANONYMOUS, Grant
 from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
-from odin.protocol.negotiation import UnsupportedVersion, negotiate
+from odin.protocol.negotiation import SUBPROTOCOL_V1, UnsupportedVersion, negotiate
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
-from odin.server.endpoints import answer
+from odin.server.endpoints import answer, answer_ops
 from odin.server.fanout import Fanout
 from odin.server.handshake import HandshakeRefused, accept
 from odin.server.http import BadRequest, RequestHead, read_request_head, response
+from odin.server.jwks import verify_token
 from odin.server.outbox import Outbox
+from odin.server.proxy_header import read_proxy_header
 from odin.server.tokens import TokenRefused, token_from
 from odin.server.worker_role import WorkerRole
 from odin.server.writer import Writer
@@ -56,6 +72,8 @@ class Listening:
 
     websocket: list[str]
     http: list[str]
+    ops: list[str] = attrs.field(factory=list)
+    """The ops listener's URLs (``server.ops_listen``); empty without one."""
 
     @property
     def port(self) -> int:
@@ -86,6 +104,21 @@ class OdinServer:
         """Set when ``run`` has returned (drained and closed, or cancelled)."""
         self._last_capacity_log = -1e9
         self._auth_logged: dict[str, float] = {}
+        self._last_tls_log = -1e9
+        admission = config.admission
+        self.admission = Admission(
+            Limits(
+                max_per_ip=admission.max_per_ip,
+                max_per_subject=admission.max_per_subject,
+                new_per_second=admission.new_per_ip_per_second,
+                new_burst=admission.new_per_ip_burst,
+                max_addresses=admission.max_addresses,
+            ),
+            on_evict=self.context.metrics.admission_evictions.inc,
+        )
+        """Open connections per client address and per token subject (``[admission]``)."""
+        self.trusted_proxies = TrustedProxies(parse_networks(admission.trusted_proxies))
+        self._admission_logged: dict[str, float] = {}
 
     @property
     def log(self) -> Log:
@@ -119,6 +152,10 @@ class OdinServer:
         context.reader.epoch = context.broker.epoch
         if listeners is None:
             listeners = await open_listeners(config.host, config.port)
+        ops = config.ops_address
+        ops_listeners = (
+            await open_ops_listeners(*ops, reuseport=context.worker is not None) if ops else []
+        )
         async with trio.open_nursery() as root:
             await root.start(context.interest.run)
             await root.start(self._pump)
@@ -126,13 +163,21 @@ class OdinServer:
             root.start_soon(context.flusher.run)
             root.start_soon(context.liveness.run, context.flusher.flush)
             root.start_soon(context.expiries.run)
+            root.start_soon(context.jwks.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(self._accept, listeners, connections, accepting)
-                listening = self._describe(listeners)
+                if ops_listeners:
+                    # Not under ``accepting``: /ready answers 503 all through a drain.
+                    connections.start_soon(self._accept_ops, ops_listeners, connections)
+                listening = self._describe(listeners, ops_listeners)
                 self.log.info("capacity", **context.registry.capacity.describe())
                 self.log.lifecycle().info(
-                    "listening", websocket=listening.websocket, http=listening.http
+                    "listening",
+                    websocket=listening.websocket,
+                    http=listening.http,
+                    ops=listening.ops,
+                    tls=context.tls.enabled,
                 )
                 task_status.started(listening)
                 await self._shutdown.wait()
@@ -142,19 +187,24 @@ class OdinServer:
             root.cancel_scope.cancel()
         self.log.lifecycle().info("stopped")
 
-    def _describe(self, listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]) -> Listening:
+    def _describe(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        ops_listeners: Sequence[trio.SocketListener] = (),
+    ) -> Listening:
         ws_path = self.context.config.server.ws_path
+        ws, web = ("wss", "https") if self.context.tls.enabled else ("ws", "http")
         websocket, http = [], []
         for listener in listeners:
             if isinstance(listener, trio.SocketListener):
-                host, port = listener.socket.getsockname()[:2]
-                host = f"[{host}]" if ":" in host else host
-                websocket.append(f"ws://{host}:{port}{ws_path}")
-                http.append(f"http://{host}:{port}")
+                where = _host_port(listener)
+                websocket.append(f"{ws}://{where}{ws_path}")
+                http.append(f"{web}://{where}")
             else:
-                websocket.append(f"ws://memory:0{ws_path}")
-                http.append("http://memory:0")
-        return Listening(websocket, http)
+                websocket.append(f"{ws}://memory:0{ws_path}")
+                http.append(f"{web}://memory:0")
+        ops = [f"http://{_host_port(listener)}" for listener in ops_listeners]
+        return Listening(websocket, http, ops)
 
     async def _accept(
         self,
@@ -164,6 +214,30 @@ class OdinServer:
     ) -> None:
         with scope:
             await trio.serve_listeners(self._handle, list(listeners), handler_nursery=connections)
+
+    async def _accept_ops(
+        self, listeners: Sequence[trio.SocketListener], connections: trio.Nursery
+    ) -> None:
+        await trio.serve_listeners(self._handle_ops, list(listeners), handler_nursery=connections)
+
+    async def _handle_ops(self, transport: trio.abc.Stream) -> None:
+        """One request on the ops listener: /metrics, /health, /ready, plain HTTP, no CORS."""
+        config = self.context.config.server
+        try:
+            with trio.move_on_after(config.handshake_timeout):
+                try:
+                    head = await read_request_head(transport, config.max_request_head)
+                except BadRequest as exc:
+                    await transport.send_all(response(exc.status, f"{exc}\n".encode()))
+                    return
+                if head is not None:
+                    await transport.send_all(answer_ops(self.context, head))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client left
+        except Exception as exc:  # one request's failure never ends the ops listener
+            self.log.error("conn_error", peer=peer_address(transport), exc_info=exc)
+        finally:
+            await trio.aclose_forcefully(transport)
 
     async def _pump(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         handle = self.fanout.handle
@@ -237,10 +311,15 @@ class OdinServer:
     async def _handle(self, transport: trio.abc.Stream) -> None:
         # Whatever goes wrong with one client stays with that client: an exception escaping
         # here would end serve_listeners and with it the whole server.
+        ticket = self.admission.ticket()
         try:
+            # the PROXY protocol header (if any) is read here, on the raw stream, before TLS
+            source = await self._source(transport)
+            if source is None:
+                return
             async with trio.open_nursery() as nursery:
                 try:
-                    await self._serve(transport, nursery)
+                    await self._serve(transport, nursery, source, ticket)
                 finally:
                     nursery.cancel_scope.cancel()
         except* Exception as group:
@@ -248,10 +327,53 @@ class OdinServer:
             # Cancelled of its siblings; log the failure, let the cancellation go on.
             self.log.error("conn_error", peer=peer_address(transport), exc_info=group)
         finally:
+            # What the client took of the per-client limits goes back (once) however it ended:
+            # a refusal, a timeout, a failure (a connection gives it back at its close).
+            ticket.release(trio.current_time())
             await trio.aclose_forcefully(transport)
 
-    async def _serve(self, transport: trio.abc.Stream, nursery: trio.Nursery) -> None:
+    async def _source(self, transport: trio.abc.Stream) -> Source | None:
+        """Where the connection comes from: its peer, or, from a trusted proxy with
+        ``admission.proxy_protocol`` on, the PROXY header's source (read off the raw stream,
+        exactly, so what follows is untouched); None to close it (a bad header, counted)."""
+        peer = _socket_peer(transport)
+        if peer is None:
+            return Source("memory")
+        host, port = peer
+        settings = self.context.config.admission
+        if not (settings.proxy_protocol and self.trusted_proxies.trusts(host)):
+            return Source(host, port)
+        timeout = self.context.config.server.handshake_timeout
+        shown = Source(host, port).shown
+        with trio.move_on_after(timeout):
+            try:
+                header = await read_proxy_header(transport)
+            except ProxyHeaderError as exc:
+                self._refused("proxy_header", shown, str(exc))
+                return None
+            if header is None:
+                return None  # gone before a byte: a port check
+            if header.source is None:  # LOCAL: the proxy's own connection (a health check)
+                return Source(host, port)
+            return Source(header.source, header.source_port)
+        self.context.metrics.rejected["handshake_timeout"].inc()
+        self.log.info("handshake_timeout", peer=shown, timeout=timeout)
+        return None
+
+    async def _serve(
+        self,
+        transport: trio.abc.Stream,
+        nursery: trio.Nursery,
+        source: Source | None = None,
+        ticket: Ticket | None = None,
+    ) -> None:
         context = self.context
+        # the PROXY protocol header (if any) is read above, on the raw stream
+        if context.tls.enabled:
+            secured = await self._start_tls(transport)
+            if secured is None:
+                return
+            transport = secured
         queue = context.config.connection
         writer = Writer(
             transport, Outbox(queue.queue_max_messages, queue.queue_max_bytes), context.flusher
@@ -259,7 +381,7 @@ class OdinServer:
         writer.attach(nursery)
         # A separate call, so the request head and the handshake's locals are not kept
         # alive for as long as the connection lives.
-        upgrade = await self._upgrade(transport, writer)
+        upgrade = await self._upgrade(transport, writer, source, ticket)
         if upgrade is None:
             return
         try:
@@ -274,6 +396,8 @@ class OdinServer:
                 trailing=upgrade.trailing,
                 scope=nursery.cancel_scope,
                 grant=upgrade.grant,
+                awaiting_auth=upgrade.awaiting_auth,
+                admission=ticket,
             )
             if context.registry.draining:
                 self._close_for_shutdown(connection)
@@ -283,12 +407,18 @@ class OdinServer:
         # From here the connection gives its place back itself.
         await connection.run(nursery)
 
-    async def _upgrade(self, transport: trio.abc.Stream, writer: Writer) -> Upgrade | None:
+    async def _upgrade(
+        self,
+        transport: trio.abc.Stream,
+        writer: Writer,
+        source: Source | None = None,
+        ticket: Ticket | None = None,
+    ) -> Upgrade | None:
         """Read the request head and answer it: a plain HTTP answer, a refusal, or the 101
         of an admitted upgrade (its place taken); None unless it was upgraded."""
         context = self.context
         config = context.config.server
-        peer = peer_address(transport)
+        peer = source.shown if source is not None else peer_address(transport)
         with trio.move_on_after(config.handshake_timeout):
             try:
                 head = await read_request_head(transport, config.max_request_head)
@@ -301,14 +431,23 @@ class OdinServer:
             if head.path != config.ws_path:
                 await _answer(writer, answer(context, head))
                 return None
+            address = peer
+            if source is not None:
+                address, peer = self._client(source, head)
             refusal = self._refusal(head, peer)
+            if refusal is None and ticket is not None:
+                refusal = self._admit_address(ticket, address, peer)
             if refusal is not None:
                 await _answer(writer, refusal)
                 return None
-            grant = self._authenticate(head, peer)
+            grant = await self._authenticate(head, peer)
             if isinstance(grant, bytes):
                 await _answer(writer, grant)
                 return None
+            if grant is not None and ticket is not None and not ticket.admit_subject(grant.subject):
+                await _answer(writer, self._refused("per_subject", peer, grant.subject))
+                return None
+            awaiting_auth = grant is None  # the token is to come in-band, first message
             try:
                 protocol = negotiate(head.subprotocols, head.query_values("protocol"))
                 writer.offer(accept(head, protocol.subprotocol), force=True)
@@ -321,13 +460,22 @@ class OdinServer:
                 await _answer(writer, exc.answer)
                 return None
             context.registry.admit()
-            return Upgrade(peer, head.headers.get("origin"), protocol.v1, head.trailing, grant)
+            return Upgrade(
+                peer,
+                head.headers.get("origin"),
+                protocol.v1,
+                head.trailing,
+                grant or ANONYMOUS,
+                awaiting_auth,
+            )
         context.metrics.rejected["handshake_timeout"].inc()
         self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
         return None
 
-    def _authenticate(self, head: RequestHead, peer: str) -> Grant | bytes:
-        """What the request's token grants (nothing without one), or the 401 refusing it."""
+    async def _authenticate(self, head: RequestHead, peer: str) -> Grant | bytes | None:
+        """What the request's token grants (nothing without one), the 401 refusing it, or
+        None: a token is required, none came, and the client speaks v1, so it may send it as
+        its first message (``auth``)."""
         context = self.context
         settings = context.config.auth
         verifier = context.verifier
@@ -339,12 +487,45 @@ class OdinServer:
         )
         if token is None or not verifier.enabled:
             if settings.required:
+                if SUBPROTOCOL_V1 in head.subprotocols or "1" in head.query_values("protocol"):
+                    return None
                 return self._unauthorized(peer, "missing", "a token is required")
             return ANONYMOUS  # a token nothing can check grants nothing: public channels
         try:
-            return verifier.verify(token)
+            return await verify_token(verifier, context.jwks, settings, token)
         except TokenRefused as exc:
             return self._unauthorized(peer, exc.reason, str(exc))
+
+    async def _start_tls(
+        self, transport: trio.abc.Stream
+    ) -> trio.SSLStream[trio.abc.Stream] | None:
+        """``transport`` with the TLS handshake done (the context in effect now: a reload
+        swaps it for later connections only), or None if the handshake failed or timed out."""
+        context = self.context
+        tls = context.tls.context
+        assert tls is not None
+        timeout = context.config.server.handshake_timeout
+        stream = trio.SSLStream(transport, tls, server_side=True, https_compatible=True)
+        with trio.move_on_after(timeout):
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                context.metrics.rejected["tls"].inc()
+                # At most one line a second: a scan or a storm of bad clients stays cheap to
+                # log (the counter has them all).
+                now = trio.current_time()
+                if now - self._last_tls_log >= 1.0:
+                    self._last_tls_log = now
+                    cause = exc.__cause__ or exc
+                    detail = getattr(cause, "reason", None) or str(cause) or type(cause).__name__
+                    self.log.warning(
+                        "tls_handshake_failed", peer=peer_address(transport), error=detail
+                    )
+                return None
+            return stream
+        context.metrics.rejected["handshake_timeout"].inc()
+        self.log.info("handshake_timeout", peer=peer_address(transport), timeout=timeout)
+        return None
 
     def _unauthorized(self, peer: str, reason: str, detail: str) -> bytes:
         metrics = self.context.metrics
@@ -360,6 +541,50 @@ class OdinServer:
         return response(
             401, f"unauthorized: {reason}\n".encode(), headers=[(b"WWW-Authenticate", challenge)]
         )
+
+    def _client(self, source: Source, head: RequestHead) -> tuple[str, str]:
+        """The client's address, and as logged: the source's, or, from a trusted proxy, the
+        one its forwarding header names (admission.forwarded_header; odin.core.admission)."""
+        trusted = self.trusted_proxies
+        if not trusted.trusts(source.host):
+            return source.address, source.shown
+        if self.context.config.admission.forwarded_header == "forwarded":
+            hops = forwarded_for(head.headers.get("forwarded", ""))
+        else:
+            hops = head.headers.get("x-forwarded-for", "").split(",")
+        client = trusted.client(source.host, [hop for hop in hops if hop.strip()])
+        return client, source.shown if client == source.address else client
+
+    def _admit_address(self, ticket: Ticket, address: str, peer: str) -> bytes | None:
+        """Take the client address's place (admission.max_per_ip, its new-connection bucket),
+        or the 429 refusing it."""
+        limits = self.admission.limits
+        if not (limits.max_per_ip or self.admission.rate_limited):
+            return None
+        ticket.address = address
+        reason = ticket.admit_address(trio.current_time())
+        return None if reason is None else self._refused(reason, peer, ticket.address)
+
+    def _refused(self, reason: str, peer: str, detail: str) -> bytes:
+        """Count and log (one line a second per reason at most) a per-client refusal; the
+        answer to send (429 with Retry-After; 503 when the address table is full)."""
+        self.context.metrics.rejected[reason].inc()
+        now = trio.current_time()
+        if now - self._admission_logged.get(reason, -2.0) >= 1.0:
+            self._admission_logged[reason] = now
+            self.log.warning("admission_refused", peer=peer, reason=reason, detail=detail[:200])
+        retry_after = self.context.config.server.retry_after
+        if reason == IP_RATE:
+            retry_after = max(1, math.ceil(1 / self.admission.limits.new_per_second))
+        retry = [(b"Retry-After", str(retry_after).encode())]
+        if reason == ADDRESS_TABLE:
+            return response(503, b"server at capacity\n", headers=retry)
+        text = {
+            "per_ip": b"too many connections from this address\n",
+            "ip_rate": b"too many new connections from this address\n",
+            "per_subject": b"too many connections for this user\n",
+        }.get(reason, b"refused\n")
+        return response(429, text, headers=retry)
 
     def _refusal(self, head: RequestHead, peer: str) -> bytes | None:
         """The response refusing an upgrade, or None to accept it."""
@@ -394,6 +619,28 @@ class OdinServer:
 
 
 @attrs.frozen
+class Source:
+    """Where a connection comes from before its request is read: its peer, or the source a
+    trusted proxy's PROXY header named."""
+
+    host: str
+    port: int | None = None
+
+    @property
+    def shown(self) -> str:
+        """As logged (``peer``)."""
+        if self.port is None:
+            return self.host
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """The host, normalised (the key of the per-address counts)."""
+        parsed = parse_address(self.host)
+        return self.host if parsed is None else str(parsed)
+
+
+@attrs.frozen
 class Upgrade:
     """An admitted WebSocket upgrade: what the connection needs of its request."""
 
@@ -402,6 +649,7 @@ class Upgrade:
     v1: bool
     trailing: bytes
     grant: Grant = ANONYMOUS
+    awaiting_auth: bool = False
 
 
 class StartError(Exception):
@@ -423,9 +671,50 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
         raise StartError(listen_problem(host, port, exc)) from None
 
 
-def listen_problem(host: str, port: int, exc: OSError) -> str:
+async def open_ops_listeners(
+    host: str, port: int, *, reuseport: bool = False
+) -> list[trio.SocketListener]:
+    """The ops listener (``server.ops_listen``): as ``open_listeners``, or, for a worker of
+    ``--workers N``, a socket of its own on the supervisor's address with SO_REUSEPORT (any
+    worker answers; /metrics has the host's totals whichever does)."""
+    if not reuseport:
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise StartError(listen_problem(host, port, exc, "server.ops_listen")) from None
+    listeners = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(socket.SOMAXCONN)
+            except OSError:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    except OSError as exc:
+        for listener in listeners:
+            listener.socket.close()
+        raise StartError(listen_problem(host, port, exc, "server.ops_listen")) from None
+    return listeners
+
+
+def _host_port(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_problem(host: str, port: int, exc: OSError, setting: str = "") -> str:
     """Why ``host:port`` cannot be listened on, for the operator."""
     problem = _LISTEN_PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
+    if setting:  # not the client port's: name the setting that chose the address
+        problem = problem.split(" (", 1)[0] + f" ({setting})"
     shown = f"[{host}]" if ":" in host else host
     return f"address {shown}:{port} {problem}"
 
@@ -436,7 +725,22 @@ async def _answer(writer: Writer, data: bytes) -> None:
     await writer.wait_flushed()
 
 
+def _socket_peer(transport: trio.abc.Stream) -> tuple[str, int | None] | None:
+    """The socket's peer (host, port); None for a stream that is not a socket."""
+    if isinstance(transport, trio.SSLStream):
+        transport = transport.transport_stream
+    if isinstance(transport, trio.SocketStream):
+        try:
+            host, port = transport.socket.getpeername()[:2]
+        except OSError:
+            return "unknown", None
+        return str(host), int(port)
+    return None
+
+
 def peer_address(transport: trio.abc.Stream) -> str:
+    if isinstance(transport, trio.SSLStream):
+        transport = transport.transport_stream
     if isinstance(transport, trio.SocketStream):
         try:
             host, port = transport.socket.getpeername()[:2]

@@ -23,29 +23,38 @@ import trio
 from odin.core.seam import RecoverySeam
 from odin.logs import Log
 from odin.protocol.access import ANONYMOUS, Grant
-from odin.protocol.close_codes import IDLE_REASON, SLOW_CONSUMER_REASON, CloseCode
+from odin.protocol.close_codes import (
+    AUTH_REQUIRED_REASON,
+    IDLE_REASON,
+    SLOW_CONSUMER_REASON,
+    CloseCode,
+)
 from odin.protocol.codec import encode, text_frame
 from odin.protocol.errors import ErrorCode
-from odin.protocol.messages import Hello, Reconnect, ServerMessage
+from odin.protocol.messages import AuthOk, Error, Hello, Reconnect, ServerMessage, TokenExpiring
 from odin.protocol.negotiation import V1_ONLY_TYPES
 from odin.protocol.session import (
     Action,
     BadMessage,
-    CloseAction,
     Notice,
     RateLimited,
     ReplayAction,
     Reply,
     Session,
     SubscribeAction,
+    TokenAction,
     UnsubscribeAction,
 )
+from odin.server.expiry import Deadline
 from odin.server.fanout import Event, gap_frame
+from odin.server.jwks import verify_token
 from odin.server.liveness import PING_FRAME
+from odin.server.tokens import TokenRefused
 from odin.server.websocket import PROTOCOL_ERROR_REASONS, WebSocket
 from odin.server.writer import Offer, Writer
 
 if TYPE_CHECKING:
+    from odin.core.admission import Ticket
     from odin.server.context import ServerContext
 
 PROTOCOL_VERSION = 1
@@ -83,8 +92,12 @@ class Connection:
         trailing: bytes = b"",
         scope: trio.CancelScope | None = None,
         grant: Grant = ANONYMOUS,
+        awaiting_auth: bool = False,
+        admission: Ticket | None = None,
     ) -> None:
         self.context = context
+        self.admission = admission
+        """Its places in the per-client limits (odin.core.admission), given back at close."""
         self.transport = transport
         self.writer = writer
         self.socket = WebSocket(
@@ -107,6 +120,7 @@ class Connection:
             last_activity=self.opened_at,
             access=context.access,
             grant=grant,
+            awaiting_auth=awaiting_auth,
         )
         self.seam: RecoverySeam[Event] = RecoverySeam(writer.outbox.max_messages)
         """Where recoveries join the live stream: live events held while history is read,
@@ -124,8 +138,10 @@ class Connection:
         context.registry.add(self)
         context.liveness.add(self)
         grant = self.session.grant
-        if grant.expires_at is not None:
-            context.expiries.add(self, grant.expires_at)
+        if self.session.awaiting_auth:
+            context.expiries.require_auth(self, context.config.server.handshake_timeout)
+        elif grant.expires_at is not None:
+            context.expiries.expire(self, grant.expires_at)
         self.log.info(
             "conn_open", origin=self.origin, protocol=1 if self.v1 else 0, sub=grant.subject or None
         )
@@ -173,6 +189,8 @@ class Connection:
         self._unindex()
         context.liveness.discard(self)
         context.expiries.discard(self)
+        if self.admission is not None:
+            self.admission.release(trio.current_time())
         context.registry.remove(self)
         code, reason, label = self._close_outcome()
         context.metrics.closed[label].inc()
@@ -234,11 +252,71 @@ class Connection:
         if self.closing is None:
             self.writer.offer(PING_FRAME, force=True)
 
-    def close_expired(self) -> None:
-        """Its token's ``exp`` (plus the leeway) has passed: the expiry task calls this."""
-        self.context.metrics.auth_refused["token_expired"].inc()
-        self.log.info("token_expired", sub=self.session.grant.subject or None)
-        self.request_close(CloseCode.TOKEN_EXPIRED, "token expired", "token_expired")
+    def on_deadline(self, kind: Deadline) -> None:
+        """A token deadline came (the server's ``Expiries`` task calls this)."""
+        metrics = self.context.metrics
+        grant = self.session.grant
+        if kind == "expiring":
+            if grant.expires_at is not None:
+                left = grant.expires_at - time.time()
+                self.send_message(
+                    TokenExpiring(expires_at=int(grant.expires_at * 1000), in_ms=int(left * 1000))
+                )
+                self.writer.flush()
+        elif kind == "expired":
+            metrics.auth_refused["token_expired"].inc()
+            self.log.info("token_expired", sub=grant.subject or None)
+            self.request_close(CloseCode.TOKEN_EXPIRED, "token expired", "token_expired")
+        else:
+            metrics.auth_refused["auth_timeout"].inc()
+            self.log.info("auth_timeout")
+            self.request_close(CloseCode.AUTH_REQUIRED, AUTH_REQUIRED_REASON, "auth")
+
+    async def _take_token(self, action: TokenAction) -> None:
+        """``auth`` or ``refresh``: verify the token, then adopt what it grants."""
+        context = self.context
+        session = self.session
+        kind = "refresh" if action.refresh else "auth"
+        try:
+            grant = await verify_token(
+                context.verifier, context.jwks, context.config.auth, action.token
+            )
+        except TokenRefused as exc:
+            context.metrics.auth_refused[exc.reason].inc()
+            self.log.info("auth_refused", reason=exc.reason, via=kind)
+            if session.awaiting_auth:
+                self.request_close(CloseCode.TOKEN_INVALID, f"token invalid: {exc.reason}", "auth")
+                return
+            error = Error(code=ErrorCode.UNAUTHORIZED, message=f"token refused: {exc.reason}",
+                          request=kind, id=action.request_id)  # fmt: skip
+            self.send_message(error)
+            return
+        ticket = self.admission
+        # A token sent in-band counts against its user's limit like one in the request.
+        if (
+            not action.refresh
+            and ticket is not None
+            and ticket.subject is None
+            and grant.subject
+            and not ticket.admit_subject(grant.subject)
+        ):
+            context.metrics.rejected["per_subject"].inc()
+            self.log.warning("admission_refused", reason="per_subject", detail=grant.subject)
+            reason = "too many connections for this user"
+            self.request_close(CloseCode.POLICY_VIOLATION, reason, "auth")
+            return
+        problem = session.take_grant(grant, refresh=action.refresh)
+        if problem is not None:
+            code, message = problem
+            self.send_message(Error(code=code, message=message, request=kind, id=action.request_id))
+            return
+        if grant.expires_at is not None:
+            context.expiries.expire(self, grant.expires_at)
+        else:
+            context.expiries.discard(self)
+        self.log.info("token_taken", via=kind, sub=grant.subject or None)
+        expires = int(grant.expires_at * 1000) if grant.expires_at is not None else None
+        self.send_message(AuthOk(sub=grant.subject, expires_at=expires, id=action.request_id))
 
     def close_idle(self, now: float) -> None:
         self.log.info("idle_timeout", idle=round(now - self.session.last_activity, 3))
@@ -286,7 +364,13 @@ class Connection:
             subscriptions.unsubscribe(self, action)
         elif isinstance(action, ReplayAction):
             await replay.replay(self, action)
-        elif isinstance(action, CloseAction):
+        elif isinstance(action, TokenAction):
+            await self._take_token(action)
+        elif action.code is CloseCode.AUTH_REQUIRED:
+            self.context.metrics.auth_refused["missing"].inc()
+            self.log.info("auth_required")
+            self.request_close(action.code, action.reason, "auth", discard_queue=True)
+        else:
             self.log.warning("rate_limit_abuse", code=int(action.code))
             self.request_close(action.code, action.reason, "rate_limit", discard_queue=True)
 

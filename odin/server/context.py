@@ -23,8 +23,10 @@ from odin.server.events import EventRing
 from odin.server.expiry import Expiries
 from odin.server.history_reads import HistoryReader
 from odin.server.interest import InterestKeeper
+from odin.server.jwks import JwksSource
 from odin.server.liveness import Wheel
 from odin.server.registry import Registry
+from odin.server.tls import TlsHolder
 from odin.server.tokens import Verifier
 from odin.server.worker_role import WorkerRole
 from odin.server.writer import Flusher
@@ -60,11 +62,15 @@ class ServerContext:
     rules: ChannelRules = attrs.field(init=False)
     access: AccessRules = attrs.field(init=False)
     """Which channels need a token, or are not served (``auth.namespaces``)."""
+    jwks: JwksSource = attrs.field(init=False)
+    """The keys of ``auth.jwks_url``, fetched and refreshed by its task (idle without one)."""
     verifier: Verifier = attrs.field(init=False)
     """Checks connection tokens (``auth``)."""
     expiries: Expiries = attrs.field(init=False)
     """Closes connections when their token expires."""
     limits: SessionLimits = attrs.field(init=False)
+    tls: TlsHolder = attrs.field(init=False)
+    """The client listener's TLS context (``server.tls_cert``), swapped by a reload."""
     worker: WorkerRole | None = None
     """Set when this process is one of a supervisor's workers (``--workers N``)."""
 
@@ -74,9 +80,13 @@ class ServerContext:
         self.liveness = Wheel(self.config.connection.ping_interval)
         self.rules = ChannelRules()
         self.access = rules_from(self.config.auth.namespaces)
-        self.verifier = Verifier.from_config(self.config.auth)
-        self.expiries = Expiries(self.config.auth.leeway)
+        self.jwks = JwksSource(self.config.auth, self.metrics, self.log)
+        self.verifier = Verifier.from_config(
+            self.config.auth, self.jwks.keys if self.config.auth.jwks_url else None
+        )
+        self.expiries = Expiries(self.config.auth.leeway, self.config.auth.expiry_notice)
         self.limits = session_limits(self.config)
+        self.tls = TlsHolder(self.config.server)
         worker = self.worker
         capacity = plan(
             self.config.server.max_connections,

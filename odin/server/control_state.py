@@ -192,6 +192,7 @@ def connection_info(connection: Connection, now: float) -> ConnectionInfo:
         age=round(now - connection.opened_at, 3),
         rate_limited=connection.rate_limited,
         closing=connection.closing is not None,
+        user=connection.session.grant.subject,
     )
 
 
@@ -216,6 +217,7 @@ def _matches(connection: Connection, text: str) -> bool:
     return (
         text in connection.id
         or text in connection.peer
+        or text in connection.session.grant.subject
         or any(text in channel for channel in connection.session.subscriptions)
     )
 

@@ -14,6 +14,7 @@ each worker's state as the supervisor published it); a worker restarting makes t
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -159,17 +160,45 @@ def ready(context: ServerContext) -> tuple[int, dict[str, object]]:
 
 
 def answer(context: ServerContext, head: RequestHead) -> bytes:
-    """The complete response to a plain (non-upgrade) HTTP request."""
+    """The complete response to a plain (non-upgrade) HTTP request on the client port: none
+    of these paths are served there when an ops listener (``server.ops_listen``) is."""
+    if context.config.server.ops_listen:
+        return response(404, b"not found\n")
+    return _respond(context, head, _cors(context.config.server.cors_allow_origin))
+
+
+def answer_ops(context: ServerContext, head: RequestHead) -> bytes:
+    """The complete response to a request on the ops listener: never CORS headers (it is not
+    meant for browsers)."""
+    return _respond(context, head, [])
+
+
+def _metrics_refused(context: ServerContext, head: RequestHead) -> bytes | None:
+    """The 401 for a /metrics request without ``server.metrics_token``, or None to serve it."""
+    expected = context.config.server.metrics_token
+    if not expected:
+        return None
+    scheme, _, token = head.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
+        return None
+    return response(401, b"unauthorized\n", headers=[(b"WWW-Authenticate", b"Bearer")])
+
+
+def _respond(context: ServerContext, head: RequestHead, cors: list[tuple[bytes, bytes]]) -> bytes:
     handlers = {"/health": health, "/ready": ready}
     if head.path not in (*handlers, "/metrics"):
         return response(404, b"not found\n")
-    cors = _cors(context.config.server.cors_allow_origin)
     if head.method == "OPTIONS":
         return response(204, headers=[(b"Allow", b"GET, HEAD, OPTIONS"), *cors])
     if head.method not in ("GET", "HEAD"):
         return response(405, b"method not allowed\n", headers=[(b"Allow", b"GET, HEAD, OPTIONS")])
     head_only = head.method == "HEAD"
     if head.path == "/metrics":
+        refused = _metrics_refused(context, head)
+        if refused is not None:
+            return refused
         body, content_type = context.metrics.render(head.headers.get("accept"))
         return response(200, body, content_type, head_only=head_only)
     status, document = handlers[head.path](context)

@@ -27,6 +27,9 @@ LIVE = frozenset(
         "server.retry_after",
         "server.handshake_timeout",
         "server.close_timeout",
+        "server.tls_cert",
+        "server.tls_key",
+        "server.metrics_token",
         "connection.max_subscriptions",
         "connection.idle_timeout",
         "connection.queue_max_messages",
@@ -75,8 +78,10 @@ def plan_reload(old: Config, new: Config) -> Reload:
     """What a reload from ``old`` to ``new`` changes, and the configuration it leaves."""
     changed, restart = [], []
     sections: dict[str, dict[str, object]] = {}
+    # A new certificate is live; TLS turned on or off changes the listener's scheme: a restart.
+    tls_switch = bool(old.server.tls_cert) != bool(new.server.tls_cert)
     for name in differences(old, new):
-        if name not in LIVE:
+        if name not in LIVE or (tls_switch and name in ("server.tls_cert", "server.tls_key")):
             restart.append(name)
             continue
         changed.append(name)
@@ -93,8 +98,13 @@ def plan_reload(old: Config, new: Config) -> Reload:
 
 
 def apply(context: ServerContext, reload: Reload) -> None:
-    """Put ``reload.config`` in effect for the server and its open connections."""
+    """Put ``reload.config`` in effect for the server and its open connections.
+
+    The TLS certificate is read again first, even under unchanged file names (a renewal
+    replaces the files): a file that cannot be used raises ConfigError before anything else
+    changes, and the running certificate stays."""
     config = reload.config
+    context.tls.reload(config.server)
     context.config = config
     context.reader.reconfigure(config)
     logs.set_level(config.log.level)

@@ -15,7 +15,7 @@ server never echoes it), or, when ``auth.query_token`` is on, as ``?token=``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ TOKEN_SUBPROTOCOL = "odin.token."
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512")
 _EC_ALGORITHMS = {"secp256r1": ("ES256",), "secp384r1": ("ES384",)}
+_ALL_ALGORITHMS = frozenset(
+    (*HMAC_ALGORITHMS, *RSA_ALGORITHMS, *(a for v in _EC_ALGORITHMS.values() for a in v), "EdDSA")
+)
 MAX_TOKEN = 8192
 """Characters; a longer token is refused before it is parsed."""
 
@@ -90,14 +93,30 @@ def _pem_key(path: str) -> Key:
 
 
 def _jwks_keys(path: str) -> list[Key]:
-    document = json.loads(Path(path).expanduser().read_text())
+    return jwks_document_keys(json.loads(Path(path).expanduser().read_text()))
+
+
+def jwks_document_keys(document: Any, *, skip_unusable: bool = False) -> list[Key]:
+    """The keys of a JWKS document (a ``jwks_file``'s, or one fetched from ``jwks_url``).
+
+    A key Odin cannot use (a short ``oct`` secret, an unsupported curve) is a ValueError, or,
+    with ``skip_unusable``, left out (a key server may publish keys for other consumers); a
+    document with no usable key at all is an error either way (ValueError, PyJWTError)."""
+    if not isinstance(document, dict):
+        raise ValueError("a JWKS document is a JSON object with a 'keys' list")
     keys = []
     for jwk in jwt.PyJWKSet.from_dict(document).keys:
-        if jwk.key_type == "oct":
-            secret = bytes(jwk.key)
-            keys.append(Key(secret, hmac_algorithms(secret, "an oct key"), jwk.key_id))
-        else:
-            keys.append(Key(jwk.key, _public_key_algorithms(jwk.key), jwk.key_id))
+        try:
+            if jwk.key_type == "oct":
+                secret = bytes(jwk.key)
+                keys.append(Key(secret, hmac_algorithms(secret, "an oct key"), jwk.key_id))
+            else:
+                keys.append(Key(jwk.key, _public_key_algorithms(jwk.key), jwk.key_id))
+        except ValueError:
+            if not skip_unusable:
+                raise
+    if not keys:
+        raise ValueError("the JWKS document has no key Odin can use")
     return keys
 
 
@@ -122,20 +141,30 @@ def load_keys(settings: AuthSection) -> list[Key]:
 
 
 class Verifier:
-    """Checks tokens against the configured keys and claims."""
+    """Checks tokens against the configured keys and claims: the static ones (``keys``) and,
+    when ``auth.jwks_url`` is set, those ``fetched`` gives at the time (odin.server.jwks)."""
 
-    def __init__(self, settings: AuthSection, keys: Sequence[Key]) -> None:
+    def __init__(
+        self,
+        settings: AuthSection,
+        keys: Sequence[Key],
+        *,
+        fetched: Callable[[], Sequence[Key]] | None = None,
+    ) -> None:
         self.settings = settings
         self.keys = list(keys)
+        self.fetched = fetched
         self._rules = ChannelRules(frozenset())
 
     @classmethod
-    def from_config(cls, settings: AuthSection) -> Verifier:
-        return cls(settings, load_keys(settings))
+    def from_config(
+        cls, settings: AuthSection, fetched: Callable[[], Sequence[Key]] | None = None
+    ) -> Verifier:
+        return cls(settings, load_keys(settings), fetched=fetched)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.keys)
+        return bool(self.keys) or self.fetched is not None
 
     def verify(self, token: str) -> Grant:
         if len(token) > MAX_TOKEN:
@@ -148,13 +177,16 @@ class Verifier:
         kid = header.get("kid")
         if not isinstance(algorithm, str):
             raise TokenRefused("malformed", "no alg in the token's header")
+        keys = [*self.keys, *self.fetched()] if self.fetched is not None else self.keys
         candidates = [
             key
-            for key in self.keys
+            for key in keys
             if algorithm in key.algorithms and (kid is None or key.kid in (None, kid))
         ]
         if not candidates:
-            if any(algorithm in key.algorithms for key in self.keys):
+            # With a JWKS URL the key may not have been fetched yet (or was dropped as stale).
+            fetchable = self.fetched is not None and algorithm in _ALL_ALGORITHMS
+            if fetchable or any(algorithm in key.algorithms for key in keys):
                 raise TokenRefused("unknown_key", f"no key with kid {kid!r}")
             raise TokenRefused("algorithm", f"algorithm {algorithm!r} is not accepted")
         settings = self.settings

@@ -206,7 +206,8 @@ async def test_sorting_asks_the_server_for_its_order(fake_server: ServerFactory)
 
         # A click on a header sorts by its column; a second click reverses.
         grid = table(app, "connections")
-        x = sum(column.get_render_width(grid) for column in grid.ordered_columns[:5]) + 2
+        sent = [column.key.value for column in grid.ordered_columns].index("sent")
+        x = sum(column.get_render_width(grid) for column in grid.ordered_columns[:sent]) + 2
         await pilot.click(grid, offset=(x, 0))
         await wait_until(
             pilot, lambda: asked() == ListConnections(0, PAGE_SIZE, "sent", True), "sent"

@@ -163,3 +163,88 @@ async def test_a_connection_is_closed_when_its_token_expires() -> None:
     assert [entry["sub"] for entry in expired] == ["alice"]
     opened = [entry.get("sub") for entry in logs if entry["event"] == "conn_open"]
     assert opened == ["alice", "alice"]  # who, in the log; never the token
+
+
+# ---- in-band: the auth message, token_expiring and refresh ----------------------------------
+
+
+async def test_a_v1_client_may_send_its_token_as_its_first_message() -> None:
+    config = auth_config(**{"auth.required": True})
+    async with running_server(config) as harness, harness.client() as client:
+        ok = await client.request(
+            {"type": "auth", "id": 7, "data": {"token": token(channels=["PRIV.*"])}}, "auth_ok"
+        )
+        assert (ok["type"], ok["sub"], ok["id"]) == ("auth_ok", "alice", 7)
+        assert (await client.subscribe(["PRIV.trade"]))["type"] == "subscription_ack"
+        # Only as the first message: later, refresh is the way.
+        late = await client.request({"type": "auth", "data": {"token": token()}}, "auth_ok")
+        assert late["code"] == "INVALID_MESSAGE"
+
+
+async def test_a_required_token_that_does_not_come_first_closes_the_connection() -> None:
+    config = auth_config(**{"auth.required": True, "server.handshake_timeout": 0.5})
+    async with running_server(config) as harness:
+        async with harness.client() as client:
+            await client.send({"type": "subscribe", "data": {"channels": ["BTC.trade"]}})
+            _, code, reason = await client.until_closed()
+            assert (code, reason) == (4011, "authentication required")
+        async with harness.client() as silent:  # says nothing at all
+            _, code, reason = await silent.until_closed()
+            assert (code, reason) == (4011, "authentication required")
+        async with harness.client() as forged:
+            bad = jwt.encode({"sub": "x"}, "another-secret-of-at-least-32-bytes!", "HS256")
+            await forged.send({"type": "auth", "data": {"token": bad}})
+            _, code, reason = await forged.until_closed()
+            assert (code, reason) == (4012, "token invalid: invalid_signature")
+        registry = harness.context.metrics.registry
+        assert registry.get_sample_value("odin_connections_closed_total", {"reason": "auth"}) == 3
+
+
+async def test_a_client_told_its_token_is_expiring_refreshes_and_stays() -> None:
+    # The notice comes 1.5 s before exp, at least 2.5 s from now: after the subscribe's ack.
+    config = auth_config(**{"auth.leeway": 0, "auth.expiry_notice": 1.5})
+    soon = int(time.time()) + 4
+    async with (
+        running_server(config) as harness,
+        harness.client(headers=bearer(token(exp=soon, channels=["PRIV.*"]))) as refreshing,
+        harness.client(headers=bearer(token(exp=soon))) as lapsing,
+    ):
+        await refreshing.subscribe(["PRIV.trade"])
+        warning = await refreshing.expect("token_expiring", timeout=10)
+        assert warning["expires_at"] == soon * 1000 and 0 < warning["in_ms"] <= 1500
+        # Another subject, or one that would not allow PRIV.trade: refused, nothing changes.
+        other = jwt.encode({"sub": "mallory", "channels": ["PRIV.*"]}, SECRET, "HS256")
+        refused = await refreshing.request({"type": "refresh", "data": {"token": other}}, "auth_ok")
+        assert refused["code"] == "UNAUTHORIZED"
+        narrower = token(exp=soon + 3600, channels=["BTC.*"])
+        refused = await refreshing.request(
+            {"type": "refresh", "data": {"token": narrower}}, "auth_ok"
+        )
+        assert refused["code"] == "FORBIDDEN"
+        fresh = token(exp=soon + 3600, channels=["PRIV.*"])
+        ok = await refreshing.request({"type": "refresh", "data": {"token": fresh}}, "auth_ok")
+        assert ok["expires_at"] == (soon + 3600) * 1000
+        # The one that did not refresh is closed at its expiry; the other goes on.
+        _, code, _ = await lapsing.until_closed(timeout=10)
+        assert code == 4010
+        seq = harness.publish("PRIV.trade", {"n": 1})
+        (event,) = await refreshing.events(1)
+        assert event["seq"] == seq
+
+
+async def test_a_refresh_needs_a_token_to_replace() -> None:
+    async with running_server(auth_config()) as harness, harness.client() as client:
+        reply = await client.request({"type": "refresh", "data": {"token": token()}}, "auth_ok")
+        assert reply["code"] == "UNAUTHORIZED"
+
+
+async def test_a_token_sent_in_band_counts_against_its_users_limit() -> None:
+    config = auth_config(**{"auth.required": True, "admission.max_per_subject": 1})
+    async with running_server(config) as harness, harness.client() as first:
+        await first.request({"type": "auth", "data": {"token": token()}}, "auth_ok")
+        async with harness.client() as second:
+            await second.send({"type": "auth", "data": {"token": token()}})
+            _, code, reason = await second.until_closed()
+            assert (code, reason) == (1008, "too many connections for this user")
+        # The first is untouched.
+        assert (await first.subscribe(["BTC.trade"]))["type"] == "subscription_ack"

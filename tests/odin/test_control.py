@@ -296,6 +296,30 @@ async def test_connections_are_listed_sorted_filtered_and_paged(socket_dir: Path
         assert detail["subscriptions"] == 2
 
 
+async def test_a_connections_user_is_its_tokens_subject_never_the_token(
+    socket_dir: Path,
+) -> None:
+    import jwt
+
+    secret = "a-control-test-secret-of-32-bytes-!"
+    config = make_config(**{"auth.hmac_secret": secret})
+    signed = jwt.encode({"sub": "dana"}, secret, "HS256")
+    async with (
+        running_server(config) as harness,
+        control_for(harness, socket_dir) as control,
+        harness.client(headers=[(b"Authorization", f"Bearer {signed}".encode())]) as known,
+        harness.client() as anonymous,
+        console(control) as c,
+    ):
+        page = await c.result("connections", sort="id", descending=False)
+        users = {item["id"]: item["user"] for item in page["items"]}
+        assert users == {known.hello["connection_id"]: "dana",
+                         anonymous.hello["connection_id"]: ""}  # fmt: skip
+        assert signed not in str(page)
+        found = await c.result("connections", filter="dana")
+        assert [i["id"] for i in found["items"]] == [known.hello["connection_id"]]
+
+
 async def test_channels_show_subscribers_rate_and_position(socket_dir: Path) -> None:
     async with (
         running_server() as harness,

@@ -165,7 +165,7 @@ def test_unknown_type_names_it_and_the_known_types():
     error = refused(frame({"type": "subscribed", "id": 9}))
     assert error.code is ErrorCode.UNKNOWN_TYPE
     assert "'subscribed'" in error.message
-    assert "heartbeat, replay, subscribe, unsubscribe" in error.message
+    assert "auth, heartbeat, refresh, replay, subscribe, unsubscribe" in error.message
     assert error.request_id == 9
 
 

@@ -232,7 +232,7 @@ class Supervisor:
         if server.ops_address is not None:
             # Each worker listens on the ops address with SO_REUSEPORT (any of them answers
             # for the host); held here like the port, and port 0 becomes one port for all.
-            reserved = reserve_port(*server.ops_address)
+            reserved = reserve_port(*server.ops_address, setting="server.ops_listen")
             self._reserved_ops = reserved
             host, port = _address(reserved[0])
             shown = f"[{host}]" if ":" in host else host
@@ -527,7 +527,7 @@ def worker_count(config: Config) -> int:
     return config.server.workers or usable_cpus()
 
 
-def reserve_port(host: str, port: int) -> list[socket.socket]:
+def reserve_port(host: str, port: int, setting: str = "") -> list[socket.socket]:
     """Sockets bound (not listening) with SO_REUSEPORT on every address of ``host``: they hold
     the port, and receive no connections, while each worker binds and listens on its own."""
     reserved: list[socket.socket] = []
@@ -546,7 +546,7 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in reserved:
             sock.close()
-        raise StartError(listen_problem(host, port, exc)) from None
+        raise StartError(listen_problem(host, port, exc, setting)) from None
     return reserved
 
 

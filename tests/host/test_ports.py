@@ -40,3 +40,15 @@ def test_an_address_in_use_is_one_error_naming_it() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(StartError, match=rf"^address 127\.0\.0\.1:{port} "):
             reserve_port("127.0.0.1", port)
+
+
+def test_an_ops_address_in_use_names_its_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartError) as refused:
+            reserve_port("127.0.0.1", port, setting="server.ops_listen")
+        assert str(refused.value) == (
+            f"address 127.0.0.1:{port} already in use (server.ops_listen)"
+        )

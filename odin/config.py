@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, TypeVar, get_args, get_origin
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 import cattrs
@@ -789,16 +789,32 @@ def load_settings(
 
 
 def as_dict(config: object) -> dict[str, object]:
-    """The effective configuration, for the start-up log and ``--check-config``; passwords
-    and tokens in NATS URLs are masked."""
+    """The effective configuration, for the start-up log and ``--check-config``; secrets
+    (the HMAC secret, the metrics token, passwords and tokens in URLs) are masked."""
     tree = attrs.asdict(config)  # type: ignore[arg-type]
     server = tree.get("server")
     if isinstance(server, dict) and server.get("metrics_token"):
         server["metrics_token"] = "***"
+    auth = tree.get("auth")
+    if isinstance(auth, dict):
+        if auth.get("hmac_secret"):
+            auth["hmac_secret"] = "***"
+        if auth.get("jwks_url"):
+            auth["jwks_url"] = _masked_url(str(auth["jwks_url"]))
     nats = tree.get("nats")
     if isinstance(nats, dict) and nats.get("url"):
         nats["url"] = ",".join(_masked(a) for a in nats_addresses(str(nats["url"])))
     return tree
+
+
+def _masked_url(url: str) -> str:
+    """``url`` without the password of its userinfo (``https://user:***@host/...``)."""
+    parsed = urlsplit(url)
+    if parsed.password is None and not parsed.username:
+        return url
+    user = f"{parsed.username}:***" if parsed.password is not None else "***"
+    netloc = f"{user}@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
+    return urlunsplit(parsed._replace(netloc=netloc))
 
 
 def _masked(address: NatsAddress) -> str:

@@ -248,3 +248,20 @@ async def test_a_token_sent_in_band_counts_against_its_users_limit() -> None:
             assert (code, reason) == (1008, "too many connections for this user")
         # The first is untouched.
         assert (await first.subscribe(["BTC.trade"]))["type"] == "subscription_ack"
+
+
+async def test_secrets_are_masked_in_the_logged_configuration() -> None:
+    from odin.config import as_dict
+
+    config = make_config(
+        **{
+            "auth.hmac_secret": SECRET,
+            "auth.jwks_url": "https://reader:pa55word@auth.example:8443/jwks.json",
+        }
+    )
+    shown = str(as_dict(config))
+    assert SECRET not in shown and "pa55word" not in shown
+    auth = as_dict(config)["auth"]
+    assert isinstance(auth, dict)
+    assert auth["hmac_secret"] == "***"
+    assert auth["jwks_url"] == "https://reader:***@auth.example:8443/jwks.json"

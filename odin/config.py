@@ -561,6 +561,37 @@ class AdmissionSection:
             raise ValueError("proxy_protocol: needs trusted_proxies (the proxies that send it)")
 
 
+_API_KEY = re.compile(r"[A-Za-z0-9._~+/=:-]{16,512}\Z")
+
+
+@attrs.frozen
+class PublishSection:
+    """``POST /api/publish`` on the client port (odin.server.publish_api): off unless
+    enabled, and then only with an API key or a JWT whose ``publish`` claim allows the channel."""
+
+    enabled: bool = False
+    """Serve ``POST /api/publish``; off: the path answers 404."""
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    """Keys a backend may present as ``Authorization: Bearer <key>``; each may publish to any
+    channel (prefer ``ODIN_PUBLISH_API_KEYS`` or ``api_keys_file``)."""
+    api_keys_file: str = attrs.field(default="", validator=_existing_file)
+    """A file of API keys, one a line (blank lines and ``#`` comments skipped)."""
+    max_body: int = attrs.field(default=64 * 1024, validator=[v.ge(256), v.le(16 * 2**20)])
+    """Bytes a request body may have (413 beyond)."""
+    max_batch: int = attrs.field(default=100, validator=[v.ge(1), v.le(10_000)])
+    """Events one batch request may carry (422 beyond)."""
+    rate_per_second: float = attrs.field(default=100.0, validator=v.ge(0))
+    """Events per second one credential may publish in the long run; 0: no limit."""
+    burst: int = attrs.field(default=200, validator=v.ge(1))
+    """Events one credential may publish at once (the bucket's size)."""
+
+    def __attrs_post_init__(self) -> None:
+        for key in self.api_keys:
+            if not _API_KEY.match(key):
+                raise ValueError("api_keys: each key is 16 to 512 characters of letters, "
+                                 "digits and ._~+/=:-")  # fmt: skip
+
+
 @attrs.frozen
 class Config:
     server: ServerSection = ServerSection()
@@ -574,6 +605,7 @@ class Config:
     control: ControlSection = ControlSection()
     auth: AuthSection = AuthSection()
     admission: AdmissionSection = AdmissionSection()
+    publish: PublishSection = PublishSection()
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -583,6 +615,12 @@ class Config:
             problems.append("shutdown.reconnect_min_ms must not exceed reconnect_max_ms")
         if self.nats.reconnect_wait_min > self.nats.reconnect_wait_max:
             problems.append("nats.reconnect_wait_min must not exceed reconnect_wait_max")
+        publish = self.publish
+        if publish.enabled and not (
+            publish.api_keys or publish.api_keys_file or self.auth.has_keys
+        ):
+            problems.append("publish.enabled needs api_keys, api_keys_file or an auth key "
+                            "(for JWTs with a publish claim)")  # fmt: skip
         if problems:
             raise ConfigError(problems)
 
@@ -801,6 +839,9 @@ def as_dict(config: object) -> dict[str, object]:
             auth["hmac_secret"] = "***"
         if auth.get("jwks_url"):
             auth["jwks_url"] = _masked_url(str(auth["jwks_url"]))
+    publish = tree.get("publish")
+    if isinstance(publish, dict) and publish.get("api_keys"):
+        publish["api_keys"] = ["***" for _ in publish["api_keys"]]
     nats = tree.get("nats")
     if isinstance(nats, dict) and nats.get("url"):
         nats["url"] = ",".join(_masked(a) for a in nats_addresses(str(nats["url"])))

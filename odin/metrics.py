@@ -104,6 +104,16 @@ AUTH_REFUSALS = (
 """Why a token, or what it asked for, was refused (``odin_auth_refused_total{reason}``):
 the first ten at the upgrade (401), ``forbidden`` a subscribe or replay outside what the
 connection may read, ``token_expired`` an open connection closed at its token's expiry."""
+HTTP_PUBLISH_RESULTS = (
+    "ok",
+    "unauthorized",
+    "forbidden",
+    "invalid",
+    "too_large",
+    "rate_limited",
+    "broker_error",
+)
+"""How ``POST /api/publish`` requests ended (``odin_http_publish_total{result}``)."""
 GAP_REASONS = (
     "conflated",
     "missed",
@@ -209,6 +219,14 @@ class Metrics:
             registry=r,
         )
         self.jwks_fetches = {result: jwks_fetches.labels(result) for result in ("ok", "error")}
+        http_publish = Counter(
+            "odin_http_publish",
+            "Requests to POST /api/publish, by result (ok, unauthorized, forbidden, invalid, "
+            "too_large, rate_limited, broker_error).",
+            ["result"],
+            registry=r,
+        )
+        self.http_publish = {result: http_publish.labels(result) for result in HTTP_PUBLISH_RESULTS}
         self.jwks_age = Gauge(
             "odin_auth_jwks_age_seconds",
             "Seconds since the last good fetch of auth.jwks_url (since the start before the "

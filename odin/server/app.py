@@ -26,6 +26,7 @@ import math
 import random
 import socket
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import attrs
 import trio
@@ -58,6 +59,7 @@ from odin.server.http import BadRequest, RequestHead, read_request_head, respons
 from odin.server.jwks import verify_token
 from odin.server.outbox import Outbox
 from odin.server.proxy_header import read_proxy_header
+from odin.server.publish_api import PublishApi
 from odin.server.tokens import TokenRefused, token_from
 from odin.server.worker_role import WorkerRole
 from odin.server.writer import Writer
@@ -119,6 +121,8 @@ class OdinServer:
         """Open connections per client address and per token subject (``[admission]``)."""
         self.trusted_proxies = TrustedProxies(parse_networks(admission.trusted_proxies))
         self._admission_logged: dict[str, float] = {}
+        self.publish_api = PublishApi(self.context)
+        """``POST /api/publish`` (``[publish]``; off unless enabled)."""
 
     @property
     def log(self) -> Log:
@@ -429,6 +433,9 @@ class OdinServer:
             if head is None:
                 return None
             if head.path != config.ws_path:
+                if PublishApi.handles(head, context.config.publish.enabled):
+                    await self.publish_api.serve(head, transport, partial(_answer, writer), peer)
+                    return None
                 await _answer(writer, answer(context, head))
                 return None
             address = peer

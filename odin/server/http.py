@@ -30,6 +30,9 @@ class RequestHead:
     """Lower-case names; repeated headers joined with ", "."""
     trailing: bytes = b""
     """Bytes the client sent after the head (the first WebSocket frames of an eager client)."""
+    parser: h11.Connection | None = attrs.field(default=None, eq=False, repr=False)
+    """The h11 connection that read the head, holding what came after it: ``read_body``
+    reads the request's body with it."""
 
     @property
     def is_websocket_upgrade(self) -> bool:
@@ -85,8 +88,55 @@ async def read_request_head(stream: trio.abc.ReceiveStream, max_size: int) -> Re
                 query=query,
                 headers=headers,
                 trailing=bytes(connection.trailing_data[0]),
+                parser=connection,
             )
         return None
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def declared_length(head: RequestHead) -> int | None:
+    """The body's ``Content-Length`` (h11 has checked it is a number), None if chunked."""
+    value = head.headers.get("content-length")
+    return int(value.split(",")[0]) if value is not None else None
+
+
+def waiting_for_continue(head: RequestHead) -> bool:
+    """The client sent ``Expect: 100-continue`` and waits for ``CONTINUE`` before its body."""
+    parser = head.parser
+    return parser is not None and parser.they_are_waiting_for_100_continue
+
+
+async def read_body(stream: trio.abc.ReceiveStream, head: RequestHead, max_size: int) -> bytes:
+    """The request's body (by ``Content-Length`` or chunked), read with the h11 connection
+    that read its head; BadRequest (413) past ``max_size`` bytes, before reading them all
+    when the length is declared; BadRequest (400) if the peer leaves or breaks framing."""
+    connection = head.parser
+    if connection is None:
+        raise BadRequest(400, "no request to read a body of")
+    declared = declared_length(head)
+    if declared is not None and declared > max_size:
+        raise BadRequest(413, f"the body is larger than {max_size} bytes")
+    body = bytearray()
+    while True:
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BadRequest(exc.error_status_hint, str(exc) or "malformed request") from None
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise BadRequest(400, "the body ended early")
+            connection.receive_data(bytes(data))
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > max_size:
+                raise BadRequest(413, f"the body is larger than {max_size} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:
+            raise BadRequest(400, "malformed request")
 
 
 def response(

@@ -31,3 +31,9 @@ def test_the_pure_core_loads_no_io_framework(package: str) -> None:
         "    importlib.import_module(m.name)"
     )
     assert {"trio", "asyncio", "trio_websocket", "socket", "h11"} & loaded == set()
+
+
+def test_the_client_loads_no_server_broker_or_asyncio() -> None:
+    loaded = loaded_after("import odin.client")
+    forbidden = {"asyncio", "trio_asyncio", "nats", "odin.server", "odin.broker", "odin.host"}
+    assert forbidden & loaded == set()

@@ -1,0 +1,28 @@
+"""A Python client for Odin (docs/clients.md): subscriptions as async iterators, kept across
+reconnects with recovery from the positions it tracked.
+
+    async with odin.client.connect("ws://127.0.0.1:3002/ws") as client:
+        async for item in client.subscribe("BTC.*"):
+            ...
+
+Built on trio-websocket; it imports nothing of the server.
+"""
+
+from __future__ import annotations
+
+from odin.client.client import Client, Subscription, Token, TokenProvider, connect
+from odin.client.items import Event, Gap, Item, NotRecovered, Position, SubscriptionError
+
+__all__ = [
+    "Client",
+    "Event",
+    "Gap",
+    "Item",
+    "NotRecovered",
+    "Position",
+    "Subscription",
+    "SubscriptionError",
+    "Token",
+    "TokenProvider",
+    "connect",
+]

@@ -591,3 +591,9 @@ def test_verify_refuses_arbitrary_text_with_token_refused_only(
     with pytest.raises(TokenRefused) as caught:
         every_kind_verifier.verify(token)
     assert caught.value.reason in REASONS
+
+
+def test_every_reason_a_token_is_refused_for_has_its_metric_label() -> None:
+    from odin.metrics import AUTH_REFUSALS
+
+    assert set(AUTH_REFUSALS) >= REASONS

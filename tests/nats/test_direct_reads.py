@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import orjson
 import pytest
@@ -182,6 +183,9 @@ async def test_a_read_cut_off_by_a_lost_connection_fails_at_once(nats_server: Na
         assert process is not None
         process.send_signal(signal.SIGSTOP)  # the request goes unanswered
         try:
+            # The signal is delivered asynchronously: a request sent before the server has
+            # stopped would still be answered.
+            await wait_stopped(process.pid)
             async with trio.open_nursery() as nursery:
                 failed = trio.Event()
 
@@ -200,3 +204,15 @@ async def test_a_read_cut_off_by_a_lost_connection_fails_at_once(nats_server: Na
         finally:
             if nats_server.process is not None:
                 nats_server.process.send_signal(signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, T, ...) from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def wait_stopped(pid: int) -> None:
+    """Return once process ``pid`` is stopped (state T), bounded."""
+    with trio.fail_after(5):
+        while _state(pid) != "T":
+            await trio.sleep(0.005)

@@ -21,7 +21,7 @@ No I/O and no time source: ``Grant`` carries the token's expiry, the shell enfor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import attrs
@@ -48,6 +48,9 @@ class Grant:
     """Patterns the ``token`` namespaces allow this connection (the ``channels`` claim)."""
     expires_at: float | None = None
     """The token's ``exp`` (Unix seconds), if it has one."""
+    claims: Mapping[str, object] = attrs.field(factory=dict, eq=False, repr=False)
+    """All of the token's verified claims, for what reads others (the publish API's
+    ``publish``); not part of the grant's identity."""
 
     @property
     def authenticated(self) -> bool:

@@ -746,12 +746,8 @@ def _socket_peer(transport: trio.abc.Stream) -> tuple[str, int | None] | None:
 
 
 def peer_address(transport: trio.abc.Stream) -> str:
-    if isinstance(transport, trio.SSLStream):
-        transport = transport.transport_stream
-    if isinstance(transport, trio.SocketStream):
-        try:
-            host, port = transport.socket.getpeername()[:2]
-        except OSError:
-            return "unknown"
-        return f"{host}:{port}"
-    return "memory"
+    peer = _socket_peer(transport)
+    if peer is None:
+        return "memory"
+    host, port = peer
+    return host if port is None else f"{host}:{port}"

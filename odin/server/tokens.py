@@ -154,7 +154,6 @@ class Verifier:
         self.settings = settings
         self.keys = list(keys)
         self.fetched = fetched
-        self._rules = ChannelRules(frozenset())
 
     @classmethod
     def from_config(
@@ -228,19 +227,30 @@ class Verifier:
         subject = claims.get("sub", "")
         if not isinstance(subject, str):
             raise TokenRefused("invalid", "sub must be a string")
-        channels = claims.get("channels", [])
-        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
-            raise TokenRefused("invalid", "channels must be a list of channel patterns")
-        try:
-            allowed = tuple(self._rules.check(channel) for channel in channels)
-        except ChannelError as exc:
-            raise TokenRefused("invalid", f"channels: {exc}") from None
+        allowed = patterns_claim(claims, "channels")
         expires = claims.get("exp")
         try:
             expires_at = float(expires) if isinstance(expires, int | float) else None
         except OverflowError:
             raise TokenRefused("invalid", "exp is out of range") from None
-        return Grant(subject=subject[:200], channels=allowed, expires_at=expires_at)
+        return Grant(
+            subject=subject[:200], channels=allowed, expires_at=expires_at, claims=dict(claims)
+        )
+
+
+_RULES = ChannelRules(frozenset())
+
+
+def patterns_claim(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """The channel patterns a claim lists (none when absent); TokenRefused ``invalid`` when it
+    is not a list of valid patterns."""
+    listed = claims.get(name, [])
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise TokenRefused("invalid", f"{name} must be a list of channel patterns")
+    try:
+        return tuple(_RULES.check(pattern) for pattern in listed)
+    except ChannelError as exc:
+        raise TokenRefused("invalid", f"{name}: {exc}") from None
 
 
 def token_from(

@@ -11,15 +11,26 @@ Built on trio-websocket; it imports nothing of the server.
 from __future__ import annotations
 
 from odin.client.client import Client, Subscription, Token, TokenProvider, connect
-from odin.client.items import Event, Gap, Item, NotRecovered, Position, SubscriptionError
+from odin.client.items import (
+    AuthenticationError,
+    Event,
+    Gap,
+    Item,
+    NotRecovered,
+    Position,
+    Refusal,
+    SubscriptionError,
+)
 
 __all__ = [
+    "AuthenticationError",
     "Client",
     "Event",
     "Gap",
     "Item",
     "NotRecovered",
     "Position",
+    "Refusal",
     "Subscription",
     "SubscriptionError",
     "Token",

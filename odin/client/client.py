@@ -3,15 +3,21 @@
 One task owns the connection. It connects (with a fresh token each time), subscribes again
 with ``recover`` for every channel it has a position of, reads, and routes each event to the
 subscriptions whose patterns cover its channel. When the connection is lost it waits (the
-server's ``after_ms``, or a jittered exponential backoff) and does it again. Consumers never
-block it: each subscription buffers up to its bound and drops its oldest items beyond that,
-telling the consumer with a ``Gap``.
+server's ``after_ms``, the ``Retry-After`` of a 503 or 429 refusing the upgrade, or a jittered
+exponential backoff) and does it again. Consumers never block it: each subscription buffers up
+to its bound and drops its oldest items beyond that, telling the consumer with a ``Gap``.
+
+It gives up only when the server refuses its token (401 on the upgrade, close 4011 or 4012):
+at once with a fixed token, after ``max_auth_refusals`` refusals in a row with a token
+provider. Every subscription then raises ``AuthenticationError``.
 """
 
 from __future__ import annotations
 
+import email.utils
 import random
 import ssl
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -22,10 +28,19 @@ import attrs
 import orjson
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection
 from wsproto.utilities import LocalProtocolError
 
-from odin.client.items import Event, Gap, Item, NotRecovered, Position, SubscriptionError
+from odin.client.items import (
+    AuthenticationError,
+    Event,
+    Gap,
+    Item,
+    NotRecovered,
+    Position,
+    Refusal,
+    SubscriptionError,
+)
 
 SUBPROTOCOL = "odin.v1"
 
@@ -36,6 +51,39 @@ Token = str | TokenProvider | None
 _LOST = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError, LocalProtocolError)
 
 Message = dict[str, Any]
+
+# The close codes of a token the server refused (docs/protocol.md, Close codes): the client
+# gives up on them (a fixed token) or asks its provider again; 4010 (expired) just reconnects.
+AUTH_REQUIRED = 4011
+TOKEN_INVALID = 4012
+TOKEN_EXPIRED = 4010
+_AUTH_CLOSES = {AUTH_REQUIRED: "AUTH_REQUIRED", TOKEN_INVALID: "TOKEN_INVALID"}
+# The statuses whose Retry-After the client waits before its next attempt.
+_RETRY_AFTER_STATUSES = (429, 503)
+
+
+def retry_after_seconds(headers: Iterable[tuple[bytes, bytes]], now: float) -> float | None:
+    """A ``Retry-After`` header's delay in seconds (delta-seconds or an HTTP date; never
+    negative), or None when there is none that can be read. ``now``: Unix seconds."""
+    for name, value in headers:
+        if name.lower() != b"retry-after":
+            continue
+        text = value.decode("latin-1").strip()
+        if text.isdigit():
+            return float(text)
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - now)
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def matches(pattern: str, channel: str) -> bool:
@@ -203,12 +251,18 @@ class Client:
         buffer_size: int = 10_000,
         connect_timeout: float = 10.0,
         close_timeout: float = 2.0,
+        max_retry_after: float = 60.0,
+        max_auth_refusals: int = 3,
         rng: random.Random | None = None,
     ) -> None:
         if not 0 < min_backoff <= max_backoff:
             raise ValueError("need 0 < min_backoff <= max_backoff")
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
+        if max_retry_after < 0:
+            raise ValueError("max_retry_after must not be negative")
+        if max_auth_refusals < 1:
+            raise ValueError("max_auth_refusals must be at least 1")
         self.url = url
         self._target = _Target.parse(url)
         self._token = token
@@ -217,6 +271,8 @@ class Client:
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
+        self.max_retry_after = max_retry_after
+        self.max_auth_refusals = max_auth_refusals
         self._rng = rng or random.Random()
         self.positions: dict[str, Position] = {}
         """Per concrete channel, the last position seen (from events, gaps and acks)."""
@@ -227,6 +283,24 @@ class Client:
         self.last_close: tuple[int | None, str] | None = None
         """The close code and reason of the last connection lost (None: not closed by the
         server with a close frame)."""
+        self.attempts = 0
+        """How many connection attempts have started so far (successful or not)."""
+        self.refusals = 0
+        """How many attempts the server answered with an HTTP status instead of the upgrade."""
+        self.last_refusal: Refusal | None = None
+        """The last such answer: its status, ``Retry-After`` and reason."""
+        self.last_wait: float | None = None
+        """The seconds waited (or being waited) before the latest (or next) attempt."""
+        self.auth_refusals = 0
+        """The server's refusals of the token in a row (401, close 4011 or 4012); a token the
+        server takes with the upgrade, or a connection that ends any other way, starts the
+        count again."""
+        self.error: AuthenticationError | None = None
+        """Why the client gave up (None: it has not); it stays closed then."""
+        self._attempted = trio.Event()
+        self._refused = trio.Event()
+        self._close_code: int | None = None
+        self._retry_after: float | None = None
         self._subscriptions: dict[int, Subscription] = {}
         self._numbers = 0
         self._ws: WebSocketConnection | None = None
@@ -251,6 +325,8 @@ class Client:
         """Subscribe to channels or patterns; iterate the result for their items."""
         if not patterns:
             raise ValueError("subscribe needs at least one channel or pattern")
+        if self.error is not None:
+            raise self.error
         if self._closing:
             raise RuntimeError("the client is closed")
         self._numbers += 1
@@ -268,12 +344,32 @@ class Client:
         return self._closing
 
     async def wait_connected(self) -> None:
-        """Return once a connection is established (at once if one is)."""
+        """Return once a connection is established (at once if one is); raise the client's
+        ``AuthenticationError`` if it gave up."""
         await self._connected.wait()
+        if self.error is not None:
+            raise self.error
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._connected.is_set() and self.error is None
+
+    async def wait_attempts(self, count: int) -> None:
+        """Return once ``count`` connection attempts have started (raise the client's
+        ``AuthenticationError`` if it gave up before)."""
+        while self.attempts < count:
+            if self.error is not None:
+                raise self.error
+            await self._attempted.wait()
+
+    async def wait_refusals(self, count: int) -> None:
+        """Return once the server has refused ``count`` upgrades (``last_refusal`` says how,
+        ``last_wait`` how long the client waits before its next attempt); raise the client's
+        ``AuthenticationError`` if it gave up before."""
+        while self.refusals < count:
+            if self.error is not None:
+                raise self.error
+            await self._refused.wait()
 
     async def wait_tokens_taken(self, count: int) -> None:
         """Return once the server has accepted ``count`` tokens in-band (``auth_ok`` answering
@@ -311,6 +407,10 @@ class Client:
         if gone and self._ws is not None and subscription.active:
             self._send({"type": "unsubscribe", "data": {"channels": gone}})
 
+    @property
+    def _token_is_fixed(self) -> bool:
+        return self._token is None or isinstance(self._token, str)
+
     async def _token_now(self) -> str | None:
         if self._token is None or isinstance(self._token, str):
             return self._token
@@ -322,9 +422,17 @@ class Client:
         failures = 0
         while True:
             self._reconnect_after = None
+            self._retry_after = None
+            self._close_code = None
+            refusal: ConnectionRejected | None = None
             established = False
+            self.attempts += 1
+            attempted, self._attempted = self._attempted, trio.Event()
+            attempted.set()
             try:
                 established = await self._connect_once()
+            except* ConnectionRejected as group:
+                refusal = next(e for e in _leaves(group) if isinstance(e, ConnectionRejected))
             except* _LOST:
                 pass
             except* trio.TooSlowError:
@@ -333,14 +441,63 @@ class Client:
                 self._connection_ended()
             if self.closing:
                 return
+            if refusal is not None:
+                self._note_refusal(refusal)
+            refused = self._auth_refused(refusal)
+            if refused is not None:
+                self.auth_refusals += 1
+                if self._token_is_fixed or self.auth_refusals >= self.max_auth_refusals:
+                    refused.refusals = self.auth_refusals
+                    self._give_up(refused)
+                    return
+                established = False  # back off: the provider needs to come up with another
+            elif established:
+                self.auth_refusals = 0
             failures = 0 if established else failures + 1
-            await trio.sleep(self._delay(failures))
+            self.last_wait = self._delay(failures)
+            await trio.sleep(self.last_wait)
 
     def _delay(self, failures: int) -> float:
         if self._reconnect_after is not None:
             return self._reconnect_after
+        if self._retry_after is not None:
+            # At least what the server asked (up to the cap), and up to a tenth more so that
+            # the clients it refused at once do not all come back at once.
+            return min(self._retry_after, self.max_retry_after) * self._rng.uniform(1.0, 1.1)
         ceiling = min(self.max_backoff, self.min_backoff * 2 ** min(failures, 32))
         return self._rng.uniform(max(self.min_backoff, ceiling / 2), ceiling)
+
+    def _note_refusal(self, refusal: ConnectionRejected) -> None:
+        retry_after = retry_after_seconds(refusal.headers, time.time())
+        reason = (refusal.body or b"").decode("utf-8", "replace").strip()
+        self.last_refusal = Refusal(refusal.status_code, retry_after, reason)
+        if refusal.status_code in _RETRY_AFTER_STATUSES:
+            self._retry_after = retry_after
+        self.refusals += 1
+        refused, self._refused = self._refused, trio.Event()
+        refused.set()
+
+    def _auth_refused(self, refusal: ConnectionRejected | None) -> AuthenticationError | None:
+        """The attempt's end as a refusal of the token (401, close 4011 or 4012), or None."""
+        if refusal is not None and refusal.status_code == 401:
+            assert self.last_refusal is not None
+            return AuthenticationError(
+                "TOKEN_INVALID", self.last_refusal.reason or "unauthorized", status=401
+            )
+        code, close = self._close_code, self.last_close
+        if code is not None and code in _AUTH_CLOSES and close is not None:
+            return AuthenticationError(_AUTH_CLOSES[code], close[1], close_code=code)
+        return None
+
+    def _give_up(self, error: AuthenticationError) -> None:
+        self.error = error
+        self._closing = True
+        for subscription in self._subscriptions.values():
+            subscription._fail(error)
+        self._subscriptions.clear()
+        # Wake wait_connected(), wait_attempts() and wait_refusals(), which raise.
+        for event in (self._connected, self._attempted, self._refused):
+            event.set()
 
     async def _connect_once(self) -> bool:
         """One connection, until it is lost: whether it got as far as the server's hello.
@@ -366,6 +523,8 @@ class Client:
                     hello = orjson.loads(await ws.get_message())
                 self.connection_id = str(hello.get("connection_id", "")) or None
                 self.connections += 1
+                if token:
+                    self.auth_refusals = 0  # the server took the token with the upgrade
                 self._start_connection(ws)
                 async with trio.open_nursery() as session:
                     session.start_soon(self._send_loop, ws)
@@ -385,6 +544,7 @@ class Client:
     def _note_close(self, ws: WebSocketConnection) -> None:
         reason = ws.closed
         self.last_close = (reason.code, reason.reason or "") if reason else None
+        self._close_code = reason.code if reason else None
 
     def _start_connection(self, ws: WebSocketConnection) -> None:
         self._ws = ws
@@ -405,7 +565,7 @@ class Client:
     def _connection_ended(self) -> None:
         self._ws = None
         self.connection_id = None
-        if self._connected.is_set():
+        if self._connected.is_set() and self.error is None:
             self._connected = trio.Event()
         for subscription in self._subscriptions.values():
             subscription.active = False
@@ -542,6 +702,8 @@ async def connect(
     buffer_size: int = 10_000,
     connect_timeout: float = 10.0,
     close_timeout: float = 2.0,
+    max_retry_after: float = 60.0,
+    max_auth_refusals: int = 3,
     rng: random.Random | None = None,
 ) -> AsyncIterator[Client]:
     """A client of the Odin server at ``url`` (``ws://host:3002/ws``), kept connected until
@@ -550,7 +712,13 @@ async def connect(
     ``token``: a JWT, or an async callable returning one (called for every connection and
     for every ``token_expiring``). ``min_backoff``/``max_backoff``: the bounds (seconds) of
     the jittered exponential wait between failed connection attempts. ``buffer_size``: how
-    many items each subscription holds for its consumer before it drops the oldest."""
+    many items each subscription holds for its consumer before it drops the oldest.
+    ``max_retry_after``: the most seconds of a 503's or 429's ``Retry-After`` the client
+    waits. ``max_auth_refusals``: with a token provider, how many refusals of its tokens in a
+    row (401, close 4011 or 4012) before the client gives up (with a fixed token: the first).
+
+    An exception raised in the block comes out of it as itself (not in an exception group).
+    """
     client = Client(
         url,
         token=token,
@@ -559,6 +727,8 @@ async def connect(
         buffer_size=buffer_size,
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
+        max_retry_after=max_retry_after,
+        max_auth_refusals=max_auth_refusals,
         rng=rng,
     )
     try:
@@ -570,7 +740,12 @@ async def connect(
                 with trio.CancelScope(shield=True):
                     await client._close()
                 nursery.cancel_scope.cancel()
-    except* LocalProtocolError:
+    except BaseExceptionGroup as group:
         # trio-websocket can answer a ping that races its own close frame with a pong wsproto
         # refuses (trio-websocket issue 184): harmless once the client is closing.
-        pass
+        rest = [e for e in _leaves(group) if not isinstance(e, LocalProtocolError)]
+        if not rest:
+            return
+        if len(rest) == 1 and isinstance(rest[0], Exception):
+            raise rest[0] from None  # the block's own exception, as the block raised it
+        raise

@@ -65,3 +65,40 @@ class SubscriptionError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class AuthenticationError(SubscriptionError):
+    """The server refused the client's token and the client gave up (docs/clients.md,
+    Tokens): raised by every subscription's iterator, ``wait_active()``,
+    ``client.wait_connected()`` and ``client.subscribe()``.
+
+    ``code``: ``AUTH_REQUIRED`` (close 4011: the server needs a token) or ``TOKEN_INVALID``
+    (close 4012, or ``401`` on the upgrade: the token does not verify). ``close_code`` is the
+    close code (None for a 401), ``status`` the HTTP status (401, or None for a close code),
+    ``message`` the server's reason, and ``refusals`` how many refusals in a row it took."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        close_code: int | None = None,
+        status: int | None = None,
+        refusals: int = 1,
+    ) -> None:
+        super().__init__(code, message)
+        self.close_code = close_code
+        self.status = status
+        self.refusals = refusals
+
+
+@attrs.frozen
+class Refusal:
+    """The server answered a connection attempt with an HTTP status instead of the upgrade:
+    ``status`` (``503`` at capacity or draining, ``429`` over a per-client limit, ``401``
+    token refused, ...), the ``Retry-After`` it gave in seconds (None: none), and its body's
+    text (``server at capacity``)."""
+
+    status: int
+    retry_after: float | None
+    reason: str

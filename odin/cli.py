@@ -37,6 +37,7 @@ from odin.host.worker import WorkerLink
 from odin.metrics import Metrics
 from odin.server.app import Listening, OdinServer, StartError
 from odin.server.control import ControlServer
+from odin.server.page import page_enabled
 from odin.server.reload import apply, plan_reload
 from odin.server.tls import server_context
 from odin.server.tokens import load_keys
@@ -205,7 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("config_unknown_environment", names=unknown_env)
     demo = getattr(args, "demo", False)
     tty = sys.stdout.isatty()
-    announce: Announce | None = _banner if demo else (_where_to_connect if tty else None)
+    page = page_enabled(config)
+    announce: Announce | None = (
+        partial(_banner, page=page)
+        if demo
+        else (partial(_where_to_connect, page=page) if tty else None)
+    )
     try:
         if worker is not None:
             code = trio.run(serve, run, config, log, None, worker)
@@ -311,18 +317,19 @@ def _single(announce: Announce | None) -> Callable[[Listening, Broker], None] | 
     return lambda listening, broker: announce(Ready(listening, "", broker.status().location), 1)
 
 
-def _where_to_connect(ready: Ready, workers: int) -> None:
+def _where_to_connect(ready: Ready, workers: int, *, page: bool = False) -> None:
     """What ``odin serve`` prints on a terminal: where clients and operators connect."""
     http = (ready.listening.ops or ready.listening.http)[0]
     cores = f" with {workers} workers" if workers > 1 else ""
+    live = f" Live page at {ready.listening.http[0]}/." if page else ""
     print(
         f"Odin is serving clients at {ready.listening.websocket[0]}{cores} "
-        f"(health {http}/health, metrics {http}/metrics). Stop with Ctrl-C.",
+        f"(health {http}/health, metrics {http}/metrics).{live} Stop with Ctrl-C.",
         flush=True,
     )
 
 
-def _banner(ready: Ready, workers: int) -> None:
+def _banner(ready: Ready, workers: int, *, page: bool = False) -> None:
     """What ``odin demo`` prints: where to look."""
     websocket = ready.listening.websocket[0]
     http = (ready.listening.ops or ready.listening.http)[0]
@@ -334,6 +341,7 @@ def _banner(ready: Ready, workers: int) -> None:
         f"  Health     {http}/health",
         f"  Metrics    {http}/metrics",
         f"  History    {ready.history}",
+        *([f"  Page       {ready.listening.http[0]}/"] if page else []),
         f"Watch:  echo {subscribe} | websocat -n {websocket}",
         "Stop with Ctrl-C.",
     ]

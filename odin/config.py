@@ -171,6 +171,10 @@ class ServerSection:
     takes the next connection: measured, it spreads them unevenly, docs/performance.md)."""
     ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
     """The WebSocket endpoint's path."""
+    page: Literal["auto", "on", "off"] = "auto"
+    """The live page at ``/`` (a ticker built on the JavaScript client, static files in the
+    package): ``auto`` serves it when the simulator runs (``--simulate``, ``odin demo``),
+    ``on`` always, ``off`` never."""
     max_connections: int = attrs.field(default=0, validator=v.ge(0))
     """Beyond this, upgrades get 503 with Retry-After; 0: derived at start from the memory
     limit (the cgroup's, else the machine's) and the file-descriptor limit."""

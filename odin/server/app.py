@@ -58,6 +58,7 @@ from odin.server.handshake import HandshakeRefused, accept
 from odin.server.http import BadRequest, RequestHead, read_request_head, response
 from odin.server.jwks import verify_token
 from odin.server.outbox import Outbox
+from odin.server.page import answer_page
 from odin.server.proxy_header import read_proxy_header
 from odin.server.publish_api import PublishApi
 from odin.server.tokens import TokenRefused, token_from
@@ -436,7 +437,7 @@ class OdinServer:
                 if PublishApi.handles(head, context.config.publish.enabled):
                     await self.publish_api.serve(head, transport, partial(_answer, writer), peer)
                     return None
-                await _answer(writer, answer(context, head))
+                await _answer(writer, answer_page(context, head) or answer(context, head))
                 return None
             address = peer
             if source is not None:

@@ -171,6 +171,9 @@ class ServerSection:
     takes the next connection: measured, it spreads them unevenly, docs/performance.md)."""
     ws_path: str = attrs.field(default="/ws", validator=v.matches_re(r"/[^?#\s]*"))
     """The WebSocket endpoint's path."""
+    sse_path: str = attrs.field(default="/sse", validator=v.matches_re(r"(/[^?#\s]*)?"))
+    """The Server-Sent Events endpoint's path (``GET /sse?channels=BTC.trade,ETH.*``): the same
+    events as the WebSocket, resumable with ``Last-Event-ID``. Empty: no SSE endpoint."""
     page: Literal["auto", "on", "off"] = "auto"
     """The live page at ``/`` (a ticker built on the JavaScript client, static files in the
     package): ``auto`` serves it when the simulator runs (``--simulate``, ``odin demo``),

@@ -191,6 +191,12 @@ class Metrics:
         self.connections = Counter(
             "odin_connections", "WebSocket connections accepted.", registry=r
         )
+        self.sse_streams = Gauge(
+            "odin_sse_streams_active",
+            "Open Server-Sent Events streams (counted in odin_connections_active too).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         rejected = Counter(
             "odin_connections_rejected",
             "Connection attempts refused before or during the upgrade, by reason.",

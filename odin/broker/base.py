@@ -170,3 +170,8 @@ class Broker(Protocol):
     async def latest(self, channel: str) -> Publication | None:
         """The newest retained message of ``channel``."""
         ...
+
+    async def latest_positions(self, pattern: str, limit: int) -> dict[str, int] | None:
+        """The newest retained position of every channel ``pattern`` covers that has one;
+        None when more than ``limit`` channels do."""
+        ...

@@ -29,7 +29,7 @@ from odin.broker.base import (
     open_bounded_feed,
 )
 from odin.core.history import HistoryLog
-from odin.protocol.channels import Filters, covers
+from odin.protocol.channels import Filters, covers, matches
 from odin.protocol.publication import Publication
 
 
@@ -124,6 +124,14 @@ class MemoryBroker:
             latest_seq=self._history.last_seq(channel),
             messages=self._history.after(channel, after, limit, trio.current_time()),
         )
+
+    async def latest_positions(self, pattern: str, limit: int) -> dict[str, int] | None:
+        await trio.lowlevel.checkpoint()
+        history = self._history
+        found = [name for name in history.channels() if matches(pattern, name)]
+        if len(found) > limit:
+            return None
+        return {name: history.last_seq(name) for name in found}
 
     async def latest(self, channel: str) -> Publication | None:
         await trio.lowlevel.checkpoint()

@@ -50,6 +50,7 @@ from odin.metrics import WALK_EVERY, Metrics
 from odin.protocol.access import ANONYMOUS, Grant
 from odin.protocol.close_codes import SHUTDOWN_REASON, CloseCode
 from odin.protocol.negotiation import SUBPROTOCOL_V1, UnsupportedVersion, negotiate
+from odin.protocol.sse import BadCursor, parse_channels, parse_cursor
 from odin.server.connection import Connection
 from odin.server.context import ServerContext
 from odin.server.endpoints import answer, answer_ops
@@ -61,6 +62,7 @@ from odin.server.outbox import Outbox
 from odin.server.page import answer_page
 from odin.server.proxy_header import read_proxy_header
 from odin.server.publish_api import PublishApi
+from odin.server.sse import SseConnection, SseRequest, sse_cors
 from odin.server.tokens import TokenRefused, token_from
 from odin.server.worker_role import WorkerRole
 from odin.server.writer import Writer
@@ -389,6 +391,9 @@ class OdinServer:
         upgrade = await self._upgrade(transport, writer, source, ticket)
         if upgrade is None:
             return
+        if isinstance(upgrade, SseRequest):
+            await self._serve_sse(transport, writer, nursery, upgrade, ticket)
+            return
         try:
             connection = Connection(
                 context,
@@ -418,9 +423,10 @@ class OdinServer:
         writer: Writer,
         source: Source | None = None,
         ticket: Ticket | None = None,
-    ) -> Upgrade | None:
+    ) -> Upgrade | SseRequest | None:
         """Read the request head and answer it: a plain HTTP answer, a refusal, or the 101
-        of an admitted upgrade (its place taken); None unless it was upgraded."""
+        of an admitted upgrade (its place taken), or an admitted event stream (``/sse``);
+        None for neither."""
         context = self.context
         config = context.config.server
         peer = source.shown if source is not None else peer_address(transport)
@@ -433,6 +439,12 @@ class OdinServer:
                 return None
             if head is None:
                 return None
+            if config.sse_path and head.path == config.sse_path:
+                admitted = await self._admit_sse(head, peer, source, ticket)
+                if isinstance(admitted, bytes):
+                    await _answer(writer, admitted)
+                    return None
+                return admitted
             if head.path != config.ws_path:
                 if PublishApi.handles(head, context.config.publish.enabled):
                     await self.publish_api.serve(head, transport, partial(_answer, writer), peer)
@@ -479,6 +491,80 @@ class OdinServer:
         context.metrics.rejected["handshake_timeout"].inc()
         self.log.info("handshake_timeout", peer=peer, timeout=config.handshake_timeout)
         return None
+
+    async def _admit_sse(
+        self, head: RequestHead, peer: str, source: Source | None, ticket: Ticket | None
+    ) -> SseRequest | bytes:
+        """Admit ``GET /sse`` as an upgrade is admitted (origin, draining, the connection
+        limit, per-client limits, the token), or the answer refusing it."""
+        cors = self.context.config.server.cors_allow_origin
+        allow = [(b"Allow", b"GET, OPTIONS")]
+        if head.method == "OPTIONS":
+            return response(204, headers=[*allow, *sse_cors(cors)])
+        if head.method != "GET":
+            return response(405, b"method not allowed\n", headers=allow)
+        address = peer
+        if source is not None:
+            address, peer = self._client(source, head)
+        refusal = self._refusal(head, peer, websocket=False)
+        if refusal is None and ticket is not None:
+            refusal = self._admit_address(ticket, address, peer)
+        if refusal is not None:
+            return refusal
+        grant = await self._authenticate(head, peer)
+        if grant is None:  # no token, and none can follow on a stream
+            return self._unauthorized(peer, "missing", "a token is required")
+        if isinstance(grant, bytes):
+            return grant
+        admitted = ticket is None or ticket.admit_subject(grant.subject)
+        if grant is not ANONYMOUS and not admitted:
+            return self._refused("per_subject", peer, grant.subject)
+        channels = parse_channels(head.query_values("channels"))
+        if not channels:
+            body = b"channels: name at least one channel or pattern (?channels=BTC.trade,ETH.*)\n"
+            return response(400, body)
+        # EventSource sends Last-Event-ID itself; a page starting a new stream (with a new
+        # token) can only pass it in the URL.
+        last_event_id = head.headers.get("last-event-id") or "".join(
+            head.query_values("last_event_id")[:1]
+        )
+        try:
+            cursor = parse_cursor(last_event_id)
+        except BadCursor as exc:
+            return response(400, f"Last-Event-ID: {exc}\n".encode())
+        self.context.registry.admit()
+        return SseRequest(peer, head.headers.get("origin"), grant, channels, cursor)
+
+    async def _serve_sse(
+        self,
+        transport: trio.abc.Stream,
+        writer: Writer,
+        nursery: trio.Nursery,
+        request: SseRequest,
+        ticket: Ticket | None,
+    ) -> None:
+        try:
+            stream = SseConnection(
+                self.context,
+                transport,
+                writer,
+                self.fanout,
+                request,
+                number=next(self._numbers),
+                scope=nursery.cancel_scope,
+                admission=ticket,
+            )
+            answer, action = stream.refusal()
+        except BaseException:
+            self.context.registry.release()
+            raise
+        if action is None:
+            self.context.registry.release()
+            await _answer(writer, answer)
+            return
+        if self.context.registry.draining:
+            self._close_for_shutdown(stream)
+        await stream.serve(nursery, action)
 
     async def _authenticate(self, head: RequestHead, peer: str) -> Grant | bytes | None:
         """What the request's token grants (nothing without one), the 401 refusing it, or
@@ -594,13 +680,13 @@ class OdinServer:
         }.get(reason, b"refused\n")
         return response(429, text, headers=retry)
 
-    def _refusal(self, head: RequestHead, peer: str) -> bytes | None:
-        """The response refusing an upgrade, or None to accept it."""
+    def _refusal(self, head: RequestHead, peer: str, *, websocket: bool = True) -> bytes | None:
+        """The response refusing an upgrade (or an event stream), or None to accept it."""
         context = self.context
         config = context.config.server
         metrics = context.metrics
         retry = [(b"Retry-After", str(config.retry_after).encode())]
-        if not head.is_websocket_upgrade:
+        if websocket and not head.is_websocket_upgrade:
             return response(
                 426, b"this endpoint speaks WebSocket\n", headers=[(b"Upgrade", b"websocket")]
             )

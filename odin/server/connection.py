@@ -429,6 +429,14 @@ class Connection:
         self.delivered += 1
         return True
 
+    def send_handed_over(self, events: list[Event]) -> None:
+        """Queue, in order and past the queue's bound, what a subscribe hands over after its
+        ack: recovered messages, the live ones held meanwhile, gap notices."""
+        sends = [event for event in events if self.wants(event)]
+        for event in sends:
+            self.send_frame(event.frame, force=True)
+        self.context.metrics.frames_sent.inc(len(sends))
+
     def wants(self, event: Event) -> bool:
         """Whether this client gets ``event``'s frame (gap notices only go to v1 clients)."""
         return event.refused is None or self.v1
@@ -446,15 +454,17 @@ class Connection:
                 frame = gap_frame(channel, missed.from_seq, missed.to_seq, reason)
         return self.send_frame(frame)
 
+    def _conflated(self, channel: str, first: int, last: int) -> bytes | None:
+        """What takes the place of messages conflation dropped: a gap notice (v1)."""
+        return gap_frame(channel, first, last, "conflated") if self.v1 else None
+
     def _overflow(self, frame: bytes, channel: str | None, seq: int) -> bool:
         """The queue is full. Conflate (if that policy is on and it frees room) or close."""
         context = self.context
         metrics = context.metrics
         outbox = self.writer.outbox
         if context.config.connection.slow_consumer_policy == "conflate":
-            dropped, gaps = outbox.conflate(
-                lambda ch, first, last: gap_frame(ch, first, last, "conflated") if self.v1 else None
-            )
+            dropped, gaps = outbox.conflate(self._conflated)
             if dropped:
                 self.dropped += dropped
                 metrics.slow_conflated.inc()

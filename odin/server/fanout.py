@@ -33,7 +33,7 @@ class Event:
 
     # channel, seq and prev are copied, not properties: the fan-out and the history read them
     # for every delivery.
-    __slots__ = ("channel", "detail", "frame", "prev", "publication", "refused", "seq")
+    __slots__ = ("channel", "detail", "frame", "prev", "publication", "refused", "seq", "sse")
 
     def __init__(
         self,
@@ -49,6 +49,9 @@ class Event:
         self.frame = frame
         self.refused = refused
         self.detail = detail
+        self.sse: bytes | None = None
+        """Its Server-Sent Events block, made by the first SSE stream that sends it and
+        shared by the rest (odin/server/sse.py)."""
 
 
 EVENT_OVERHEAD = 400

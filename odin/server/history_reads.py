@@ -136,6 +136,15 @@ class HistoryReader:
     def current_epoch(self) -> str:
         return self.epoch or self._broker.epoch
 
+    async def until_ready(self) -> bool:
+        """Wait (``history.read_timeout`` at most) for a broker still connecting: clients
+        reconnecting to a server that has just started are recovered from its history, not
+        told it is unavailable. True once the broker knows its history."""
+        if not self.current_epoch() or not self._broker.status().connected:
+            with trio.move_on_after(self._config.history.read_timeout):
+                await self._broker.wait_ready()
+        return bool(self.current_epoch())
+
     def read_window(self, channel: str, after: int, limit: int) -> Slice:
         window = self.window
         events = window.after(channel, after, limit, trio.current_time())
@@ -197,6 +206,20 @@ class HistoryReader:
         if not known:
             return None
         return publication.seq if publication is not None else 0
+
+    async def latest_positions(self, pattern: str, limit: int) -> dict[str, int] | None:
+        """The newest position of every channel ``pattern`` covers, from the broker (this
+        process's window knows only the channels its clients took); None when more than
+        ``limit`` channels match. Raises HistoryUnavailable when the broker cannot say."""
+        try:
+            with trio.fail_after(self._config.history.read_timeout):
+                positions = await self._broker.latest_positions(pattern, limit)
+        except (trio.TooSlowError, BrokerError) as exc:
+            self._metrics.history_reads.labels("error").inc()
+            self._log.warning("history_read_failed", channel=pattern, error=repr(exc))
+            raise HistoryUnavailable(str(exc)) from exc
+        self._metrics.history_reads.labels("ok").inc()
+        return positions
 
     async def _latest_in_broker(self, channel: str) -> tuple[bool, Publication | None]:
         """(whether the broker answered in time, its newest message of the channel)."""

@@ -48,7 +48,7 @@ class Outcome:
 
 async def recover(context: ServerContext, channel: str, position: Position) -> Outcome:
     """Decide one channel's recovery: from the window if it can, else from the broker."""
-    if not context.reader.current_epoch():  # the broker has not told us its history yet
+    if not await context.reader.until_ready():  # the broker has not told us its history
         return Outcome(False, [], Reason.BROKER_UNAVAILABLE, "broker")
     limit = context.config.history.recovery_max_messages
     window = context.reader.read_window(channel, position.seq, limit)
@@ -158,10 +158,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     if not epoch:  # the broker has not said which history this is: positions mean nothing
         positions.clear()
     connection.send_message(connection.session.subscription_ack(action, positions, reports))
-    sends = [event for event in sends if connection.wants(event)]
-    for event in sends:
-        connection.send_frame(event.frame, force=True)
-    context.metrics.frames_sent.inc(len(sends))
+    connection.send_handed_over(sends)
     connection.log.info(
         "subscribe",
         channels=action.requested,

@@ -88,7 +88,10 @@ class DevTools:
 @contextmanager
 def browser_page(browser: str) -> Iterator[DevTools]:
     """Headless Chromium with one blank page, driven over DevTools."""
-    with tempfile.TemporaryDirectory(prefix="odin-chromium-") as profile:
+    # ignore_cleanup_errors: Chromium may still be writing its profile as it exits.
+    # Chromium may still be writing its profile as it exits: clean up what can be.
+    profiles = tempfile.TemporaryDirectory(prefix="odin-chromium-", ignore_cleanup_errors=True)
+    with profiles as profile:
         process = subprocess.Popen(
             [browser, "--headless", "--no-sandbox", "--disable-gpu",
              "--disable-background-networking", "--disable-component-update",

@@ -263,6 +263,24 @@ class NatsBroker:
         except _FAILURES as exc:
             raise BrokerError(f"history read failed: {exc!r}") from exc
 
+    async def latest_positions(self, pattern: str, limit: int) -> dict[str, int] | None:
+        subjects = subject_for(pattern)
+        try:
+            if self.trio_reads:
+                stored = await self._direct().last_of_each(subjects, limit + 1)
+            else:
+                stored = await aio(self._nats_py().last_of_each, subjects, limit + 1)
+        except _FAILURES as exc:
+            raise BrokerError(f"history read failed: {exc!r}") from exc
+        if len(stored) > limit:
+            return None
+        positions = {}
+        for message in stored:
+            channel = channel_from_subject(message.subject)
+            if channel is not None:
+                positions[channel] = message.seq
+        return positions
+
     async def want(self, filters: Filters) -> Filters:
         """Consume only the channels ``filters`` deliver (None: all) from now on; return once
         the consumer delivers them (at once before it first starts, which it does with them).

@@ -192,5 +192,10 @@ class DirectReads:
         stored = _messages(replies)
         return stored[0] if stored else None
 
+    async def last_of_each(self, subjects: str, limit: int) -> list[Stored]:
+        """The newest retained message of each subject matching the wildcard ``subjects``, at
+        most ``limit`` of them."""
+        return _messages(await self._batch({"multi_last": [subjects], "batch": limit}))
+
     async def _batch(self, request: dict[str, object]) -> list[Reply]:
         return await self._link.request_many(self._subject, orjson.dumps(request), self._within)

@@ -290,6 +290,15 @@ async def last_of(nc: Client, stream: str, subject: str, reply_timeout: float) -
     return _stored(reply)
 
 
+async def last_of_each(
+    nc: Client, stream: str, subjects: str, limit: int, reply_timeout: float
+) -> list[Stored]:
+    """The newest retained message of each subject matching the wildcard ``subjects``, at
+    most ``limit`` of them."""
+    request = {"multi_last": [subjects], "batch": limit}
+    return [_stored(reply) for reply in await _batch(nc, stream, request, reply_timeout)]
+
+
 class HistoryReads(Protocol):
     """The history reads the bridge makes: on nats-py (``NatsPyReads``, asyncio) or on a Trio
     connection of their own (``direct.DirectReads``)."""
@@ -299,6 +308,8 @@ class HistoryReads(Protocol):
     async def last_before(self, subject: str, seq: int) -> Stored | None: ...
 
     async def last_of(self, subject: str) -> Stored | None: ...
+
+    async def last_of_each(self, subjects: str, limit: int) -> list[Stored]: ...
 
 
 class NatsPyReads:
@@ -317,3 +328,6 @@ class NatsPyReads:
 
     async def last_of(self, subject: str) -> Stored | None:
         return await last_of(self._nc, self._stream, subject, self._timeout)
+
+    async def last_of_each(self, subjects: str, limit: int) -> list[Stored]:
+        return await last_of_each(self._nc, self._stream, subjects, limit, self._timeout)

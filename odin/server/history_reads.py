@@ -137,10 +137,13 @@ class HistoryReader:
         return self.epoch or self._broker.epoch
 
     async def until_ready(self) -> bool:
-        """Wait (``history.read_timeout`` at most) for a broker still connecting: clients
-        reconnecting to a server that has just started are recovered from its history, not
-        told it is unavailable. True once the broker knows its history."""
-        if not self.current_epoch() or not self._broker.status().connected:
+        """Wait (``history.read_timeout`` at most) for a broker that has not been ready yet:
+        clients reconnecting to a server that has just started are recovered from its
+        history, not told it is unavailable, and a subscription is acknowledged once the
+        broker feeds what is published after it. (Later outages do not wait: the broker knew
+        its history, and its reads fail on their own.) True once the broker knows its
+        history."""
+        if not self.current_epoch():
             with trio.move_on_after(self._config.history.read_timeout):
                 await self._broker.wait_ready()
         return bool(self.current_epoch())

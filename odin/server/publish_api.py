@@ -13,8 +13,10 @@ without the claim may publish nowhere). Each credential has a token bucket of ev
 
 An ``Idempotency-Key`` header becomes the broker's message id (``Nats-Msg-Id``;
 ``<key>-<index>`` for a batch's events), so a retried request is stored once within the
-stream's duplicate window. The answer is ``{"published": n}``, with the events' positions when
-the broker assigns them at once (the in-memory broker); errors are
+stream's duplicate window; without one the request gets a key of its own, so the broker's own
+retries (a stream being created, a leader election) store each event once. The answer is
+``{"published": n}``, with the events' positions when the broker assigns them at once (the
+in-memory broker); errors are
 ``{"error": {"code", "field", "message"}}`` with a 4xx or 503, counted in
 ``odin_http_publish_total{result}`` and logged (``publish_refused``, at most one line a second
 per result, never the credential).
@@ -26,6 +28,7 @@ import hashlib
 import hmac
 import math
 import re
+import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -320,6 +323,10 @@ class PublishApi:
 
     async def _publish(self, events: list[Event], key: str | None) -> bytes:
         broker = self.context.broker
+        # Without the client's key, one of the request's own: a publish the broker must
+        # retry (a stream not there yet, a leader election) is then retried and stored
+        # once, instead of failing after this request was answered 200.
+        key = key or f"odin-{secrets.token_hex(12)}"
         positions: list[dict[str, object]] = []
         batch = bool(events[0].prefix)
         for index, event in enumerate(events):

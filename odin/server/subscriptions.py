@@ -48,7 +48,7 @@ class Outcome:
 
 async def recover(context: ServerContext, channel: str, position: Position) -> Outcome:
     """Decide one channel's recovery: from the window if it can, else from the broker."""
-    if not await context.reader.until_ready():  # the broker has not told us its history
+    if not context.reader.current_epoch():  # the broker has not told us its history yet
         return Outcome(False, [], Reason.BROKER_UNAVAILABLE, "broker")
     limit = context.config.history.recovery_max_messages
     window = context.reader.read_window(channel, position.seq, limit)
@@ -93,6 +93,9 @@ def _frames(items: list[Event | Missed]) -> list[Event]:
 
 async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     context = connection.context
+    # A server just started: its broker may not feed anything yet, and what is published
+    # between an ack and the broker's first consumer would never come.
+    await context.reader.until_ready()
     hub = context.hub
     history = context.reader.window
     # Live messages wait for the channels being recovered, and for new concrete channels this

@@ -309,12 +309,19 @@ async def test_an_idempotency_key_becomes_the_message_id() -> None:
         assert answer == {"published": 2}
         status, _, answer = await call(harness, post(TRADE))
         assert status == 200
-    assert broker.msg_ids == [
+        await call(harness, post(batch))
+    assert broker.msg_ids[:3] == [
         ("BTC.trade", "o-1"),
         ("BTC.trade", "b.2-0"),
         ("ETH.trade", "b.2-1"),
-        ("BTC.trade", None),
     ]
+    # Without a key a request still gets one of its own (so the broker's retries store an
+    # event once), a different one per request, suffixed per event in a batch.
+    (_, alone), (_, first), (_, second) = broker.msg_ids[3:]
+    assert alone and first and second
+    assert first.rsplit("-", 1) == [second.rsplit("-", 1)[0], "0"]
+    assert second.endswith("-1")
+    assert alone != first.rsplit("-", 1)[0]
 
 
 async def test_a_credential_over_its_rate_is_answered_429_with_retry_after() -> None:

@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 import attrs
-import orjson
 import trio
 
 from odin import __version__, logs
@@ -43,9 +42,9 @@ from odin.server.tls import server_context
 from odin.server.tokens import load_keys
 from odin.simulator.model import Market
 from odin.simulator.runner import run_simulator, wall_clock
+from odin.startup import start
 
 EX_START = 1
-EX_CONFIG = 78
 EX_FORCED = 130
 WORKER_READY_WAIT = 30.0
 """Seconds a worker waits for its broker before it accepts clients all the same."""
@@ -139,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
+def config_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The configuration the command line sets (``--set`` and the flags), as overrides."""
     overrides = set_options(args.set)
     flags = {
         "server.host": args.host,
@@ -175,17 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = worker.spec
         run = _Run(Path(spec.config_file) if spec.config_file else None, spec.overrides)
     else:
-        run = _Run(args.config, _overrides(args))
-    try:
-        config, unknown_env = run.load()
-    except ConfigError as exc:
-        line = {"event": "config_invalid", "level": "error", "errors": exc.problems}
-        sys.stderr.write(orjson.dumps(line).decode() + "\n")
-        return EX_CONFIG
-    if args.check_config:
-        sys.stdout.write(orjson.dumps(as_dict(config), option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    logs.configure(config.log.level, config.log.format)
+        run = _Run(args.config, config_overrides(args))
+    started = start(run.load, check_config=args.check_config)
+    if isinstance(started, int):
+        return started
+    config, unknown_env = started
     workers = 1 if worker is not None else worker_count(config)
     if worker is not None:
         log = logs.get_logger(service="odin", worker=worker.spec.slot)
@@ -208,9 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tty = sys.stdout.isatty()
     page = page_enabled(config)
     announce: Announce | None = (
-        partial(_banner, page=page)
+        partial(print_banner, page=page)
         if demo
-        else (partial(_where_to_connect, page=page) if tty else None)
+        else (partial(print_where_to_connect, page=page) if tty else None)
     )
     try:
         if worker is not None:
@@ -317,7 +311,7 @@ def _single(announce: Announce | None) -> Callable[[Listening, Broker], None] | 
     return lambda listening, broker: announce(Ready(listening, "", broker.status().location), 1)
 
 
-def _where_to_connect(ready: Ready, workers: int, *, page: bool = False) -> None:
+def print_where_to_connect(ready: Ready, workers: int, *, page: bool = False) -> None:
     """What ``odin serve`` prints on a terminal: where clients and operators connect."""
     http = (ready.listening.ops or ready.listening.http)[0]
     cores = f" with {workers} workers" if workers > 1 else ""
@@ -329,7 +323,7 @@ def _where_to_connect(ready: Ready, workers: int, *, page: bool = False) -> None
     )
 
 
-def _banner(ready: Ready, workers: int, *, page: bool = False) -> None:
+def print_banner(ready: Ready, workers: int, *, page: bool = False) -> None:
     """What ``odin demo`` prints: where to look."""
     websocket = ready.listening.websocket[0]
     http = (ready.listening.ops or ready.listening.http)[0]

@@ -11,12 +11,10 @@ import argparse
 import functools
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -24,14 +22,13 @@ from hypercorn.typing import ASGIFramework
 
 from odin import logs
 from odin.broker.nats import open_nats_broker
-from odin.config import ConfigError, as_dict, set_options
+from odin.config import as_dict, set_options
+from odin.startup import start
 from publisher import metrics
 from publisher.api import build_app
 from publisher.config import PublisherConfig, load
 from publisher.control import Limits
 from publisher.service import PublisherService
-
-EX_CONFIG = 78
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,16 +130,13 @@ async def _watch_signals(stop: trio.Event, log: logs.Log) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config, unknown_env = load(file=args.config, overrides=_overrides(args))
-    except ConfigError as exc:
-        line = {"event": "config_invalid", "level": "error", "errors": exc.problems}
-        sys.stderr.write(orjson.dumps(line).decode() + "\n")
-        return EX_CONFIG
-    if args.check_config:
-        sys.stdout.write(orjson.dumps(as_dict(config), option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    logs.configure(config.log.level, config.log.format)
+    started = start(
+        functools.partial(load, file=args.config, overrides=_overrides(args)),
+        check_config=args.check_config,
+    )
+    if isinstance(started, int):
+        return started
+    config, unknown_env = started
     log = logs.get_logger(service="odin-publisher")
     log.info("config", **as_dict(config))
     if unknown_env:

@@ -12,6 +12,7 @@ import attrs
 import trio
 import trio.testing
 import trio_websocket
+from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.utilities import LocalProtocolError
@@ -142,11 +143,24 @@ class Harness:
         target = self.broker.last_seq if upto is None else upto
         with trio.fail_after(timeout):
             while self.server.fanout.last_seq < target:
-                await trio.sleep(0.001)
+                await trio.sleep(0.001)  # the fan-out signals no position: polled, bounded
 
     async def wait_connections(self, count: int, timeout: float = 5) -> None:
         with trio.fail_after(timeout):
             await self.server.wait_connections(lambda n: n == count)
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A sample of the server's metrics, through prometheus-client's public API."""
+        return sample(self.context.metrics.registry, name, **labels)
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with ``labels`` in ``registry``, as exposed: a
+    counter's sample name ends in ``_total``, a gauge's does not. A sample that does not
+    exist fails the test, so that a misspelt name cannot pass for a zero."""
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name}{labels or ''}"
+    return value
 
 
 @asynccontextmanager

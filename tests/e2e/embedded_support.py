@@ -35,7 +35,7 @@ def wait_until_gone(pid: int, directory: Path, timeout: float = 10) -> bool:
     while running(pid, directory):
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
+        time.sleep(0.05)  # another process: polled, bounded
     return True
 
 

@@ -38,6 +38,12 @@ class OdinProcess:
             self._follower = threading.Thread(target=self._follow, daemon=True)
             self._follower.start()
 
+    def finish_following(self, timeout: float) -> None:
+        """Let the thread that ``follow`` started read to the end of stderr (once the
+        process has exited), waiting at most ``timeout`` seconds."""
+        if self._follower is not None:
+            self._follower.join(timeout)
+
     def _follow(self) -> None:
         try:
             while self._read_available(0.2):
@@ -165,8 +171,7 @@ def odin_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if odin._follower is not None:
-            odin._follower.join(5)  # to the end of stderr, before it is closed under it
+        odin.finish_following(5)  # to the end of stderr, before it is closed under it
         assert process.stderr is not None
         process.stderr.close()
         state.cleanup()

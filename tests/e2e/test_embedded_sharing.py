@@ -93,7 +93,7 @@ async def logged(logs: list[dict[str, Any]], event: str, timeout: float = 10) ->
             for record in logs:
                 if record["event"] == event:
                     return record
-            await trio.sleep(0.02)
+            await trio.sleep(0.02)  # log records come with no event: polled, bounded
 
 
 def events(logs: list[dict[str, Any]]) -> list[str]:

@@ -167,7 +167,7 @@ def test_the_live_page_shows_positions_and_recovers_after_a_drop() -> None:
             "Emulation.setEmulatedMedia",
             features=[{"name": "prefers-reduced-motion", "value": "reduce"}],
         )
-        time.sleep(1.0)
+        time.sleep(1.0)  # a flash under way ends: no event tells it, a screenshot is no test
         shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
     assert shot.startswith(b"\x89PNG")
     if os.environ.get("ODIN_UPDATE_SCREENSHOT") == "1":

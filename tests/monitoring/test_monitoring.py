@@ -97,7 +97,7 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
             result = None
         if result:
             return result
-        time.sleep(0.2)
+        time.sleep(0.2)  # other processes (Prometheus, Grafana): polled, bounded
     raise TimeoutError(f"timed out waiting for {what}")
 
 

@@ -108,7 +108,7 @@ class NatsCluster:
                 ]
                 if all(reply is not None and "error" not in reply for reply in replies):
                     return
-                await trio.sleep(0.1)
+                await trio.sleep(0.1)  # other processes' state: polled, bounded
 
     async def stream_info(self, stream: str) -> dict[str, Any] | None:
         reply = await trio.to_thread.run_sync(self.api, f"$JS.API.STREAM.INFO.{stream}")
@@ -126,7 +126,7 @@ class NatsCluster:
                 replicas = cluster.get("replicas") or []
                 if cluster.get("leader") and all(peer.get("current") for peer in replicas):
                     return self.node(cluster["leader"])
-                await trio.sleep(0.1)
+                await trio.sleep(0.1)  # other processes' state: polled, bounded
 
 
 def _request_sync(url: str, subject: str) -> dict[str, Any] | None:

@@ -74,7 +74,7 @@ class NatsServer:
                 return
             if self.process.poll() is not None:
                 break
-            time.sleep(0.02)
+            time.sleep(0.02)  # nats-server's log file: polled, bounded
         self.stop()
         raise RuntimeError(f"nats-server did not start: {self._log.read_text()[-2000:]}")
 
@@ -107,12 +107,13 @@ class RawPublisher:
     async def connect(cls, port: int) -> RawPublisher:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         publisher = cls(stream)
-        await publisher._line()  # INFO {...}
+        await publisher.read_line()  # INFO {...}
         await stream.send_all(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
         await publisher.flush()
         return publisher
 
-    async def _line(self) -> bytes:
+    async def read_line(self) -> bytes:
+        """The next line the server sent, without its CRLF (at most 10 s away)."""
         with trio.fail_after(10):
             while b"\r\n" not in self.buffer:
                 data = await self.stream.receive_some(65536)
@@ -130,7 +131,7 @@ class RawPublisher:
         """Round trip a PING: everything sent before it has reached the server."""
         await self.stream.send_all(b"PING\r\n")
         while True:
-            line = await self._line()
+            line = await self.read_line()
             if line == b"PONG":
                 return
             if line == b"PING":
@@ -147,7 +148,7 @@ class RawPublisher:
             + b"\r\n"
         )
         while True:
-            line = await self._line()
+            line = await self.read_line()
             if line.startswith(b"MSG "):
                 size = int(line.split()[-1])
                 with trio.fail_after(10):

@@ -16,8 +16,7 @@ import trio.testing
 
 from odin.broker.base import BrokerError, HistoryPage
 from odin.broker.nats import NatsBroker, open_nats_broker
-from odin.broker.nats.bridge import aio
-from odin.broker.nats.jetstream import NatsPyReads, Stored
+from odin.broker.nats.jetstream import Stored
 from odin.logs import get_logger
 from odin.protocol.publication import Publication
 from tests.nats.support import NatsServer, RawPublisher, nats_config, wait_until
@@ -69,12 +68,10 @@ async def both_latest(broker: NatsBroker, channel: str) -> Publication | None:
 
 
 async def both_last_before(broker: NatsBroker, channel: str, seq: int) -> Stored | None:
-    nc = broker._nc
-    assert nc is not None
-    subject = STREAM_SUBJECT.format(channel)
-    old = NatsPyReads(nc, broker._settings.stream, 5.0)
-    before = await aio(old.last_before, subject, seq)
-    new = await broker._reads.last_before(subject, seq)
+    broker.trio_reads = False
+    before = await broker.last_before(channel, seq)
+    broker.trio_reads = True
+    new = await broker.last_before(channel, seq)
     assert new == before, (channel, seq)
     return new
 
@@ -133,7 +130,7 @@ async def test_a_read_across_deleted_messages_matches(nats_server: NatsServer) -
     async with broker_on(nats_server) as broker:
         await fill(broker, nats_server.port, ["BTC.trade", "ETH.trade"], 40)
         admin = await RawPublisher.connect(nats_server.port)
-        stream = broker._settings.stream
+        stream = nats_config(nats_server.url).nats.stream
         for seq in (5, 7, 9, 2, 1):
             answer = orjson.loads(
                 await admin.request(
@@ -142,7 +139,7 @@ async def test_a_read_across_deleted_messages_matches(nats_server: NatsServer) -
             )
             assert answer.get("success") is True, answer
         await admin.aclose()
-        await wait_until(lambda: not broker._lossless, timeout=5)  # the stream check saw it
+        await wait_until(lambda: not broker.lossless, timeout=5)  # the stream check saw it
         page = await both_pages(broker, "BTC.trade", 0, 10)
         # 1, 5, 7, 9 are gone: BTC.trade reads 3, 11, 13, ...
         assert [p.seq for p in page.messages][:3] == [3, 11, 13]

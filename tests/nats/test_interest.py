@@ -20,7 +20,7 @@ async def stream_seqs(publisher: RawPublisher, count: int) -> int:
             info = orjson.loads(await publisher.request("$JS.API.STREAM.INFO.ODIN_TOKENS"))
             if info["state"]["messages"] >= count:
                 return int(info["state"]["last_seq"])
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # the stream's state, asked of NATS: polled, bounded
 
 
 async def test_only_the_subscribed_subjects_are_delivered(nats_server: NatsServer) -> None:

@@ -54,14 +54,19 @@ async def broker_on(url: str, *, consume: bool = True) -> AsyncIterator[NatsBrok
 
 
 def links(broker: NatsBroker) -> list[Link]:
-    delivery = broker._delivery
-    assert delivery is not None
-    return [delivery, broker._publisher]
+    return [broker.links["delivery"], broker.links["publish"]]
 
 
 def on_node(link: Link, cluster: NatsCluster, index: int) -> bool:
     server = link.server
     return server is not None and server.port == cluster.nodes[index].port
+
+
+def moved(broker: NatsBroker, cluster: NatsCluster, seed: int) -> bool:
+    """Connected, each of its links to a node other than ``seed``."""
+    return broker.status().connected and all(
+        link.connected and not on_node(link, cluster, seed) for link in links(broker)
+    )
 
 
 async def stream_last_seq(port: int) -> int:
@@ -140,8 +145,7 @@ class Run:
                     process = cluster.nodes[seed].process
                     assert process is not None
                     os.kill(process.pid, signal.SIGUSR2)  # lame-duck mode
-                await trio.sleep(0.05)
-                await wait_until(lambda: consumer.status().connected, timeout=30)
+                await wait_until(lambda: moved(consumer, cluster, seed), timeout=30)
                 self.connected_again = time.monotonic()
 
             nursery.start_soon(receive)

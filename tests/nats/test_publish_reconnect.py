@@ -95,7 +95,7 @@ async def test_publishes_queued_longer_than_the_retry_window_are_dropped_and_cou
             await publish_paced(broker, 1200, 200, refused)
         stats = broker.stats()
         await wait_until(lambda: stats.published + stats.publish_dropped == 1200, timeout=20)
-        await wait_until(lambda: broker._publisher.in_flight == 0)
+        await wait_until(lambda: broker.stats().publish_in_flight == 0)
     assert refused == []
     kept = await stored(nats_server.port)
     assert kept == sorted(set(kept))  # in order, once each
@@ -110,7 +110,7 @@ async def test_a_full_queue_refuses_and_says_which_connection_is_down(
 ) -> None:
     async with publishing_broker(nats_server, **{"nats.publish_queue": 50}) as broker:
         await trio.to_thread.run_sync(nats_server.stop)
-        await wait_until(lambda: not broker._publisher.connected)
+        await wait_until(lambda: not broker.links["publish"].connected)
         for n in range(1, 51):
             await broker.publish("BTC.trade", json.dumps({"n": n}).encode(), f"id-{n}")
         with pytest.raises(BrokerError, match=r"queue is full .*connection is down"):

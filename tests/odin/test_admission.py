@@ -41,8 +41,7 @@ def forwarded(value: str) -> list[tuple[bytes, bytes]]:
 
 
 def rejected(harness: Harness, reason: str) -> float:
-    value: float = harness.context.metrics.rejected[reason]._value.get()
-    return value
+    return harness.sample("odin_connections_rejected_total", reason=reason)
 
 
 def peers(harness: Harness) -> list[str]:

@@ -154,7 +154,7 @@ def age(harness: Harness) -> float:
 async def wait_fetches(harness: Harness, result: str, count: float, timeout: float = 5) -> None:
     with trio.fail_after(timeout):
         while fetches(harness, result) < count:
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # fetches are counted, not signalled: polled, bounded
 
 
 REFUSED = b"unauthorized: unknown_key\n"
@@ -256,7 +256,7 @@ async def test_keys_are_served_stale_until_max_stale_then_dropped_then_fetched_a
                 assert await connect(harness, rs256("k1")) == (101, b"")
                 with trio.fail_after(10):
                     while age(harness) <= 2.0:
-                        await trio.sleep(0.05)
+                        await trio.sleep(0.05)  # the keys age with the clock: polled, bounded
                 assert await connect(harness, rs256("k1")) == (401, REFUSED)
                 ok = fetches(harness, "ok")
                 await keys.up()

@@ -49,9 +49,8 @@ async def test_rate_limit_errors_then_closes_sustained_abuse() -> None:
             # The bystander is untouched.
             seq = harness.publish("BTC.trade", {"n": 1})
             assert [e["seq"] for e in await bystander.events(1)] == [seq]
-        metrics = harness.context.metrics
-        assert metrics.rate_limited._value.get() >= 10
-        assert metrics.closed["rate_limit"]._value.get() == 1
+        assert harness.sample("odin_rate_limited_messages_total") >= 10
+        assert harness.sample("odin_connections_closed_total", reason="rate_limit") == 1
 
 
 async def test_oversized_message_closes_with_1009_only_that_client() -> None:
@@ -65,7 +64,7 @@ async def test_oversized_message_closes_with_1009_only_that_client() -> None:
             seq = harness.publish("BTC.trade", {"n": 1})
             assert [e["seq"] for e in await bystander.events(1)] == [seq]
         await harness.wait_connections(0)
-        assert harness.context.metrics.closed["message_too_big"]._value.get() == 1
+        assert harness.sample("odin_connections_closed_total", reason="message_too_big") == 1
 
 
 @pytest.mark.parametrize(
@@ -100,7 +99,7 @@ async def test_bad_messages_get_an_error_reply_and_the_connection_stays(
         assert error["code"] == code
         assert text in error["message"]
         assert (await client.request({"type": "heartbeat", "id": 7}, "pong"))["id"] == 7
-        assert harness.context.metrics.bad_messages.labels(code)._value.get() == 1
+        assert harness.sample("odin_client_errors_total", code=code) == 1
 
 
 async def test_error_replies_echo_the_request_id() -> None:
@@ -144,7 +143,7 @@ async def test_origin_allow_list() -> None:
         # Non-browser clients send no Origin: they are let in (docs/protocol.md).
         status, _, _ = await http_exchange(harness.port, upgrade_request())
         assert status == 101
-        assert harness.context.metrics.rejected["origin"]._value.get() == 1
+        assert harness.sample("odin_connections_rejected_total", reason="origin") == 1
 
 
 async def test_require_origin_refuses_requests_without_one() -> None:
@@ -167,7 +166,7 @@ async def test_connection_limit_answers_503_with_retry_after() -> None:
             status, headers, _ = await http_exchange(harness.port, upgrade_request())
             assert status == 503
             assert headers["retry-after"] == "7"
-            assert harness.context.metrics.rejected["at_capacity"]._value.get() == 1
+            assert harness.sample("odin_connections_rejected_total", reason="at_capacity") == 1
         await harness.wait_connections(0)
         async with harness.client() as client:
             assert client.hello["type"] == "hello"
@@ -184,7 +183,7 @@ async def test_handshake_timeout_closes_silent_and_partial_clients() -> None:
             assert await partial.receive_some(100) == b""
         await silent.aclose()
         await partial.aclose()
-        assert harness.context.metrics.rejected["handshake_timeout"]._value.get() == 2
+        assert harness.sample("odin_connections_rejected_total", reason="handshake_timeout") == 2
         async with harness.client() as client:  # still serving
             assert client.hello["type"] == "hello"
 

@@ -213,14 +213,14 @@ def test_the_wheel_carries_the_static_files() -> None:
 
 @pytest.mark.parametrize("page", [True, False])
 def test_the_banners_say_where_the_page_is(page: bool, capsys: pytest.CaptureFixture[str]) -> None:
-    from odin.cli import _banner, _where_to_connect
+    from odin.cli import print_banner, print_where_to_connect
     from odin.host.supervisor import Ready
     from odin.server.app import Listening
 
     listening = Listening(["ws://127.0.0.1:3002/ws"], ["http://127.0.0.1:3002"])
     ready = Ready(listening, "", "nats://127.0.0.1:4222")
-    _banner(ready, 1, page=page)
-    _where_to_connect(ready, 1, page=page)
+    print_banner(ready, 1, page=page)
+    print_where_to_connect(ready, 1, page=page)
     printed = capsys.readouterr().out
     assert ("  Page       http://127.0.0.1:3002/\n" in printed) is page
     assert ("Live page at http://127.0.0.1:3002/." in printed) is page
@@ -229,11 +229,13 @@ def test_the_banners_say_where_the_page_is(page: bool, capsys: pytest.CaptureFix
 
 
 def test_odin_demo_and_simulate_serve_the_page() -> None:
-    from odin.cli import _overrides, build_parser
+    from odin.cli import build_parser, config_overrides
     from odin.server.page import page_enabled
 
     for argv in (["demo"], ["serve", "--simulate"]):
-        config, _ = load_config(environ={}, overrides=_overrides(build_parser().parse_args(argv)))
+        config, _ = load_config(
+            environ={}, overrides=config_overrides(build_parser().parse_args(argv))
+        )
         assert page_enabled(config), argv
     config, _ = load_config(environ={}, overrides={})
     assert not page_enabled(config)

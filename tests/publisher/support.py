@@ -37,7 +37,7 @@ async def running_publisher(
         port = int(binds[0].rsplit(":", 1)[1])
         with trio.fail_after(15):
             while wait_ready and (await call(port, "GET", "/ready"))[0] != 200:
-                await trio.sleep(0.02)
+                await trio.sleep(0.02)  # an HTTP endpoint: polled, bounded
         yield port
         nursery.cancel_scope.cancel()
 
@@ -62,7 +62,7 @@ async def wait_for_stats(port: int, condition: Any, timeout: float = 15) -> dict
             _, document = await call(port, "GET", "/stats")
             if condition(document):
                 return document
-            await trio.sleep(0.05)
+            await trio.sleep(0.05)  # an HTTP endpoint: polled, bounded
 
 
 async def stored_messages(nats_port: int, stream: str = "ODIN_TOKENS") -> list[dict[str, Any]]:

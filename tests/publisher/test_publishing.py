@@ -39,7 +39,7 @@ async def next_statistics(nats_port: int) -> dict[str, Any]:
         await client.stream.send_all(b"SUB odin.market.statistics 9\r\n")
         await client.flush()
         while True:
-            line = await client._line()
+            line = await client.read_line()
             if line.startswith(b"MSG "):
                 size = int(line.split()[-1])
                 with trio.fail_after(10):
@@ -124,8 +124,8 @@ async def test_publishing_goes_on_through_a_nats_restart(nats_server: NatsServer
             while (await call(port, "GET", "/health"))[1]["nats"] != "disconnected":
                 await trio.sleep(0.05)
         assert (await call(port, "GET", "/ready"))[0] == 503
-        await trio.sleep(1.0)  # publishes meanwhile are queued, not refused
-        down = await wait_for_stats(port, lambda s: True)
+        # Publishes meanwhile are queued, not refused: 50 of them (half a second's).
+        down = await wait_for_stats(port, lambda s: s["stats"]["inFlight"] >= 50)
         assert down["stats"]["errors"] == 0
         assert down["stats"]["inFlight"] > 0  # held until NATS is back
         await trio.to_thread.run_sync(nats_server.start)

@@ -68,7 +68,7 @@ from odin.broker.nats.auth import Security
 from odin.broker.nats.delivery import Delivery, DeliverySettings
 from odin.broker.nats.direct import DirectReads, ReadLink
 from odin.broker.nats.jetstream import SUBJECTS, HistoryReads, NatsPyReads, ReadFailed, Stored
-from odin.broker.nats.link import LOST, LinkSettings
+from odin.broker.nats.link import LOST, Link, LinkSettings
 from odin.broker.nats.publish import JetStreamPublisher, retry_window
 from odin.config import NatsSection, nats_addresses
 from odin.logs import Log
@@ -169,6 +169,21 @@ class NatsBroker:
     def epoch(self) -> str:
         return self._epoch
 
+    @property
+    def lossless(self) -> bool:
+        """Whether the stream has never removed a message (as last checked): a channel's
+        first retained message is then its first (prev 0), else its prev is unknown."""
+        return self._lossless
+
+    @property
+    def links(self) -> dict[str, Link]:
+        """The broker's own Trio connections to NATS by role: ``delivery`` (once consuming),
+        ``publish`` and ``reads``, each with ``connected`` and its ``server``."""
+        links: dict[str, Link] = {"publish": self._publisher, "reads": self._read_link}
+        if self._delivery is not None:
+            links["delivery"] = self._delivery
+        return links
+
     def status(self) -> BrokerStatus:
         nc = self._nc
         delivery = self._delivery
@@ -260,6 +275,17 @@ class NatsBroker:
             if self.trio_reads:
                 return await self._latest(self._direct(), subject)
             return await aio(self._latest, self._nats_py(), subject)
+        except _FAILURES as exc:
+            raise BrokerError(f"history read failed: {exc!r}") from exc
+
+    async def last_before(self, channel: str, seq: int) -> Stored | None:
+        """The channel's last stored message before position ``seq`` (None: none retained),
+        on the path ``trio_reads`` chooses: the read that links a page to its predecessor."""
+        subject = subject_for(channel)
+        try:
+            if self.trio_reads:
+                return await self._direct().last_before(subject, seq)
+            return await aio(self._nats_py().last_before, subject, seq)
         except _FAILURES as exc:
             raise BrokerError(f"history read failed: {exc!r}") from exc
 

@@ -35,8 +35,8 @@ from trio_websocket import open_websocket_url
 
 from odin.config import AuthSection
 from odin.server.tokens import Verifier, load_keys
-from stress.bench_ingest import _cpu_seconds
 from stress.bench_workers import Service
+from stress.procstat import proc_cpu_seconds as _cpu_seconds
 
 SECRET = "a-benchmark-secret-of-at-least-32-bytes"
 

@@ -28,6 +28,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from stress.procstat import cpu_busy_s as _cpu_busy
+from stress.procstat import proc_cpu_seconds as _cpu_seconds
+
 PUBLISHER = r"""
 import asyncio, json, sys, time
 import nats
@@ -59,11 +62,6 @@ _METRIC = re.compile(r"^(odin_[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", re.MULTILIN
 
 def _pin(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") else []
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -220,15 +218,6 @@ def run(target_name: str, rate: float, duration: float, workdir: Path) -> dict[s
         if target is not None:
             _stop(target.process)
         _stop(nats)
-
-
-def _cpu_busy(cpu: int) -> float:
-    """Seconds a CPU has been busy (everything on it, not only the target)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
-            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 def main() -> None:

@@ -54,9 +54,10 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from odin.broker.embedded import find_binary
-from stress.bench_ingest import _cpu_seconds, _metrics
+from stress.bench_ingest import _metrics
 from stress.bench_recovery import _free_port
 from stress.bench_workers import Service
+from stress.procstat import proc_cpu_seconds as _cpu_seconds
 
 _NAME = "bench-interest-publisher"
 _ROOT = Path(__file__).resolve().parents[1]

@@ -36,7 +36,8 @@ import nats
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from stress.bench_ingest import _cpu_seconds, _pin, _stop, _wait_line
+from stress.bench_ingest import _pin, _stop, _wait_line
+from stress.procstat import proc_cpu_seconds as _cpu_seconds
 
 
 def _http(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -80,28 +80,27 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stress.bench_fanout import (
+from stress.children import ROOT, Child, pinned, raise_fd_limit
+from stress.fanout.report import text_table as _table
+from stress.fanout.report import write_json
+from stress.fanout.results import (
     CLIENT_BUSY_PCT,
-    CONNECTIONS_PER_CLIENT,
     OTHER_BUSY_PCT,
-    ROOT,
-    Bench,
-    Child,
-    _table,
+    delivery_anomalies,
+    merge_results,
+)
+from stress.fanout.runs import CONNECTIONS_PER_CLIENT, Bench
+from stress.machine import machine_info
+from stress.procstat import (
+    CLOCK_TICKS,
     core_times,
     core_usage,
-    delivery_anomalies,
+    cpu_seconds,
     foreign_cpu_pct,
-    machine_info,
-    merge_results,
-    pinned,
-    raise_fd_limit,
     wait_quiet,
-    write_json,
 )
 
 PUBLISHER = "stress.peers.nats_publisher"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MACHINE_BUSY_PCT = 90.0
 """Busy time of the whole machine (% of all its cores) during publishing past which a run is
 flagged: the cores, shared with the load client and nats-server, are then the limit."""
@@ -353,15 +352,6 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
 
 def scrape(port: int) -> Samples:
     return parse_metrics(http_get(port, "/metrics").decode(errors="replace"))
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` (all its threads), or None once it has gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def is_odin_worker(pid: int) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from console.demo import FakeData, FakeServer, demo_data
+from tests.console.demo import FakeData, FakeServer, demo_data
 
 WAIT = 5.0
 
@@ -57,4 +57,4 @@ async def eventually(predicate: Callable[[], object], what: str, timeout: float 
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # state with no event to wait on: polled, bounded

@@ -1,4 +1,4 @@
-"""The console app driven by Textual's Pilot against fake control servers (``console.demo``,
+"""The console app driven by Textual's Pilot against fake control servers (``tests.console.demo``,
 the real protocol with invented data): what it shows, what it sends, and what it says when a
 link breaks."""
 
@@ -19,7 +19,6 @@ from textual.widgets import DataTable, Input, Select, Sparkline, Static, TabbedC
 
 from console import format
 from console.app import TABS, ConsoleApp
-from console.demo import BASE_TIME, FakeServer, channels_page, connections_page, demo_data
 from console.link import LinkState
 from console.screens.confirm import OFFERED_CODES, ConfirmScreen, KickScreen, ReloadScreen
 from console.screens.detail import DetailScreen
@@ -39,6 +38,7 @@ from odin.control.protocol import (
     Watch,
 )
 from tests.console.conftest import ServerFactory
+from tests.console.demo import BASE_TIME, FakeServer, channels_page, connections_page, demo_data
 
 SIZE = (140, 45)
 GRAFANA = "https://grafana.example/d/odin"

@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from console.client import ControlClient, NotConnected, RequestFailed
-from console.demo import connections_page, demo_data
 from console.link import LinkState, LinkStatus
 from odin.control.protocol import (
     ChannelInfo,
@@ -29,6 +28,7 @@ from odin.control.protocol import (
     Watch,
 )
 from tests.console.conftest import ServerFactory, eventually
+from tests.console.demo import connections_page, demo_data
 
 
 class Recorder:

@@ -11,9 +11,9 @@ import pytest
 from textual.widgets import Static
 
 from console.app import ConsoleApp
-from console.demo import FakeServer, demo_data, supervisor_data, worker_data
 from odin.control.protocol import HostWorkers, Watch, WorkerInfo, Workers
 from tests.console.conftest import ServerFactory
+from tests.console.demo import FakeServer, demo_data, supervisor_data, worker_data
 from tests.console.test_app import SIZE, console, figures, header, rendered, wait_until
 
 SUPERVISOR = 4200

@@ -9,7 +9,6 @@ import attrs
 import pytest
 
 from console.client import ControlClient
-from console.demo import supervisor_data
 from console.link import LinkStatus
 from odin.control.protocol import (
     Drain,
@@ -23,6 +22,7 @@ from odin.control.protocol import (
     Workers,
 )
 from tests.console.conftest import ServerFactory, eventually
+from tests.console.demo import supervisor_data
 from tests.console.test_client import running
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from console.demo import sample_snapshot
 from console.link import LinkState, LinkStatus
 from console.model import ConsoleModel
 from odin.control.protocol import HostWorkers, ServerIdentity, Update, WorkerInfo
+from tests.console.demo import sample_snapshot
 
 SUPERVISOR = 4200
 

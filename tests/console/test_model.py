@@ -12,10 +12,10 @@ import attrs
 import pytest
 
 from console import format
-from console.demo import sample_snapshot
 from console.link import LinkState, LinkStatus
 from console.model import GROUP_GAP, ConsoleModel, LoggedEvent, sum_snapshots
 from odin.control.protocol import NatsState, ServerEvent, ServerIdentity, Update
+from tests.console.demo import sample_snapshot
 
 PATH = Path("/run/odin/odin-41.sock")
 

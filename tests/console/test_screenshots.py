@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from console.screenshots import capture
+from tests.console.screenshots import capture
 
 
 @pytest.mark.asyncio

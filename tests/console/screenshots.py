@@ -1,6 +1,6 @@
-"""``python -m console.screenshots OUTDIR``: SVG screenshots of the console for the docs.
+"""``python -m tests.console.screenshots OUTDIR``: SVG screenshots of the console for the docs.
 
-Two fake servers (``console.demo``) with fixed invented data; the console attaches to both,
+Two fake servers (``tests.console.demo``) with fixed invented data; the console attaches to both,
 and each view is saved as ``console-<view>.svg``. Clocks are the data's own and shown in UTC,
 so the files come out the same on every run.
 """
@@ -25,8 +25,8 @@ from textual.widgets import DataTable
 
 from console.app import ConsoleApp
 from console.cli import DEFAULT_GRAFANA
-from console.demo import FakeServer, demo_data
 from odin.control.protocol import NatsState
+from tests.console.demo import FakeServer, demo_data
 
 SIZE: Final = (140, 45)
 HISTORY: Final = 120
@@ -132,7 +132,7 @@ async def capture(outdir: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m console.screenshots", description=(__doc__ or "").splitlines()[0]
+        prog="python -m tests.console.screenshots", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("outdir", type=Path, help="where to write console-<view>.svg")
     args = parser.parse_args(argv)

@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--min-recovered-pct", type=float)
     go.add_argument("--max-unexpected-closes", type=int, default=0)
     commands.add_parser("profiles", help="list the profiles")
+    from stress import chaos
+
+    chaos.add_arguments(commands.add_parser("chaos", help="every fault at once (stress/chaos.py)"))
+    from stress import soak
+
+    soak.add_arguments(commands.add_parser("soak", help="hours of traffic and churn, sampled "
+                                           "for leaks (stress/soak.py)"))  # fmt: skip
     bench = commands.add_parser("bench", help="the benchmarks (see their --help)")
     bench.add_argument("which", choices=sorted(BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -180,6 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:16} {profile.connections:6} clients {profile.duration:6g} s  "
                   f"{profile.description}")  # fmt: skip
         return 0
+    if args.command == "chaos":
+        from stress import chaos
+
+        return chaos.main_with(args)
+    if args.command == "soak":
+        from stress import soak
+
+        return soak.run_soak(args)
     if args.command == "bench":
         import importlib
 

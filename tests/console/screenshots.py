@@ -86,8 +86,17 @@ async def _settle(pilot: Pilot[None]) -> None:
     await pilot.pause()
 
 
-def _has_rows(table: DataTable[object]) -> Callable[[], bool]:
-    return lambda: table.row_count > 0
+def _has_rows(table: DataTable[object], *showing: str) -> Callable[[], bool]:
+    """Ready once the table has rows, and a cell with each of ``showing``: rows the picture
+    is meant to show (a page fetched from one server may be shown before the merged one)."""
+
+    def ready() -> bool:
+        if table.row_count == 0:
+            return False
+        cells = [str(cell) for row in range(table.row_count) for cell in table.get_row_at(row)]
+        return all(any(text in cell for cell in cells) for text in showing)
+
+    return ready
 
 
 async def capture(outdir: Path) -> list[Path]:
@@ -119,7 +128,8 @@ async def capture(outdir: Path) -> list[Path]:
                     await pilot.press(str(number))
                     if view in ("connections", "channels"):
                         table = app.query_one(f"#{view}-view").query_one(DataTable)
-                        await _wait(pilot, _has_rows(table), view)
+                        showing = ("3f9a1c-25",) if view == "connections" else ()
+                        await _wait(pilot, _has_rows(table, *showing), view)
                     else:
                         await _settle(pilot)
                     saved.append(Path(app.save_screenshot(f"console-{view}.svg", str(outdir))))

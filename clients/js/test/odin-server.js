@@ -8,7 +8,7 @@
 // POST /api/publish and an API key. Every server started is killed when the process exits.
 
 import { spawn } from "node:child_process";
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -19,8 +19,20 @@ export const API_KEY = "js-client-test-publish-key-0123456789";
 
 /** @type {Set<import("node:child_process").ChildProcess>} */
 const running = new Set();
+/** Data directories of embedded nats-servers these tests started. */
+const natsDirs = new Set();
 process.on("exit", () => {
   for (const child of running) child.kill("SIGKILL");
+  // An embedded nats-server outlives an Odin killed outright (by design: other Odins of the
+  // data directory may use it); stop the ones these tests started, by the pid its owner wrote.
+  for (const dir of natsDirs) {
+    try {
+      const { pid } = JSON.parse(readFileSync(path.join(dir, "embedded.json"), "utf8"));
+      if (Number.isInteger(pid) && pid > 1) process.kill(pid, "SIGTERM");
+    } catch {
+      // never started, or already gone
+    }
+  }
 });
 
 /** A temporary directory, removed at exit. */
@@ -68,7 +80,10 @@ export async function startOdin({ config, dir, port = 0, nats = false } = {}) {
     log: { format: "json" },
     shutdown: { reconnect_min_ms: 100, reconnect_max_ms: 300, drain_timeout: 10 },
   };
-  if (nats) defaults.nats = { embedded_data_dir: path.join(dir, "nats") };
+  if (nats) {
+    defaults.nats = { embedded_data_dir: path.join(dir, "nats") };
+    natsDirs.add(path.join(dir, "nats"));
+  }
   const file = path.join(dir, `odin-${Date.now()}-${Math.random().toString(36).slice(2)}.toml`);
   writeFileSync(file, toml(merge(defaults, config)));
   const log = `${file}.log`;

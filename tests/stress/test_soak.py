@@ -66,7 +66,7 @@ def test_a_short_soak_samples_the_server_and_keeps_every_stream(tmp_path: Path) 
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.read_text())
     samples = document["samples"]
-    assert len(samples) == 4
+    assert len(samples) >= 3  # one every 2 s over 8 s; a busy machine may fit one fewer
     for sample in samples:
         assert sample["rss_bytes"] > 0
         assert sample["fds"] > 60  # a socket per client, and the server's own

@@ -35,15 +35,14 @@ from stress.continuity import Continuity, Counts
 from stress.histogram import Latency
 from stress.plan import Plan
 from stress.wsclient import (
-    MAX_HEAD,
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     OP_TEXT,
     FrameReader,
-    check_upgrade,
     client_frame,
+    read_upgrade,
     upgrade_request,
 )
 
@@ -117,17 +116,13 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.reader is None:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.head) > MAX_HEAD:
-                    self._fail("handshake: response head too large")
-                return
-            problem = check_upgrade(self.head[:end], self.accept)
-            data, self.head = self.head[end + 4 :], b""
+            self.head, rest, problem = read_upgrade(self.head, data, self.accept)
             if problem:
                 self._fail(problem)
                 return
+            if rest is None:
+                return
+            data = rest
             self.reader = FrameReader()
             subscribe: dict[str, Any] = {"channels": self.session.channels}
             if self.recover:

@@ -48,6 +48,16 @@ def upgrade_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
     return request, base64.b64encode(hashlib.sha1(key + GUID).digest())
 
 
+def read_upgrade(head: bytes, data: bytes, accept: bytes) -> tuple[bytes, bytes | None, str]:
+    """Take ``data`` into the upgrade response read so far (``head``): (the head kept, the
+    bytes after it once it is complete (None before), why it is not a good upgrade or "")."""
+    head += data
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return head, None, "handshake: response head too large" if len(head) > MAX_HEAD else ""
+    return b"", head[end + 4 :], check_upgrade(head[:end], accept) or ""
+
+
 def check_upgrade(head: bytes, accept: bytes) -> str | None:
     """Why the response head (without its blank line) is not a good upgrade, or None."""
     lines = head.split(b"\r\n")

@@ -91,7 +91,9 @@ class MemoryBroker:
         self.publish_nowait(channel, payload)
         await trio.lowlevel.checkpoint()
 
-    def publish_nowait(self, channel: str, payload: bytes) -> Publication:
+    def publish_nowait(self, channel: str, payload: bytes, *, feed: bool = True) -> Publication:
+        """Publish at once; ``feed=False`` stores it in the history only, as a message the
+        feed lost (a consumer cut off, a stream read past) would be."""
         self._seq += 1
         publication = Publication(
             channel=channel,
@@ -102,9 +104,9 @@ class MemoryBroker:
             payload=payload,
         )
         self._history.append(channel, publication, trio.current_time())
-        if not self._interest or covers(self.filters, channel):
-            for feed in self._feeds:
-                feed.push(publication)
+        if feed and (not self._interest or covers(self.filters, channel)):
+            for consumer in self._feeds:
+                consumer.push(publication)
         return publication
 
     async def want(self, filters: Filters) -> Filters:

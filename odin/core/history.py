@@ -110,7 +110,9 @@ class HistoryLog(Generic[E]):
         (``APPENDED``) and calls nothing to measure."""
         logs = self._logs
         log = logs.get(channel)
+        known = True
         if log is None:
+            known = channel in self._idle
             log = self._add(channel)
         else:
             logs.move_to_end(channel)
@@ -119,7 +121,9 @@ class HistoryLog(Generic[E]):
         if seq <= last:
             return DUPLICATE
         result = APPENDED
-        if last and entry.prev > last:
+        # A channel seen for the first time has no position to compare with; a known one
+        # (at 0 after a new epoch began) does.
+        if entry.prev > last and known:
             result = Appended(missed_from=last + 1, missed_to=entry.prev)
         log.last_seq = seq
         entries = log.entries
@@ -265,6 +269,14 @@ class HistoryLog(Generic[E]):
         self._logs.clear()
         self._idle.clear()
         self.bytes = 0
+
+    def restart(self) -> None:
+        """A new history began (a new epoch): its positions start from 0. Entries go; the
+        channels stay known, at position 0, so that a first message whose ``prev`` skips
+        positions is reported as missing them like any other."""
+        channels = self.channels()
+        self.clear()
+        self._idle = dict.fromkeys(channels, 0)
 
     def message_count(self) -> int:
         return sum(len(log.entries) for log in self._logs.values())

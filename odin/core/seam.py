@@ -7,7 +7,10 @@ nothing sent twice where the replay meets the live stream, each connection holds
   recovery began, up to ``hold_limit``; past it, only the range they covered;
 - per channel handed over, a *floor*: the highest position the client was given. The history
   read may be ahead of this process's feed, so the feed can still bring messages the replay
-  already contained; they are dropped until the first newer message arrives.
+  already contained; they are dropped until the first newer message arrives. That message
+  must link to the floor: if its ``prev`` skips positions (the feed lost them, or this
+  process never knew the channel's position), a ``Missed`` record comes before it, so the
+  client is told of every hole whether or not the fan-out could see it.
 
 ``RecoverySeam`` owns that state and those rules, and nothing else: the shell keeps the hub,
 the history reads, the frames and the metrics. Used as::
@@ -142,10 +145,7 @@ class RecoverySeam(Generic[P]):
         cursor = last
         if hold is not None:
             cursor = _join(channel, last, hold, sends)
-        if cursor > 0:
-            self._floors[channel] = cursor
-        else:
-            self._floors.pop(channel, None)
+        self._floors[channel] = cursor
         self._update()
         return sends
 
@@ -162,10 +162,11 @@ class RecoverySeam(Generic[P]):
 
     # ---- live traffic ----------------------------------------------------------------------
 
-    def admit(self, channel: str, message: P) -> bool:
+    def admit(self, channel: str, message: P) -> bool | Missed:
         """Whether a live message may be sent now. False when its channel is held (the message
         is kept for the hand-over) or when it is at or before the channel's floor (the client
-        has it); the first message past the floor removes it."""
+        has it); the first message past the floor removes it, and when its ``prev`` is past
+        the floor the answer is the ``Missed`` range to announce before sending it."""
         hold = self._holds.get(channel)
         if hold is not None:
             if len(hold.items) < self.hold_limit:
@@ -180,6 +181,8 @@ class RecoverySeam(Generic[P]):
             return False
         del self._floors[channel]
         self._update()
+        if message.prev > floor:
+            return Missed(channel, floor + 1, message.prev, MISSED)
         return True
 
     def gap(self, channel: str, from_seq: int, to_seq: int, reason: str) -> Missed | None:
@@ -216,8 +219,13 @@ class RecoverySeam(Generic[P]):
 
     def new_epoch(self) -> None:
         """The history was replaced (a new epoch): its positions start again, so floors from
-        the old one would hide new messages. Holds stay: their recoveries end on their own."""
+        the old one would hide new messages, and what holds kept belongs to a history the
+        client will not be placed in. Holds stay open, emptied: their recoveries end on their
+        own, in the new numbering (the shell checks the epoch it decided them in)."""
         self._floors.clear()
+        for hold in self._holds.values():
+            hold.items.clear()
+            hold.overflow_to = 0
         self._update()
 
     def clear(self) -> list[str]:

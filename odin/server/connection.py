@@ -14,13 +14,14 @@ Everything a connection holds lives in the nursery the server opened for it, and
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
-from odin.core.seam import RecoverySeam
+from odin.core.seam import MISSED, Missed, RecoverySeam
 from odin.logs import Log
 from odin.protocol.access import ANONYMOUS, Grant
 from odin.protocol.close_codes import (
@@ -128,6 +129,9 @@ class Connection:
         self.delivered = 0
         self.dropped = 0
         self.closing: CloseRequest | None = None
+        self.busy = False
+        """A request is being carried out (a subscribe reading the history): nothing is read
+        from the client meanwhile, so its silence proves nothing."""
         self._limited_frames = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -246,6 +250,8 @@ class Connection:
     # ---- liveness (the server's wheel calls these) ------------------------------------------
 
     def idle_deadline(self) -> float:
+        if self.busy:
+            return math.inf
         return self.session.idle_deadline()
 
     def ping(self) -> None:
@@ -342,6 +348,7 @@ class Connection:
         size = len(message) if isinstance(message, bytes) else len(message.encode())
         metrics.bytes_received.inc(size)
         action = self.session.receive(message, now=trio.current_time(), wall_ms=wall_ms())
+        self.busy = True
         try:
             await self._execute(action)
         except Exception:  # a bug of ours: this connection ends with 1011, others go on
@@ -349,6 +356,11 @@ class Connection:
             self.request_close(
                 CloseCode.INTERNAL_ERROR, "internal error", "error", discard_queue=True
             )
+        finally:
+            self.busy = False
+            # The pongs and frames that came while we were not reading are read next: the
+            # idle clock starts again from here, not from before the request.
+            self.session.note_activity(trio.current_time())
 
     async def _execute(self, action: Action) -> None:
         # Imported here: these modules build on Connection.
@@ -416,8 +428,12 @@ class Connection:
         if event.refused is not None and not self.v1:
             return False  # its frame is a gap notice, which only v1 clients get
         seam = self.seam
-        if seam.active and not seam.admit(event.channel, event):
-            return False
+        if seam.active:
+            verdict = seam.admit(event.channel, event)
+            if verdict is False:
+                return False
+            if verdict is not True:  # the first message past a hand-over skipped positions
+                self._announce_missed(verdict)
         if alone:
             result = self.writer.write_now(event.frame, event.channel, event.seq, now)
         else:
@@ -428,6 +444,12 @@ class Connection:
             return False
         self.delivered += 1
         return True
+
+    def _announce_missed(self, missed: Missed) -> None:
+        channel, first, last = missed.channel, missed.from_seq, missed.to_seq
+        frame = gap_frame(channel, first, last, MISSED)
+        if self.send_gap(channel, first, last, MISSED, frame):
+            self.context.metrics.gaps[MISSED].inc()
 
     def send_handed_over(self, events: list[Event]) -> None:
         """Queue, in order and past the queue's bound, what a subscribe hands over after its

@@ -180,8 +180,10 @@ class Fanout:
         context = self._context
         if context.reader.epoch:
             context.log.warning("epoch_changed", old=context.reader.epoch, new=epoch)
-        # Positions of the old history mean nothing in the new one.
-        self.history.clear()
+        # Positions of the old history mean nothing in the new one; the channels this process
+        # is fed start again from 0 (the first position it is fed in the new history that
+        # skips some is announced as missed, like any other).
+        self.history.restart()
         for connection in context.registry.connections.values():
             connection.seam.new_epoch()
         context.reader.epoch = epoch

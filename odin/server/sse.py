@@ -289,8 +289,12 @@ class SseConnection(Connection):
         if self._held is not None:
             return self._hold(event)
         seam = self.seam
-        if seam.active and not seam.admit(event.channel, event):
-            return False
+        if seam.active:
+            verdict = seam.admit(event.channel, event)
+            if verdict is False:
+                return False
+            if verdict is not True:
+                self._announce_missed(verdict)
         data = event.sse
         if data is None:
             data = event.sse = self._block(event, event.publication.epoch, event.seq)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import attrs
+import trio
 
 from odin.core.recovery import (
     NotRecovered,
@@ -44,35 +45,98 @@ class Outcome:
     """Replayed events, or the latest one when not recovered (possibly none)."""
     reason: Reason | None
     source: str
+    epoch: str
+    """The history the decision and its events belong to."""
 
 
 async def recover(context: ServerContext, channel: str, position: Position) -> Outcome:
     """Decide one channel's recovery: from the window if it can, else from the broker."""
-    if not context.reader.current_epoch():  # the broker has not told us its history yet
-        return Outcome(False, [], Reason.BROKER_UNAVAILABLE, "broker")
+    reader = context.reader
+    if not reader.current_epoch():  # the broker has not told us its history yet
+        return Outcome(False, [], Reason.BROKER_UNAVAILABLE, "broker", "")
+    local = decide_locally(context, channel, position)
+    if not isinstance(local, Unknown):
+        return local
     limit = context.config.history.recovery_max_messages
-    window = context.reader.read_window(channel, position.seq, limit)
+    try:
+        page = await reader.read_broker(channel, position.seq, limit)
+    except HistoryUnavailable:
+        decided: Recovered[Event] | NotRecovered = NotRecovered(Reason.BROKER_UNAVAILABLE)
+        epoch = reader.current_epoch()
+    else:
+        decided = assess_history(
+            position.seq, position.epoch, page.epoch, page.latest_seq, page.events, limit
+        )
+        epoch = page.epoch
+    if isinstance(decided, Recovered):
+        return Outcome(True, list(decided.messages), None, "broker", epoch)
+    latest = await reader.latest_event(channel)
+    if latest is not None:
+        epoch = latest.publication.epoch
+    return Outcome(False, [latest] if latest else [], decided.reason, "broker", epoch)
+
+
+def decide_locally(context: ServerContext, channel: str, position: Position) -> Outcome | Unknown:
+    """The window's decision, without awaiting (Unknown: only the broker can tell)."""
+    reader = context.reader
+    limit = context.config.history.recovery_max_messages
+    window = reader.read_window(channel, position.seq, limit)
     local = assess_local(
         position.seq, position.epoch, window.epoch, window.latest_seq, window.events, limit
     )
     if isinstance(local, Recovered):
-        return Outcome(True, list(local.messages), None, "window")
+        return Outcome(True, list(local.messages), None, "window", window.epoch)
     if isinstance(local, Unknown):
-        try:
-            page = await context.reader.read_broker(channel, position.seq, limit)
-        except HistoryUnavailable:
-            decided: Recovered[Event] | NotRecovered = NotRecovered(Reason.BROKER_UNAVAILABLE)
-        else:
-            decided = assess_history(
-                position.seq, position.epoch, page.epoch, page.latest_seq, page.events, limit
-            )
-        if isinstance(decided, Recovered):
-            return Outcome(True, list(decided.messages), None, "broker")
-        reason, source = decided.reason, "broker"
-    else:
-        reason, source = local.reason, "window"
-    latest = await context.reader.latest_event(channel)
-    return Outcome(False, [latest] if latest is not None else [], reason, source)
+        return local
+    latest = reader.window.latest(channel, trio.current_time())
+    return Outcome(False, [latest] if latest else [], local.reason, "window", window.epoch)
+
+
+def settle(context: ServerContext, channel: str, position: Position, outcome: Outcome) -> Outcome:
+    """The outcome to hand over now: a decision made in a history that has since been
+    replaced (the epoch changed while the broker was read) is made again from the window,
+    so the ack, the events and the live messages all belong to the history clients get."""
+    epoch = context.reader.current_epoch()
+    if outcome.epoch == epoch or not epoch:
+        return outcome
+    local = decide_locally(context, channel, position)
+    if isinstance(local, Outcome):
+        return local
+    reason = Reason.EPOCH_CHANGED if position.epoch != epoch else Reason.BROKER_UNAVAILABLE
+    latest = context.reader.window.latest(channel, trio.current_time())
+    return Outcome(False, [latest] if latest else [], reason, "window", epoch)
+
+
+READ_CONCURRENCY = 16
+"""Channels of one subscribe read from the broker at once: a subscribe of many channels
+during an outage lasts about one ``history.read_timeout``, not one per channel."""
+
+
+async def _read_positions(
+    context: ServerContext, asked: dict[str, Position], unknown: list[str]
+) -> tuple[dict[str, Outcome], dict[str, int | None]]:
+    """Every recovery's outcome and every new channel's position, read concurrently."""
+    outcomes: dict[str, Outcome] = {}
+    starts: dict[str, int | None] = {}
+    limiter = trio.CapacityLimiter(READ_CONCURRENCY)
+
+    async def one_recovery(channel: str, position: Position) -> None:
+        async with limiter:
+            outcomes[channel] = await recover(context, channel, position)
+
+    async def one_start(channel: str) -> None:
+        async with limiter:
+            starts[channel] = await context.reader.latest_position(channel)
+
+    async with trio.open_nursery() as nursery:
+        for channel, position in asked.items():
+            nursery.start_soon(one_recovery, channel, position)
+        for channel in unknown:
+            nursery.start_soon(one_start, channel)
+    # In the order the client asked, whatever order the reads ended in.
+    return {channel: outcomes[channel] for channel in asked}, {
+        channel: starts[channel] for channel in unknown
+    }
 
 
 def gap_event(channel: str, first: int, last: int, reason: str) -> Event:
@@ -114,11 +178,7 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     # The broker feeds every channel subscribed here before any position is read: what is
     # published from then on comes live, what came before is in the history read below.
     await context.interest.ensure([*action.added, *action.recover])
-    outcomes = {
-        channel: await recover(context, channel, position)
-        for channel, position in action.recover.items()
-    }
-    starts = {channel: await context.reader.latest_position(channel) for channel in unknown}
+    outcomes, starts = await _read_positions(context, action.recover, unknown)
 
     # From here on nothing awaits: the ack, the replays and the held live messages are
     # queued in this order before any other message can reach the connection.
@@ -132,15 +192,20 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
     positions: dict[str, Position] = {}
     reports: dict[str, RecoveryReport] = {}
     sends: list[Event] = []
-    for channel, outcome in outcomes.items():
+    for channel, decided in outcomes.items():
+        asked = action.recover[channel]
+        outcome = settle(context, channel, asked, decided)
         events = list(outcome.events)
-        if events:
-            last = events[-1].seq
-        elif outcome.recovered:
-            last = action.recover[channel].seq
+        if outcome.recovered:
+            last = events[-1].seq if events else asked.seq
         else:
-            # Nothing to hand over: the client starts from the newest position we know.
-            last = history.last_seq(channel)
+            # The client keeps what it has: a latest value it already holds is not sent
+            # again, and the position it is given is never behind its own (the live messages
+            # link from there, and the seam announces what they skip).
+            valid = asked.epoch == epoch and outcome.reason is not Reason.UNKNOWN_POSITION
+            own = asked.seq if valid else 0
+            events = [event for event in events if event.seq > own]
+            last = events[-1].seq if events else max(own, history.last_seq(channel))
         sends.extend(_frames(connection.seam.hand_over(channel, last, events)))
         positions[channel] = Position(epoch, last)
         reports[channel] = RecoveryReport(
@@ -149,14 +214,23 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
             reason=outcome.reason.value if outcome.reason else None,
         )
         _count(connection, channel, outcome)
+    released: set[str] = set()
     for channel, start in starts.items():
         if start is None:  # the broker could not say: no position, live messages as they come
             sends.extend(_frames(connection.seam.release(channel)))
+            released.add(channel)
             continue
         sends.extend(_frames(connection.seam.hand_over(channel, start)))
         positions[channel] = Position(epoch, start)
     for name in action.requested:
-        if not is_pattern(name) and name not in positions and history.knows(name):
+        # A released channel gets no position even if the window has learnt one since: what
+        # was held and released may be older than it.
+        if (
+            not is_pattern(name)
+            and name not in positions
+            and name not in released
+            and history.knows(name)
+        ):
             positions[name] = Position(epoch, history.last_seq(name))
     if not epoch:  # the broker has not said which history this is: positions mean nothing
         positions.clear()

@@ -356,3 +356,18 @@ def test_eviction_makes_room_below_the_bound_so_it_runs_once_per_many_appends():
     assert (log.stats.messages_evicted, log.bytes) == (11, 63_000)
     fill_sized(log, "A.trade", list(range(642, 652)), 100)
     assert log.stats.messages_evicted == 11
+
+
+def test_a_new_epoch_keeps_the_channels_known_from_zero():
+    log = make_log()
+    fill(log, "A", [3, 5, 8])
+    log.append("B", Entry(9, 0), 0.0)
+    log.restart()
+    assert log.message_count() == 0
+    assert log.bytes == 0
+    assert (log.knows("A"), log.last_seq("A")) == (True, 0)
+    # The new history's first message of A skips 1-3: reported, like any later hole.
+    assert log.append("A", Entry(4, 3), 0.0) == Appended(missed_from=1, missed_to=3)
+    assert log.append("B", Entry(5, 0), 0.0) == Appended()
+    # A channel never seen has nothing to compare with.
+    assert log.append("C", Entry(7, 6), 0.0) == Appended()

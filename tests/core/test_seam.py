@@ -226,11 +226,39 @@ def test_a_client_already_current_gets_a_floor_too():
     assert seam.admit("A", M14) is True
 
 
-def test_no_floor_at_position_zero():
+def test_a_floor_at_position_zero_still_checks_the_first_message():
+    # A client told "nothing yet" (position 0): a first message whose prev skips positions
+    # was not the first one, and the client must hear of the rest.
     seam: RecoverySeam[Msg] = RecoverySeam(hold_limit=10)
     seam.begin("A")
     assert seam.hand_over("A", 0) == []
+    assert seam.admit("A", M5) == Missed("A", 1, 3, MISSED)
     assert not active(seam)
+
+
+def test_the_first_message_past_the_floor_that_skips_positions_comes_after_a_notice():
+    # The floor is where the client was placed; the feed lost 13-14 (or this process never
+    # saw them): told before the message that skips them, not left to the client's arithmetic.
+    seam: RecoverySeam[Msg] = RecoverySeam(hold_limit=10)
+    seam.begin("A")
+    assert seam.hand_over("A", 12, [M12]) == [M12]
+    assert seam.admit("A", M17) == Missed("A", 13, 14, MISSED)
+    assert seam.admit("A", M20) is True  # the floor is gone: the fan-out checks from here
+    assert not active(seam)
+
+
+def test_a_new_epoch_empties_the_holds_but_keeps_them_open():
+    # What was held belongs to the old numbering: handing it over after the new epoch's
+    # position would go backwards, and its floor would hide the new epoch's messages.
+    seam: RecoverySeam[Msg] = RecoverySeam(hold_limit=2)
+    seam.begin("A")
+    held(seam, "A", [M12, M14, M17])  # past the hold: an overflow range too
+    seam.new_epoch()
+    assert seam.holding("A")
+    first, second = chain(1, 2)
+    held(seam, "A", [first, second])
+    assert seam.hand_over("A", 0) == [first, second]
+    assert seam.admit("A", Msg(3, 2)) is True
 
 
 def test_a_gap_notice_past_the_floor_is_cut_to_start_after_it():
@@ -590,7 +618,7 @@ def test_hand_over_announces_every_position_the_held_messages_skip(
     if all(m.seq in kept for m in messages if last < m.seq <= end):
         assert not [item for item in sent if isinstance(item, Missed)]
     # The floor is where the client now is.
-    assert seam.admit("A", Msg(end, 0)) is (end == 0)
+    assert seam.admit("A", Msg(end, 0)) is False
     assert seam.admit("A", Msg(end + 1, end)) is True
 
 

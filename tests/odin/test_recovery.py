@@ -8,8 +8,9 @@ import random
 import pytest
 import trio
 
-from odin.broker.base import HistoryPage
+from odin.broker.base import BrokerError, HistoryPage
 from odin.broker.memory import MemoryBroker
+from odin.protocol.publication import Publication
 from tests.helpers import (
     Message,
     capture_logs,
@@ -325,3 +326,71 @@ async def test_a_window_over_its_byte_bound_still_recovers_exactly_through_the_b
     warned = [log for log in logs if log["event"] == "history_bytes_evicting"]
     assert len(warned) == 1
     assert warned[0]["max_bytes"] == 1024 * 1024
+
+
+class OutageBroker(MemoryBroker):
+    """A memory broker whose history cannot be read while ``down`` (the NATS connection this
+    process reads through is lost), while publishers go on through another."""
+
+    down = False
+
+    async def read_after(self, channel: str, after: int, limit: int) -> HistoryPage:
+        if self.down:
+            raise BrokerError("history reads are not connected")
+        return await super().read_after(channel, after, limit)
+
+    async def latest(self, channel: str) -> Publication | None:
+        if self.down:
+            raise BrokerError("history reads are not connected")
+        return await super().latest(channel)
+
+
+async def test_a_recovery_the_broker_cannot_answer_keeps_the_position_and_announces_the_rest() -> (
+    None
+):
+    # A client comes from another instance with a position on a channel this process has
+    # never been fed, while this process cannot read the history: it cannot be recovered, no
+    # latest value can be had, and the client must still hear of every message it misses.
+    broker = OutageBroker(max_messages=1000, max_age=300, max_channels=100)
+    async with running_server(make_config(), broker) as harness:
+        first = broker.publish_nowait("BTC.trade", b'{"n": 0}', feed=False).seq
+        lost = [broker.publish_nowait("BTC.trade", b'{"n": 1}', feed=False).seq]
+        broker.down = True
+        async with harness.client() as client:
+            position = {"epoch": broker.epoch, "seq": first}
+            ack = await client.subscribe(["BTC.trade"], recover={"BTC.trade": position})
+            assert ack["recovery"]["BTC.trade"] == {
+                "recovered": False,
+                "count": 0,
+                "reason": "broker_unavailable",
+            }
+            # Not moved back to 0, not moved on past what it has not got.
+            assert ack["positions"]["BTC.trade"] == position
+            broker.down = False
+            lost.append(broker.publish_nowait("BTC.trade", b'{"n": 2}', feed=False).seq)
+            live = harness.publish("BTC.trade", {"n": 3})
+            gap = await client.expect("gap")
+            assert (gap["from"], gap["to"]) == (first + 1, lost[-1])
+            (event,) = await client.events(1)
+            assert (event["seq"], event["prev"]) == (live, lost[-1])
+
+
+async def test_a_latest_value_older_than_the_clients_position_is_not_sent() -> None:
+    broker = OutageBroker(max_messages=1000, max_age=300, max_channels=100)
+    async with running_server(make_config(), broker) as harness:
+        known = harness.publish("BTC.trade", {"n": 0})
+        await harness.settle()
+        # The client came from an instance further on: this one's feed lost the next message.
+        ahead = broker.publish_nowait("BTC.trade", b'{"n": 1}', feed=False).seq
+        broker.down = True
+        async with harness.client() as client:
+            position = {"epoch": broker.epoch, "seq": ahead}
+            ack = await client.subscribe(["BTC.trade"], recover={"BTC.trade": position})
+            assert ack["recovery"]["BTC.trade"]["reason"] == "broker_unavailable"
+            # Not sent back to the window's latest value, which it had before.
+            assert ack["positions"]["BTC.trade"] == position
+            broker.down = False
+            live = harness.publish("BTC.trade", {"n": 2})
+            (event,) = await client.events(1)
+            assert (event["seq"], event["prev"]) == (live, ahead)
+            assert known < ahead

@@ -238,7 +238,10 @@ class Connection:
             return
         self.closing = CloseRequest(code, reason, label)
         self._unindex()
-        if discard_queue:
+        if discard_queue and self.socket.open:
+            # Events not sent, and whatever was queued after the first of them (notices and
+            # acks past them would mislead the client's recovery); counted: the events. Not
+            # once the peer's close came: the answer to it is queued and must go.
             dropped = self.writer.outbox.discard_events()
             self.dropped += dropped
             self.context.metrics.dropped_slow.inc(dropped)
@@ -414,12 +417,19 @@ class Connection:
         self.send_frame(text_frame(encode(message)))
 
     def send_frame(
-        self, frame: bytes, channel: str | None = None, seq: int = 0, *, force: bool = False
+        self,
+        frame: bytes,
+        channel: str | None = None,
+        seq: int = 0,
+        *,
+        force: bool = False,
+        gap: tuple[str, int, int, str] | None = None,
     ) -> bool:
-        """Queue a frame; apply the slow-consumer policy if the queue is full."""
-        result = self.writer.offer(frame, channel, seq, force=force)
+        """Queue a frame; apply the slow-consumer policy if the queue is full. ``gap``: the
+        frame is that gap notice (conflation merges it with its channel's dropped events)."""
+        result = self.writer.offer(frame, channel, seq, force=force, gap=gap)
         if result is Offer.FULL:
-            return self._overflow(frame, channel, seq)
+            return self._overflow(frame, channel, seq, gap)
         return result is not Offer.CLOSED
 
     def deliver(self, event: Event, now: float, alone: bool = False) -> bool:
@@ -453,10 +463,18 @@ class Connection:
 
     def send_handed_over(self, events: list[Event]) -> None:
         """Queue, in order and past the queue's bound, what a subscribe hands over after its
-        ack: recovered messages, the live ones held meanwhile, gap notices."""
+        ack: recovered messages, the live ones held meanwhile, gap notices. Forced frames do
+        not count against the bound, so the live messages that follow still have all of it."""
         sends = [event for event in events if self.wants(event)]
         for event in sends:
-            self.send_frame(event.frame, force=True)
+            if event.refused is None:
+                self.send_frame(event.frame, event.channel, event.seq, force=True)
+                continue
+            # A notice: for a refused publication its own position; for a range the seam
+            # missed (subscriptions.gap_event, no epoch) prev+1..seq.
+            first = event.seq if event.publication.epoch else event.prev + 1
+            gap = (event.channel, first, event.seq, event.refused)
+            self.send_frame(event.frame, force=True, gap=gap)
         self.context.metrics.frames_sent.inc(len(sends))
 
     def wants(self, event: Event) -> bool:
@@ -473,14 +491,21 @@ class Connection:
             if missed is None:
                 return False
             if (missed.from_seq, missed.to_seq) != (first, last):
-                frame = gap_frame(channel, missed.from_seq, missed.to_seq, reason)
-        return self.send_frame(frame)
+                first, last = missed.from_seq, missed.to_seq
+                frame = gap_frame(channel, first, last, reason)
+        return self.send_frame(frame, gap=(channel, first, last, reason))
 
     def _conflated(self, channel: str, first: int, last: int) -> bytes | None:
         """What takes the place of messages conflation dropped: a gap notice (v1)."""
         return gap_frame(channel, first, last, "conflated") if self.v1 else None
 
-    def _overflow(self, frame: bytes, channel: str | None, seq: int) -> bool:
+    def _overflow(
+        self,
+        frame: bytes,
+        channel: str | None,
+        seq: int,
+        gap: tuple[str, int, int, str] | None = None,
+    ) -> bool:
         """The queue is full. Conflate (if that policy is on and it frees room) or close."""
         context = self.context
         metrics = context.metrics
@@ -494,7 +519,7 @@ class Connection:
                 metrics.gaps["conflated"].inc(len(gaps))
                 self.log.info("slow_consumer", action="conflated", dropped=dropped)
                 context.events.emit("slow_consumer", self.id, action="conflated", dropped=dropped)
-                if self.writer.offer(frame, channel, seq) is not Offer.FULL:
+                if self.writer.offer(frame, channel, seq, gap=gap) is not Offer.FULL:
                     return True
         metrics.slow_closed.inc()
         self.dropped += 1

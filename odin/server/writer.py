@@ -19,7 +19,7 @@ import os
 
 import trio
 
-from odin.server.outbox import Outbox
+from odin.server.outbox import Gap, Outbox
 
 # Up to this many queued frames go to the kernel in one writev call (IOV_MAX is 1024).
 _WRITEV_BATCH = 512
@@ -114,16 +114,18 @@ class Writer:
         *,
         force: bool = False,
         now: float | None = None,
+        gap: Gap | None = None,
     ) -> Offer:
         """Queue ``frame`` for the next flush, or refuse it (FULL) at the queue's bound.
 
-        ``force`` queues past the bound: for replies the protocol owes and for recovered
-        messages, which are bounded by their own limits.
+        ``force`` queues past the bound, and the frame does not count against it afterwards:
+        for replies the protocol owes and for recovered messages, which are bounded by their
+        own limits (outbox.py). ``gap``: the frame is that gap notice.
         """
         if self._closed:
             return Offer.CLOSED
         if not self.outbox.offer(
-            frame, channel, seq, trio.current_time() if now is None else now, force=force
+            frame, channel, seq, trio.current_time() if now is None else now, force=force, gap=gap
         ):
             return Offer.FULL
         if not self._dirty:
@@ -149,7 +151,9 @@ class Writer:
         self.bytes_written += written
         if written < len(frame):
             rest = memoryview(frame)[written:] if written else frame
-            self.outbox.offer(rest, channel, seq, now, force=True)
+            # The queue is empty, so it takes the rest, which counts against the bound as
+            # any live message does.
+            self.outbox.offer(rest, channel, seq, now)
             if written:
                 self.outbox.mark_started(1)
             self._start_waiting()

@@ -140,23 +140,93 @@ def test_conflate_announces_the_exact_range_even_with_holes_in_the_positions() -
     assert contents(outbox) == [gap("a", 10, 15), event("a", 20)]
 
 
-def test_conflate_keeps_control_frames_in_order() -> None:
+def test_conflate_never_moves_a_channel_s_frames_across_a_control_frame() -> None:
+    # An ack may give a position: the events before it must stay before it.
     outbox = Outbox(100, 10_000)
     outbox.offer(b"<hello>", None, 0, now=0)
-    outbox.offer(event("a", 1), "a", 1, now=0)
+    for seq in (1, 2):
+        outbox.offer(event("a", seq), "a", seq, now=0)
     outbox.offer(b"<ack>", None, 0, now=0)
-    outbox.offer(event("a", 2), "a", 2, now=0)
+    for seq in (3, 4):
+        outbox.offer(event("a", seq), "a", seq, now=0)
     outbox.offer(b"<pong>", None, 0, now=0)
-    outbox.offer(event("a", 3), "a", 3, now=0)
-    dropped, _ = outbox.conflate(gap)
-    assert dropped == 2
+    outbox.offer(event("a", 5), "a", 5, now=0)
+    dropped, gaps = outbox.conflate(gap)
+    assert (dropped, gaps) == (2, [("a", 1, 1), ("a", 3, 3)])
     assert contents(outbox) == [
         b"<hello>",
+        gap("a", 1, 1),
+        event("a", 2),
         b"<ack>",
+        gap("a", 3, 3),
+        event("a", 4),
         b"<pong>",
-        gap("a", 1, 2),
-        event("a", 3),
+        event("a", 5),
     ]
+
+
+def test_conflate_merges_the_channel_s_notices_into_the_one_before_its_newest_event() -> None:
+    outbox = Outbox(100, 10_000)
+    outbox.offer(event("a", 1), "a", 1, now=0)
+    outbox.offer(gap("a", 2, 3), None, 0, now=0, gap=("a", 2, 3, "missed"))
+    outbox.offer(event("a", 4), "a", 4, now=0)
+    outbox.offer(event("b", 1), "b", 1, now=0)
+    outbox.offer(gap("a", 5, 6), None, 0, now=0, gap=("a", 5, 6, "feed_overflow"))
+    outbox.offer(event("a", 7), "a", 7, now=0)
+    outbox.offer(gap("a", 8, 8), None, 0, now=0, gap=("a", 8, 8, "missed"))
+    dropped, gaps = outbox.conflate(gap)
+    # One notice from the smallest to the largest position it replaces; the notice after the
+    # newest event stays where it is.
+    assert (dropped, gaps) == (2, [("a", 1, 6)])
+    assert contents(outbox) == [event("b", 1), gap("a", 1, 6), event("a", 7), gap("a", 8, 8)]
+    assert outbox.queued_bytes == len(wire(outbox))
+
+
+def test_conflate_leaves_notices_alone_when_it_drops_nothing_of_their_channel() -> None:
+    outbox = Outbox(100, 10_000)
+    outbox.offer(gap("a", 1, 2), None, 0, now=0, gap=("a", 1, 2, "missed"))
+    outbox.offer(gap("a", 3, 3), None, 0, now=0, gap=("a", 3, 3, "invalid_payload"))
+    outbox.offer(event("a", 4), "a", 4, now=0)
+    assert outbox.conflate(gap) == (0, [])
+    assert contents(outbox) == [gap("a", 1, 2), gap("a", 3, 3), event("a", 4)]
+
+
+def test_conflate_never_spans_an_epoch_change() -> None:
+    # The history was recreated while the client was behind: positions start again lower.
+    outbox = Outbox(100, 10_000)
+    for seq in (2408, 2409):
+        outbox.offer(event("a", seq), "a", seq, now=0)
+    outbox.offer(gap("a", 1, 155), None, 0, now=0, gap=("a", 1, 155, "missed"))
+    for seq in (156, 157):
+        outbox.offer(event("a", seq), "a", seq, now=0)
+    dropped, gaps = outbox.conflate(gap)
+    assert (dropped, gaps) == (2, [("a", 2408, 2408), ("a", 1, 156)])
+    assert contents(outbox) == [
+        gap("a", 2408, 2408),
+        event("a", 2409),
+        gap("a", 1, 156),
+        event("a", 157),
+    ]
+
+
+def test_conflate_never_drops_forced_frames_nor_merges_across_them() -> None:
+    # A subscribe's hand-over is forced: it stays whole and in place.
+    outbox = Outbox(100, 10_000)
+    outbox.offer(event("a", 1), "a", 1, now=0)
+    outbox.offer(event("a", 2), "a", 2, now=0, force=True)
+    outbox.offer(gap("a", 3, 3), None, 0, now=0, force=True, gap=("a", 3, 3, "missed"))
+    for seq in (4, 5, 6):
+        outbox.offer(event("a", seq), "a", seq, now=0)
+    dropped, gaps = outbox.conflate(gap)
+    assert (dropped, gaps) == (2, [("a", 4, 5)])
+    assert contents(outbox) == [
+        event("a", 1),
+        event("a", 2),
+        gap("a", 3, 3),
+        gap("a", 4, 5),
+        event("a", 6),
+    ]
+    assert outbox.queued_bytes == len(wire(outbox))
 
 
 def test_conflate_widens_a_queued_notice_instead_of_adding_a_second() -> None:
@@ -221,18 +291,43 @@ def test_conflate_frees_room_for_the_refused_frame() -> None:
     assert outbox.offer(event("a", 5), "a", 5, now=0)
 
 
-def test_discard_events_keeps_control_frames_and_the_frame_on_the_wire() -> None:
+def test_discard_keeps_what_came_before_the_first_event_and_the_frame_on_the_wire() -> None:
     outbox = Outbox(100, 10_000)
     outbox.offer(event("a", 1), "a", 1, now=0)
     outbox.offer(b"<ack>", None, 0, now=0)
     outbox.offer(event("a", 2), "a", 2, now=0)
     outbox.offer(event("b", 1), "b", 1, now=0)
-    outbox.offer(b"<close>", None, 0, now=0)
+    outbox.offer(b"<pong>", None, 0, now=0)
     outbox.consume(2)  # the first event is started
     dropped = outbox.discard_events()
     assert dropped == 2
-    assert contents(outbox) == [event("a", 1)[2:], b"<ack>", b"<close>"]
+    assert contents(outbox) == [event("a", 1)[2:], b"<ack>"]
     assert outbox.queued_bytes == len(wire(outbox))
+
+
+def test_discard_drops_the_notices_and_acks_queued_after_a_dropped_event() -> None:
+    # Past events the client never gets, they would make it recover from too far on.
+    outbox = Outbox(100, 10_000)
+    outbox.offer(gap("a", 1, 1), None, 0, now=0, gap=("a", 1, 1, "missed"))
+    outbox.offer(event("a", 2), "a", 2, now=0)
+    outbox.offer(gap("a", 3, 4), None, 0, now=0, gap=("a", 3, 4, "missed"))
+    outbox.offer(b"<ack a at 5>", None, 0, now=0, force=True)
+    outbox.offer(event("a", 5), "a", 5, now=0, force=True)
+    assert outbox.discard_events() == 2  # events; the notice and the ack are not counted
+    assert contents(outbox) == [gap("a", 1, 1)]
+    assert outbox.queued_bytes == len(wire(outbox))
+    # What was forced went with them: the bound is whole again.
+    outbox.set_limits(2, 10_000)
+    assert outbox.offer(event("a", 6), "a", 6, now=0)
+    assert not outbox.offer(event("a", 7), "a", 7, now=0)
+
+
+def test_discard_with_no_event_queued_keeps_everything() -> None:
+    outbox = Outbox(100, 10_000)
+    outbox.offer(b"<ack>", None, 0, now=0)
+    outbox.offer(gap("a", 1, 1), None, 0, now=0, gap=("a", 1, 1, "missed"))
+    assert outbox.discard_events() == 0
+    assert contents(outbox) == [b"<ack>", gap("a", 1, 1)]
 
 
 def test_half_empty_in_messages_and_in_bytes() -> None:
@@ -273,3 +368,84 @@ def test_clear_empties_the_queue() -> None:
     outbox.offer(b"abc", "a", 1, now=5)
     outbox.clear()
     assert (len(outbox), outbox.queued_bytes, outbox.oldest_queued_at()) == (0, 0, None)
+
+
+def test_forced_frames_do_not_count_against_the_bound() -> None:
+    # A hand-over larger than the bound leaves live messages the whole bound.
+    outbox = Outbox(3, 1000)
+    for seq in range(1, 6):
+        assert outbox.offer(event("a", seq), None, 0, now=0, force=True)
+    for seq in (6, 7, 8):
+        assert outbox.offer(event("a", seq), "a", seq, now=0)
+    assert not outbox.offer(event("a", 9), "a", 9, now=0)
+    assert len(outbox) == 8
+    # The forced frames leave first, partly then whole; the bound stays three live frames.
+    outbox.consume(3)
+    assert not outbox.offer(event("a", 9), "a", 9, now=0)
+    outbox.consume(len(wire(outbox)) - 3 * len(event("a", 6)))
+    assert contents(outbox) == [event("a", seq) for seq in (6, 7, 8)]
+    assert not outbox.offer(event("a", 9), "a", 9, now=0)
+    outbox.consume(len(event("a", 6)))
+    assert outbox.offer(event("a", 9), "a", 9, now=0)
+
+
+def test_forced_bytes_do_not_count_against_the_byte_bound() -> None:
+    outbox = Outbox(100, 10)
+    assert outbox.offer(b"f" * 30, None, 0, now=0, force=True)
+    assert outbox.offer(b"123456", "a", 1, now=0)
+    assert outbox.offer(b"1234", "a", 2, now=0)  # exactly 10 live bytes
+    assert not outbox.offer(b"x", "a", 3, now=0)
+    outbox.consume(29)  # all but one byte of the forced frame
+    assert not outbox.offer(b"x", "a", 3, now=0)
+    outbox.consume(1 + 6)
+    assert outbox.offer(b"x" * 6, "a", 3, now=0)
+    assert outbox.queued_bytes == 10
+
+
+def test_behind_forced_frames_alone_one_frame_over_the_byte_bound_is_taken() -> None:
+    outbox = Outbox(100, 10)
+    assert outbox.offer(b"<ack>", None, 0, now=0, force=True)
+    assert outbox.offer(b"b" * 50, "a", 1, now=0)
+    assert not outbox.offer(b"x", "a", 2, now=0)
+
+
+def test_half_empty_counts_forced_frames_too() -> None:
+    # A paced replay's own frames are forced: it must still wait for them to drain.
+    outbox = Outbox(4, 100)
+    for _ in range(3):
+        outbox.offer(b"x" * 10, None, 0, now=0, force=True)
+    assert not half_empty(outbox)
+    outbox.consume(10)
+    assert half_empty(outbox)
+
+
+def test_clear_forgets_the_forced_frames() -> None:
+    outbox = Outbox(1, 1000)
+    outbox.offer(b"forced", None, 0, now=0, force=True)
+    outbox.clear()
+    assert outbox.offer(b"one", "a", 1, now=0)
+    assert not outbox.offer(b"two", "a", 2, now=0)
+
+
+def test_conflate_keeps_the_forced_frames_out_of_the_bound() -> None:
+    outbox = Outbox(3, 10_000)
+    for seq in (1, 2):
+        outbox.offer(event("a", seq), None, 0, now=0, force=True)
+    for seq in (3, 4, 5):
+        outbox.offer(event("a", seq), "a", seq, now=0)
+    assert not outbox.offer(event("a", 6), "a", 6, now=0)
+    assert outbox.conflate(gap) == (2, [("a", 3, 4)])
+    assert outbox.offer(event("a", 6), "a", 6, now=0)  # notice, a#5, a#6: three
+    assert not outbox.offer(event("a", 7), "a", 7, now=0)
+
+
+def test_set_limits_leaves_forced_frames_outside_the_new_bound() -> None:
+    outbox = Outbox(1, 1000)
+    outbox.offer(b"forced 1", None, 0, now=0, force=True)
+    outbox.offer(b"forced 2", None, 0, now=0, force=True)
+    outbox.set_limits(2, 1000)
+    assert outbox.offer(b"one", "a", 1, now=0)
+    assert outbox.offer(b"two", "a", 2, now=0)
+    assert not outbox.offer(b"three", "a", 3, now=0)
+    outbox.set_limits(2, 1000 + 16)  # the forced bytes never counted: nothing changes
+    assert not outbox.offer(b"three", "a", 3, now=0)

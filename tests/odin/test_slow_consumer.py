@@ -3,10 +3,31 @@ what the server holds for it stays within the configured bounds."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
 import pytest
 import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from tests.helpers import RawClient, make_config, running_server
+from odin.config import Config
+from odin.logs import get_logger
+from odin.protocol.negotiation import SUBPROTOCOL_V1
+from odin.server.app import OdinServer
+from tests.helpers import (
+    Harness,
+    MemoryListener,
+    Message,
+    RawClient,
+    make_broker,
+    make_config,
+    running_server,
+)
 
 pytestmark = pytest.mark.trio
 
@@ -138,3 +159,220 @@ async def test_an_event_larger_than_the_queue_limit_is_still_delivered(memory: b
             seq = harness.publish("BTC.trade", {"n": n, "pad": "y" * 50_000})
             assert [e["seq"] for e in await client.events(1)] == [seq]
         assert harness.sample("odin_slow_consumers_total", action="closed") == 0
+
+
+# ---- a client whose stream takes nothing until it reads (deterministic queues) ------------
+
+
+@attrs.define(eq=False)
+class LockstepListener(MemoryListener):
+    """Connections whose server side's ``send_all`` returns only once the client has read:
+    what the client does not read stays in the server's queue, frame for frame."""
+
+    async def connect(self) -> trio.abc.Stream:
+        client, server = trio.testing.lockstep_stream_pair()
+        await self.queued.send(server)
+        return client
+
+
+@asynccontextmanager
+async def lockstep_server(config: Config) -> AsyncIterator[Harness]:
+    broker = make_broker(config)
+    server = OdinServer(config, broker, log=get_logger(service="odin-test"))
+    listener = LockstepListener.create()
+    async with trio.open_nursery() as nursery:
+        listening = await nursery.start(
+            lambda task_status: server.run(listeners=[listener], task_status=task_status)
+        )
+        yield Harness(server, broker, listening, nursery, listener)
+        nursery.cancel_scope.cancel()
+
+
+class LockstepClient:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.messages: list[Message] = []
+        self.read = 0
+        """Messages already returned by ``read_until``."""
+
+    @classmethod
+    async def connect(cls, harness: Harness) -> LockstepClient:
+        client = cls(await harness.open_stream())
+        request = Request(host="odin", target="/ws", subprotocols=[SUBPROTOCOL_V1])
+        await client.stream.send_all(client.ws.send(request))
+        await client.read_until(lambda m: m["type"] == "hello")
+        return client
+
+    async def send(self, message: Message) -> None:
+        await self.stream.send_all(self.ws.send(TextMessage(data=json.dumps(message))))
+
+    async def read_until(self, done: Callable[[Message], bool]) -> list[Message]:
+        """Read until a message for which ``done`` is true (or the close frame); the
+        messages read since the last call."""
+        start = self.read
+        with trio.fail_after(5):
+            while not any(done(m) or m["type"] == "<close>" for m in self.messages[start:]):
+                self.ws.receive_data(bytes(await self.stream.receive_some()))
+                for event in self.ws.events():
+                    if isinstance(event, TextMessage):
+                        assert event.message_finished  # the server's messages are small
+                        self.messages.append(json.loads(event.data))
+                    elif isinstance(event, CloseConnection):
+                        self.messages.append({"type": "<close>", "code": event.code})
+                    else:
+                        assert isinstance(event, AcceptConnection)
+        for n, message in enumerate(self.messages[start:], start):
+            if done(message) or message["type"] == "<close>":
+                self.read = n + 1
+                return self.messages[start : n + 1]
+        raise AssertionError("unreachable")
+
+
+def assert_in_order(messages: list[Message], channel: str) -> None:
+    """One channel whose every position is a message of it (the only one published): each
+    notice starts right after what the client has, each event links to it."""
+    last: int | None = None
+    for message in messages:
+        if message.get("channel") != channel:
+            continue
+        if message["type"] == "gap":
+            assert last is None or message["from"] == last + 1, (message, messages)
+            assert message["from"] <= message["to"], message
+            last = message["to"]
+        elif "seq" in message:
+            assert last is None or message["prev"] == last, (message, messages)
+            last = message["seq"]
+
+
+def publish(harness: Harness, count: int, *, dark: bool = False) -> int:
+    seq = 0
+    for _ in range(count):
+        body = json.dumps({"x": 1}).encode()
+        seq = harness.broker.publish_nowait("BTC.trade", body, feed=not dark).seq
+    return seq
+
+
+async def settled() -> None:
+    with trio.fail_after(5):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+def events_of(messages: list[Message]) -> list[Any]:
+    return [m["seq"] for m in messages if "seq" in m]
+
+
+SMALL_QUEUE = {"connection.queue_max_messages": 8, "connection.queue_max_bytes": 1 << 20}
+
+
+async def subscribed_and_stuck(harness: Harness) -> LockstepClient:
+    """A client subscribed to BTC.trade that has one event on its way and reads no more."""
+    client = await LockstepClient.connect(harness)
+    await client.send({"type": "subscribe", "id": 1, "data": {"channels": ["BTC.trade"]}})
+    await client.read_until(lambda m: m["type"] == "subscription_ack")
+    publish(harness, 1)
+    await settled()  # the writer waits in send_all with it: it is started
+    return client
+
+
+async def test_a_slow_consumer_closed_gets_no_notice_past_the_events_it_lost() -> None:
+    config = make_config(**SMALL_QUEUE)
+    async with lockstep_server(config) as harness:
+        client = await subscribed_and_stuck(harness)
+        publish(harness, 2)
+        publish(harness, 1, dark=True)  # announced as missed before the next one
+        publish(harness, 8)
+        await settled()
+        assert harness.sample("odin_slow_consumers_total", action="closed") == 1
+        messages = await client.read_until(lambda m: False)
+        assert messages[-1] == {"type": "<close>", "code": 1008}
+        # Only the event that was on its way: the notice after the dropped ones went too.
+        assert events_of(messages) == [1]
+        assert not [m for m in messages if m["type"] == "gap"]
+        assert_in_order(messages, "BTC.trade")
+        assert harness.sample("odin_deliveries_dropped_total", reason="slow_consumer") == 6
+
+
+async def test_conflation_merges_the_channel_s_notices_into_one_in_order() -> None:
+    config = make_config(**SMALL_QUEUE, **{"connection.slow_consumer_policy": "conflate"})
+    async with lockstep_server(config) as harness:
+        client = await subscribed_and_stuck(harness)
+        publish(harness, 2)
+        publish(harness, 1, dark=True)
+        last = publish(harness, 8)
+        await settled()
+        assert harness.sample("odin_slow_consumers_total", action="conflated") >= 1
+        messages = await client.read_until(lambda m: m.get("seq") == last)
+        assert_in_order(messages, "BTC.trade")
+        gaps = [(m["from"], m["to"], m["reason"]) for m in messages if m["type"] == "gap"]
+        assert gaps == [(2, 7, "conflated")]  # the missed 4 is in it, not before or after it
+        assert events_of(messages) == [1, 8, 9, 10, 11, 12]
+
+
+async def test_conflation_across_an_epoch_change_never_spans_both_epochs() -> None:
+    config = make_config(**SMALL_QUEUE, **{"connection.slow_consumer_policy": "conflate"})
+    async with lockstep_server(config) as harness:
+        client = await subscribed_and_stuck(harness)
+        publish(harness, 3)
+        harness.broker.lose_history()  # a new epoch: positions start again at 1
+        last = publish(harness, 6)
+        await settled()
+        assert harness.sample("odin_slow_consumers_total", action="conflated") >= 1
+        messages = await client.read_until(
+            lambda m: m.get("seq") == last and m["epoch"] == harness.broker.epoch
+        )
+        shown: list[tuple[str, int, int]] = []
+        for m in messages:
+            if m["type"] == "gap":
+                shown.append(("gap", m["from"], m["to"]))
+            elif "seq" in m:
+                age = "new" if m["epoch"] == harness.broker.epoch else "old"
+                shown.append((age, m["seq"], m["prev"]))
+        # One notice per epoch, each before its epoch's newest event, none spanning both.
+        assert shown == [
+            ("old", 1, 0),
+            ("gap", 2, 3),
+            ("old", 4, 3),
+            ("gap", 1, 3),
+            ("new", 4, 3),
+            ("new", 5, 4),
+            ("new", 6, 5),
+        ]
+
+
+async def test_a_slow_consumer_closing_itself_still_gets_the_answer_to_its_close() -> None:
+    config = make_config(**SMALL_QUEUE)
+    async with lockstep_server(config) as harness:
+        client = await subscribed_and_stuck(harness)
+        publish(harness, 2)
+        await settled()
+        await client.stream.send_all(client.ws.send(CloseConnection(code=1000)))
+        await settled()  # the answer is queued behind the two events
+        publish(harness, 8)  # the queue fills: the policy closes it, with its close begun
+        await settled()
+        messages = await client.read_until(lambda m: False)
+        assert messages[-1] == {"type": "<close>", "code": 1000}
+        assert events_of(messages) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("policy", ["close", "conflate"])
+async def test_a_recovery_past_the_bound_leaves_live_messages_the_whole_bound(
+    policy: str,
+) -> None:
+    config = make_config(**SMALL_QUEUE, **{"connection.slow_consumer_policy": policy})
+    async with lockstep_server(config) as harness:
+        publish(harness, 21)
+        await settled()
+        client = await LockstepClient.connect(harness)
+        recover = {"BTC.trade": {"epoch": harness.broker.epoch, "seq": 1}}
+        subscribe = {"channels": ["BTC.trade"], "recover": recover}
+        await client.send({"type": "subscribe", "id": 1, "data": subscribe})
+        await settled()  # the ack and 20 messages queued, past the bound of 8
+        last = publish(harness, 7)  # the client has not read yet: live ones queue behind
+        await settled()
+        messages = await client.read_until(lambda m: m.get("seq") == last)
+        assert harness.sample("odin_slow_consumers_total", action="closed") == 0
+        assert harness.sample("odin_slow_consumers_total", action="conflated") == 0
+        assert messages[0]["type"] == "subscription_ack" and messages[0]["recovered"]
+        assert events_of(messages) == list(range(2, last + 1))
+        assert_in_order(messages, "BTC.trade")

@@ -385,3 +385,53 @@ async def test_write_now_queues_what_the_socket_did_not_take_in_order() -> None:
         with trio.fail_after(10):
             await writer.wait_flushed()
         assert writer.bytes_written == len(total)
+
+
+async def test_forced_frames_leave_live_frames_the_whole_bound() -> None:
+    # A subscribe's hand-over is forced past the bound; the live messages after it are not
+    # refused for it (the client would be taken for a slow consumer).
+    async with socket_pair() as (ours, _):
+        writer = Writer(ours, Outbox(2, 1000), Flusher())
+        for n in range(5):
+            assert writer.offer(f"replay {n}".encode(), force=True) is Offer.QUEUED
+        assert writer.offer(b"live 1", "a", 1) is Offer.QUEUED
+        assert writer.offer(b"live 2", "a", 2) is Offer.QUEUED
+        assert writer.offer(b"live 3", "a", 3) is Offer.FULL
+        assert writer.queued_messages == 7
+
+
+async def test_what_write_now_could_not_write_counts_against_the_bound() -> None:
+    big = b"x" * 1_000_000  # more than the socket takes at once
+    async with socket_pair(small_buffers=True) as (ours, theirs), trio.open_nursery() as nursery:
+        writer = Writer(ours, Outbox(2, 2_000_000), Flusher())
+        writer.attach(nursery)
+        assert writer.write_now(big, "a", 1, 0.0) is Offer.QUEUED
+        assert writer.queued_messages == 1  # its rest, which is a live message like any
+        assert writer.offer(b"live 2", "a", 2) is Offer.QUEUED
+        assert writer.offer(b"live 3", "a", 3) is Offer.FULL
+        assert await read_exactly(theirs, len(big) + 6) == big + b"live 2"
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_for_room_waits_for_forced_frames_too() -> None:
+    # A paced replay's frames are forced: the pace must still follow the reader.
+    async with socket_pair(small_buffers=True) as (ours, theirs), trio.open_nursery() as nursery:
+        writer = Writer(ours, Outbox(4, 1_000_000), Flusher())
+        writer.attach(nursery)
+        frames = frames_of(40, seed=3)
+        for frame in frames:
+            writer.offer(frame, force=True)
+        waited = trio.Event()
+
+        async def wait() -> None:
+            await writer.wait_for_room()
+            waited.set()
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not waited.is_set()  # nothing read yet: far over half the bound
+        total = b"".join(frames)
+        assert await read_exactly(theirs, len(total)) == total
+        with trio.fail_after(10):
+            await waited.wait()
+        nursery.cancel_scope.cancel()

@@ -109,8 +109,14 @@ class Fanout:
 
     def handle(self, item: FeedItem, now: float, *, alone: bool = False) -> None:
         if isinstance(item, Gap):
-            self._announce_gap(item.channel, item.from_seq, item.to_seq, item.reason)
-            self.history.skip_to(item.channel, item.to_seq)
+            history = self.history
+            first = item.from_seq
+            if history.knows(item.channel):
+                # The feed names what it dropped; positions between the last one handled and
+                # those may hold messages it never had (lost before it), unseen all the same.
+                first = min(first, history.last_seq(item.channel) + 1)
+            self._announce_gap(item.channel, first, item.to_seq, item.reason)
+            history.skip_to(item.channel, item.to_seq)
             return
         self.publish(item, now, alone=alone)
 

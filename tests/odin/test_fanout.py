@@ -151,3 +151,30 @@ async def test_feed_overflow_is_announced_as_a_gap_and_the_stream_stays_linked()
     assert (gap["from"], gap["to"], gap["reason"]) == (seqs[taken], seqs[-1], "feed_overflow")
     assert events[-1]["prev"] == gap["to"]
     assert harness.sample("odin_gaps_total", reason="feed_overflow") == 1
+
+
+async def test_a_feed_overflow_after_a_message_the_feed_never_had_announces_both() -> None:
+    from tests.helpers import make_broker, make_config
+
+    config = make_config(**{"broker.feed_capacity": 16})
+    async with running_server(config, make_broker(config)) as harness, harness.client() as client:
+        await client.subscribe(["BTC.trade"])
+        first = harness.publish("BTC.trade", {"n": 0})
+        await harness.settle(upto=first)
+        # Another channel fills the feed; then a message the feed never had (lost before
+        # it), then the ones it drops for want of room.
+        fill = [harness.publish("ETH.trade", {"n": n}) for n in range(40)]
+        unseen = harness.broker.publish_nowait("BTC.trade", b'{"n": 1}', feed=False).seq
+        dropped = [harness.publish("BTC.trade", {"n": n}) for n in range(2, 6)]
+        taken = len(fill) - (harness.broker.feed_stats.dropped - len(dropped))
+        await harness.settle(upto=fill[taken - 1])  # room again: the feed's gap comes next
+        last = harness.publish("BTC.trade", {"n": 6})
+        received: list[dict[str, object]] = []
+        with trio.fail_after(5):
+            while not received or received[-1].get("seq") != last:
+                received.append(await client.recv())
+    gaps = [(m["from"], m["to"], m["reason"]) for m in received if m["type"] == "gap"]
+    # From right after what the client has: the position the feed never had included.
+    assert gaps == [(first + 1, dropped[-1], "feed_overflow")]
+    assert first < unseen < dropped[0]
+    assert [m["seq"] for m in received if "seq" in m] == [first, last]

@@ -1,10 +1,10 @@
 """The simulation's broker: the real ``MemoryBroker`` (history, epochs, bounded feeds), with a
 fault that the NATS path has and one process does not, and a record of the truth.
 
-- ``publish_nowait(..., dark=True)`` stores a publication in the history without feeding it to
-  the server, as a message lost between the broker and one server would be: the server sees
-  the next one's ``prev`` skip positions (a ``missed`` gap), and recoveries find it in the
-  history.
+- ``publish_nowait(..., feed=False)`` (a dark publication) stores a publication in the
+  history without feeding it to the server, as a message lost between the broker and one
+  server would be: the server sees the next one's ``prev`` skip positions (a ``missed``
+  gap), and recoveries find it in the history.
 - ``lag``: publications reach the history at once and the server's feed a little later (the
   publisher calls ``flush_feed``), so a recovery may read messages the feed has yet to bring.
 - History reads take a virtual while (a function of the channel and position only, so it
@@ -86,7 +86,6 @@ class SimBroker(MemoryBroker):
         self._sim_capacity = feed_capacity
         self._read_latency = read_latency
         self._latest_latency = min(read_latency, latest_latency)
-        self._fed: set[str] = set()
         self.lag = False
         """Keep publications from the feed until ``flush_feed``: the history is ahead of the
         server's feed meanwhile, as JetStream's is of a consumer's."""
@@ -97,15 +96,11 @@ class SimBroker(MemoryBroker):
         # publication can go to the history without reaching the server.
         return open_bounded_feed(self.sim_feeds, self._sim_capacity, self.sim_feed_stats)
 
-    def fed(self, channel: str) -> bool:
-        """Whether a publication of ``channel`` went to the server in the current epoch."""
-        return channel in self._fed
-
-    def publish_nowait(self, channel: str, payload: bytes, *, dark: bool = False) -> Publication:
+    def publish_nowait(self, channel: str, payload: bytes, *, feed: bool = True) -> Publication:
+        """``feed=False``: a dark publication, in the history but never fed to the server."""
         publication = super().publish_nowait(channel, payload)
-        self.truth.record(publication, dark)
-        if not dark:
-            self._fed.add(channel)
+        self.truth.record(publication, not feed)
+        if feed:
             if self.lag:
                 self._lagging.append(publication)
             else:
@@ -125,7 +120,6 @@ class SimBroker(MemoryBroker):
     def lose_history(self) -> None:
         super().lose_history()
         self.truth.epochs.append(self.epoch)
-        self._fed.clear()
 
     async def _latency(self, channel: str, after: int, most: float) -> None:
         if most:

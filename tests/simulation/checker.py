@@ -37,79 +37,6 @@ import orjson
 from odin.protocol.channels import matches
 from tests.simulation.broker import ChannelTruth, Truth
 
-DISCARDED_BEFORE_NOTICE = "notices and acks kept after the events a slow-consumer close discarded"
-NOTICE_ORDER = "gap notices out of order around a conflation"
-UNANNOUNCED_EPOCH_START = "no notice for a new epoch's first positions the server never got"
-CONFLATED_ACROSS_EPOCHS = "a conflated notice whose range spans an epoch change"
-STALE_LATEST = "recovered:false hands over a latest value older than the window's position"
-RECOVERY_FILLS_QUEUE = "a recovery's hand-over fills the queue; the next live message closes"
-RELEASED_BEHIND_POSITION = "held messages released after an ack whose position is past them"
-SLOW_SUBSCRIBE_IDLE = "a long recovery keeps the connection from reading: closed as idle"
-MIXED_EPOCH_HANDOVER = "a recovery across an epoch change hands over the old epoch's messages"
-KNOWN_ISSUES = {
-    DISCARDED_BEFORE_NOTICE: (
-        "Connection.request_close(discard_queue=True) drops the queued events but keeps the "
-        "gap notices and subscription acks queued after them (control frames, channel None): "
-        "the client reads a notice that starts past events it never got, or an ack whose "
-        "position is past them, and recovering from there (the protocol's rule) loses them "
-        "silently."
-    ),
-    NOTICE_ORDER: (
-        "Outbox.conflate widens a conflated notice already queued, or puts a new one right "
-        "before the channel's newest event, but leaves the channel's other notices (missed, "
-        "feed_overflow) where they were: the client reads notices whose ranges go backwards, "
-        "or one that starts past events only a later notice covers. Together they still "
-        "cover every message dropped, which is what the checker then requires."
-    ),
-    UNANNOUNCED_EPOCH_START: (
-        "The fan-out announces a `missed` gap only when its window knows the channel's last "
-        "position; after an epoch change (or for a channel it has not seen) a first message "
-        "whose prev skips positions the server never received comes with no notice: only its "
-        "prev (not 0 in the new epoch) shows the loss."
-    ),
-    CONFLATED_ACROSS_EPOCHS: (
-        "Outbox.conflate computes a channel's dropped range from the seqs of the events it "
-        "drops; when they belong to two epochs (the history was recreated while the client "
-        "was behind) the notice is inverted (from 2409 to 157)."
-    ),
-    STALE_LATEST: (
-        "When a recovery fails, the latest value handed over is the window's newest entry, "
-        "but a feed gap (feed_overflow) may have moved the window's position past it "
-        "(HistoryLog.skip_to) before the client subscribed: the ack gives the entry's "
-        "position, the next live message's prev is past it, and no notice covers the rest."
-    ),
-    RECOVERY_FILLS_QUEUE: (
-        "A subscribe's hand-over (the replays, and what the seam held) is forced past the "
-        "queue's bound; a live message arriving before the client has had a chance to read "
-        "finds the queue full and applies the slow-consumer policy to a client that reads "
-        "as fast as it can (closed with 1008, or conflated)."
-    ),
-    RELEASED_BEHIND_POSITION: (
-        "When the broker cannot say a new channel's position in time (latest_position is "
-        "None), the seam releases what it held since the subscribe began, but the ack still "
-        "gives the window's position (history.knows became true meanwhile): the released "
-        "messages come after an ack saying the client is past them."
-    ),
-    SLOW_SUBSCRIBE_IDLE: (
-        "A subscribe recovers its channels one after the other, each bounded by "
-        "history.read_timeout; the connection reads nothing meanwhile (not even pongs), so "
-        "a recovery of many channels from an unavailable broker outlasts idle_timeout and "
-        "the liveness wheel closes the client (4000) before its ack."
-    ),
-    MIXED_EPOCH_HANDOVER: (
-        "A subscribe-with-recovery whose history read returns a new epoch (the history was "
-        "lost while it read) hands over the live messages of the old epoch held meanwhile "
-        "after the new epoch's latest value, and leaves a floor in the old numbering that "
-        "drops the new epoch's messages below it (RecoverySeam holds are not per epoch)."
-    ),
-}
-"""Server behaviour these invariants reject, found by this suite. By default the scenarios
-avoid four (epoch changes wait until no recovery holds; no publication goes dark before
-the server has had one of its channel in the epoch; the broker's ``latest`` answers within
-the read timeout; idle_timeout is long enough for the slowest subscribe) and count the
-others, in the narrow circumstances each happens in, instead of failing;
-``ODIN_SIM_STRICT=1`` judges them all (test_known_issues runs seeds that show them)."""
-
 REFUSED = ("invalid_payload", "payload_too_large")
 BROKER_REASONS = ("missed", "feed_overflow", "recovery_overflow", *REFUSED)
 
@@ -140,8 +67,6 @@ class ChannelState:
     """After ``recovered: false``: the latest value's position, which may come next."""
     exact: int = 0
     """Events of an exact recovery still to come."""
-    after_reset: bool = False
-    """The latest value of a failed recovery was the last event."""
     exact_end: int = 0
 
 
@@ -180,8 +105,6 @@ class ClientChecker:
         *,
         slow: bool,
         policy: str,
-        strict: bool = False,
-        feed_gaps: bool = False,
     ) -> None:
         self.name = name
         self.truth = truth
@@ -198,13 +121,6 @@ class ClientChecker:
         self._reconnect_hint = False
         self.now = 0.0
         self.trace = False
-        self.strict = strict
-        self.feed_gaps = feed_gaps
-        """The broker's feed may overflow (KNOWN_ISSUES[STALE_LATEST] can happen)."""
-        """Judge known server issues too (KNOWN_ISSUES); else count them in ``known``."""
-        self.known: dict[str, int] = {}
-        self._handed_over_at = -1.0
-        """When the last ack with a recovery came (virtual time)."""
 
     # ---- reporting -------------------------------------------------------------------------
 
@@ -244,11 +160,10 @@ class ClientChecker:
         """The connection ended: notices not followed by an event still move the position
         (the protocol's rule: set last to the notice's end)."""
         for channel, state in self.channels.items():
-            if state.notices and self.slow and not self.strict:
-                # KNOWN_ISSUES[DISCARDED_BEFORE_NOTICE]: the notices may follow events a
-                # slow-consumer close discarded (a slow client may leave before it reads the
-                # close frame); a client that trusted them would recover from too far on.
-                self._known(DISCARDED_BEFORE_NOTICE)
+            if state.notices and state.epoch != self.truth.epochs[-1]:
+                # Notices carry no epoch: after an epoch change the first ones may be the new
+                # history's. Whatever position they give, its recovery is refused as
+                # epoch_changed (the client's history is gone), so they cannot hide a loss.
                 state.notices.clear()
             if state.notices:
                 self._settle_notices(channel, state, None)
@@ -284,10 +199,7 @@ class ClientChecker:
         if code == 1008 and reason == "slow consumer":
             self.counts.slow_closed += 1
             if not self.slow:
-                if self.now == self._handed_over_at and not self.strict:
-                    self._known(RECOVERY_FILLS_QUEUE)
-                else:
-                    self.fail("a fast reader was closed as a slow consumer")
+                self.fail("a fast reader was closed as a slow consumer")
         elif code == 1001:
             self.counts.shutdown_closed += 1
             if not stopping:
@@ -299,9 +211,6 @@ class ClientChecker:
                 self.fail("connection lost without a close frame")
         else:
             self.fail(f"closed by the server with {code} {reason!r}")
-
-    def _known(self, issue: str) -> None:
-        self.known[issue] = self.known.get(issue, 0) + 1
 
     def _state(self, channel: str) -> ChannelState:
         state = self.channels.get(channel)
@@ -330,8 +239,6 @@ class ClientChecker:
             report.get("recovered") for report in recovery.values()
         ):
             self.fail(f"top-level recovered is wrong: {message}")
-        if recovery:
-            self._handed_over_at = self.now
         for channel, report in recovery.items():
             self._on_recovery(channel, report, request.recover.get(channel), positions)
         self._coverage.clear()
@@ -348,13 +255,7 @@ class ClientChecker:
             if state.last is not None and state.epoch == epoch:
                 # Already received through a pattern: the position may not skip messages.
                 skipped = self.truth.channel(epoch, key).between(state.last + 1, seq)
-                if skipped and self.slow and not self.strict:
-                    # KNOWN_ISSUES: conflation moved their notice past the ack (NOTICE_ORDER),
-                    # or a slow-consumer close discarded them but not the ack
-                    # (DISCARDED_BEFORE_NOTICE).
-                    conflate = self.policy == "conflate"
-                    self._known(NOTICE_ORDER if conflate else DISCARDED_BEFORE_NOTICE)
-                elif skipped:
+                if skipped:
                     self.fail(f"{key}: subscribed at {seq}, past {skipped} never received")
                 if seq <= state.last:
                     continue
@@ -415,17 +316,11 @@ class ClientChecker:
             if self.policy != "conflate":
                 self.fail(f"{channel}: conflated under the {self.policy} policy")
             elif not self.slow:
-                if self.now == self._handed_over_at and not self.strict:
-                    self._known(RECOVERY_FILLS_QUEUE)
-                else:
-                    self.fail(f"{channel}: a fast reader was conflated ({first}..{last})")
+                self.fail(f"{channel}: a fast reader was conflated ({first}..{last})")
         elif reason not in BROKER_REASONS:
             self.fail(f"{channel}: gap notice with reason {reason!r}")
         if first > last:
-            if reason == "conflated" and not self.strict:
-                self._known(CONFLATED_ACROSS_EPOCHS)
-            else:
-                self.fail(f"{channel}: gap notice {first}..{last} ({reason}) is an inverted range")
+            self.fail(f"{channel}: gap notice {first}..{last} ({reason}) is an inverted range")
         state = self._state(channel)
         if reason in REFUSED and first == last:
             # A publication whose body cannot be delivered: its notice stands in its place, in
@@ -449,9 +344,10 @@ class ClientChecker:
             prev, epoch = message["prev"], message["epoch"]
         else:
             # A refused publication's notice carries no prev and no epoch: the channel's, or
-            # a later one (the publication may be the first of a new epoch).
+            # a later one (the publication may be the first of a new epoch); on a channel not
+            # seen yet, any (a slow reader may still be reading an older epoch).
             epochs = self.truth.epochs
-            first = max(0, self.truth.epoch_index(message["epoch"] or epochs[-1]))
+            first = max(0, self.truth.epoch_index(message["epoch"]))
             for epoch in epochs[first:]:
                 known = self.truth.channel(epoch, channel).messages.get(seq)
                 if known is not None and not _is_json(known[1]):
@@ -482,19 +378,7 @@ class ClientChecker:
             baseline, state.baseline = state.baseline, None
             if seq == baseline and not state.notices:
                 state.last = seq
-                state.after_reset = True
                 return
-        if state.after_reset:
-            state.after_reset = False
-            if (
-                self.feed_gaps
-                and not self.strict
-                and not state.notices
-                and state.last is not None
-                and seq > prev > state.last
-            ):
-                self._known(STALE_LATEST)
-                state.last = prev
         if state.last is None:
             self._settle_notices(channel, state, truth)
             state.last = seq
@@ -547,22 +431,8 @@ class ClientChecker:
                 if skipped:
                     problems.append(f"{where} starts after {cursor}: {skipped} skipped silently")
             cursor = notice.last if cursor is None else max(cursor, notice.last)
-        if problems and self.strict:
-            for problem in problems:
-                self.fail(problem)
-        elif problems and start is not None and cursor is not None:
-            # KNOWN_ISSUES[NOTICE_ORDER]: judged together, the notices must still cover every
-            # message between the last position and the furthest of them.
-            uncovered = [
-                seq
-                for seq in truth.between(start + 1, cursor)
-                if not any(notice.first <= seq <= notice.last for notice in notices)
-            ]
-            if uncovered:
-                ranges = [(notice.first, notice.last, notice.reason) for notice in notices]
-                self.fail(f"{channel}: notices {ranges} after {start} leave {uncovered} unsaid")
-            else:
-                self._known(NOTICE_ORDER)
+        for problem in problems:
+            self.fail(problem)
         if state.last is not None:
             state.last = cursor
         return cursor, True

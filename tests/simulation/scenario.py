@@ -44,8 +44,6 @@ from tests.simulation.pipe import PipeListener
 TRACE = set(filter(None, os.environ.get("ODIN_SIM_TRACE", "").split(",")))
 """Clients whose every message is printed (``ODIN_SIM_TRACE=client-3,client-9-slow``)."""
 
-STRICT = os.environ.get("ODIN_SIM_STRICT", "") not in ("", "0")
-
 SYMBOLS = ("BTC", "ETH", "SOL", "DOGE", "ADA", "XRP")
 EVENTS = ("trade", "liquidity", "social")
 CHANNELS = tuple(f"{symbol}.{event}" for symbol in SYMBOLS for event in EVENTS)
@@ -74,9 +72,6 @@ class Plan:
     max_burst: int
     feed_lag: float
     """Virtual seconds a burst waits in the history before the feed brings it."""
-    strict: bool
-    """Judge the known issues (checker.KNOWN_ISSUES) too, and change epochs at any moment,
-    even while recoveries read history."""
     profiles: tuple[Profile, ...]
 
     def describe(self) -> str:
@@ -90,7 +85,6 @@ def plan(
     *,
     policy: str | None = None,
     clients: int | None = None,
-    strict: bool | None = None,
 ) -> Plan:
     rng = random.Random(seed)
     chosen_policy = policy or rng.choice(("close", "conflate"))
@@ -119,7 +113,6 @@ def plan(
         flood_rate=rng.choice((0.0, 0.02)) if feed_capacity < 100 else 0.0,
         max_burst=min(queue_messages // 4, 30),
         feed_lag=rng.choice((0.0, 0.005, 0.02)),
-        strict=STRICT if strict is None else strict,
         profiles=profiles,
     )
 
@@ -177,8 +170,7 @@ def config_for(plan: Plan) -> Config:
             "connection.queue_max_messages": plan.queue_messages,
             "connection.queue_max_bytes": plan.queue_bytes,
             "connection.slow_consumer_policy": plan.policy,
-            # KNOWN_ISSUES[SLOW_SUBSCRIBE_IDLE]: the default (60 s) when strict.
-            "connection.idle_timeout": 60.0 if plan.strict else 600.0,
+            "connection.idle_timeout": 60.0,
             "history.max_messages": plan.window,
             "history.recovery_max_messages": plan.recovery_max,
             "history.read_timeout": plan.read_timeout,
@@ -202,8 +194,6 @@ class Report:
     counts: Counts = attrs.Factory(Counts)
     max_queued: int = 0
     connections_seen: int = 0
-    known: dict[str, int] = attrs.Factory(dict)
-    """Known issues met and tolerated (checker.KNOWN_ISSUES), with how often."""
 
     def summary(self) -> str:
         return (
@@ -213,7 +203,7 @@ class Report:
             f"{self.counts.events} events read, notices {self.counts.notices}, exact "
             f"recoveries {self.counts.exact} ({self.counts.replayed} replayed), resets "
             f"{self.counts.reset}, slow closes {self.counts.slow_closed}, max queue "
-            f"{self.max_queued}, known issues tolerated {self.known}"
+            f"{self.max_queued}"
         )
 
 
@@ -245,17 +235,13 @@ async def _publish(plan: Plan, broker: SimBroker, rng: random.Random, server: Od
         if epochs and trio.current_time() - start >= epochs[0]:
             epochs.pop(0)
             broker.flush_feed()
-            if not plan.strict:
-                await _no_recovery_holding(server)
             broker.lose_history()
         draw = rng.random()
         if draw < plan.dark_rate:
             for _ in range(rng.randint(1, 4)):
                 channel = rng.choices(CHANNELS, weights)[0]
                 number += 1
-                # KNOWN_ISSUES[UNANNOUNCED_EPOCH_START]: not before the server has had one.
-                dark = plan.strict or broker.fed(channel)
-                broker.publish_nowait(channel, _body(number, 10), dark=dark)
+                broker.publish_nowait(channel, _body(number, 10), feed=False)
         elif draw < plan.dark_rate + plan.invalid_rate:
             broker.publish_nowait(rng.choices(CHANNELS, weights)[0], b"{not json")
         elif draw < plan.dark_rate + plan.invalid_rate + plan.flood_rate:
@@ -280,13 +266,6 @@ async def _publish(plan: Plan, broker: SimBroker, rng: random.Random, server: Od
     broker.flush_feed()
 
 
-async def _no_recovery_holding(server: OdinServer) -> None:
-    """Wait until no connection's seam holds a channel (KNOWN_ISSUES[MIXED_EPOCH_HANDOVER])."""
-    connections = server.context.registry.connections
-    while any(connection.seam.held_channels() for connection in connections.values()):
-        await trio.sleep(0.001)
-
-
 def _body(number: int, pad: int) -> bytes:
     return orjson.dumps({"n": number, "pad": "x" * pad})
 
@@ -308,8 +287,7 @@ async def run(plan: Plan) -> Report:
         max_messages=plan.broker_history,
         feed_capacity=plan.feed_capacity,
         read_latency=plan.read_latency,
-        # KNOWN_ISSUES[RELEASED_BEHIND_POSITION]: ``latest`` in time unless strict.
-        latest_latency=plan.read_latency if plan.strict else plan.read_timeout / 2,
+        latest_latency=plan.read_latency,
     )
     config = config_for(plan)
     errors = _Errors()
@@ -327,8 +305,6 @@ async def run(plan: Plan) -> Report:
                 broker.truth,
                 slow=profile.slow,
                 policy=plan.policy,
-                strict=plan.strict,
-                feed_gaps=plan.feed_capacity < 1000,
             )
             for profile in plan.profiles
         ]
@@ -355,8 +331,6 @@ async def run(plan: Plan) -> Report:
     for checker in checkers:
         report.violations.extend(checker.violations)
         report.counts.add(checker.counts)
-        for issue, hits in checker.known.items():
-            report.known[issue] = report.known.get(issue, 0) + hits
     report.violations.extend(errors.records)
     report.client_seconds = world.client_seconds
     report.sessions = world.sessions

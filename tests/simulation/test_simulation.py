@@ -19,8 +19,7 @@ Runs: 20 fixed seeds always; ``hypothesis`` draws a few more (``max_examples`` 3
 shrinking: a smaller seed is another scenario, not a simpler one); a batch of random seeds for
 ``ODIN_SIM_BUDGET_SECONDS`` of wall time (default 10). A failure names its seed; rerun it
 alone with ``pytest tests/simulation --sim-seed=N`` or ``ODIN_SIM_SEED=N pytest
-tests/simulation``; ``ODIN_SIM_TRACE=client-7`` prints what that client reads;
-``ODIN_SIM_STRICT=1`` also judges the server issues this suite found (checker.KNOWN_ISSUES).
+tests/simulation``; ``ODIN_SIM_TRACE=client-7`` prints what that client reads.
 One seed decides everything the scenario does; Trio's scheduler may interleave tasks
 differently from run to run (its scheduling randomness is not ours to seed), which is why
 every invariant holds for any interleaving.
@@ -129,15 +128,3 @@ def test_random_seeds_for_the_time_budget(request: pytest.FixtureRequest) -> Non
         f"{len(reports)} random seeds ({[r.seed for r in reports]}): {hours:.2f} client-hours "
         f"in {wall:.1f} s of wall time, {hours / max(wall, 1e-9) * 60:.1f} client-hours/minute"
     )
-
-
-@pytest.mark.trio
-async def test_known_issues_still_show_in_strict_mode(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """The server issues this suite found (checker.KNOWN_ISSUES) are tolerated or avoided by
-    default; strict mode judges them. Once they are fixed this test fails: then drop the
-    tolerances (and this test) and let every seed run strict."""
-    report = await run(plan(1, strict=True))
-    print(report.summary())
-    assert report.violations, "no known issue showed: were they fixed? see KNOWN_ISSUES"

@@ -103,13 +103,26 @@ class WebSocket:
     async def run(self, handler: Handler, close_timeout: float) -> None:
         """Read and handle frames until the connection is done, then send what is queued
         (our close frame, or the answer to theirs); all of it bounded once closing starts."""
-        with self._scope if self._own_scope else contextlib.nullcontext():
-            await self._read(handler)
-            if not self.closing:
-                if self.remote_close is None:
-                    self.remote_close = (1006, "connection lost")
-                self.close_within(close_timeout)
-            await self.writer.wait_flushed()
+        try:
+            with self._scope if self._own_scope else contextlib.nullcontext():
+                await self._read(handler)
+                if not self.closing:
+                    if self.remote_close is None:
+                        self.remote_close = (1006, "connection lost")
+                    self.close_within(close_timeout)
+                await self.writer.wait_flushed()
+        finally:
+            self._release_parser()
+
+    def _release_parser(self) -> None:
+        """wsproto's frame parser is a generator that holds its own ``FrameProtocol``: a
+        reference cycle, which only the cyclic collector frees, and the server's collector
+        runs rarely (``odin.cli.GC_THRESHOLDS``), so every connection's parser outlived it.
+        Closing the generator (nothing is parsed after ``run``) breaks the cycle, and the
+        parser goes with the connection. ``getattr``: wsproto keeps both attributes private."""
+        parser = getattr(getattr(self._ws, "_proto", None), "_parse_more", None)
+        if parser is not None:
+            parser.close()
 
     async def _read(self, handler: Handler) -> None:
         data: bytes | bytearray = self._pending

@@ -2,7 +2,12 @@
 
 ``/health`` keeps the original's JSON shape (status, healthy, checks, warnings, errors,
 uptime, and ``checks.cpu``/``memory``/``capacity`` with their ``percentage``): 200 when
-healthy or degraded, 503 when unhealthy (the broker is unreachable).
+healthy or degraded, 503 when unhealthy. Unlike the original, losing the broker after it was
+reached once is ``degraded``, not unhealthy: connected clients are still served (live from the
+broker once it is back, recoveries from the window meanwhile), and a liveness probe that
+restarted the server would cut them without bringing the broker back. A broker never reached
+since start is unhealthy: this instance has served nothing yet. ``/ready`` turns load
+balancers away in both cases.
 ``/ready`` says whether this instance should get new clients: 503 while the broker is down,
 while draining, or at the connection limit.
 
@@ -53,8 +58,12 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
     percentage = round(100.0 * current / limit, 2)
     warnings: list[str] = []
     errors: list[str] = []
+    # The history's epoch is known once the broker has been reached.
+    reached = bool(context.reader.current_epoch())
     if not broker.connected:
         errors.append(f"broker disconnected: {broker.detail}")
+        if reached:
+            warnings.append("broker disconnected: reconnecting, connected clients still served")
     if current >= limit:
         warnings.append(f"Server at full capacity ({current}/{limit})")
     elif percentage > 90:
@@ -67,7 +76,7 @@ def health(context: ServerContext) -> tuple[int, dict[str, object]]:
             f"worker {w['slot']} {w['state']}" for w in workers["workers"] if w["state"] != "up"
         )
         warnings.append(f"{workers['up']} of {workers['expected']} workers up ({down})")
-    healthy = broker.connected
+    healthy = broker.connected or reached
     broker_status = "connected" if broker.connected else "disconnected"
     checks: dict[str, object] = {
         "broker": {

@@ -150,6 +150,12 @@ async def test_nats_killed_and_restarted_under_publishing(nats_server: NatsServe
         await trio.to_thread.run_sync(nats_server.kill)
         # Down until Odin has noticed (a restart before that could go unseen).
         await wait_until(lambda: not broker.status().connected, timeout=20)
+        # Degraded, not unhealthy: its clients are still served, a restart would only cut them.
+        status, _headers, body = await http_get(harness.port, "/health")
+        health = orjson.loads(body)
+        assert (status, health["status"], health["healthy"]) == (200, "degraded", True)
+        assert health["checks"]["broker"]["healthy"] is False
+        assert (await http_get(harness.port, "/ready"))[0] == 503
         await trio.to_thread.run_sync(nats_server.start)
 
     assert await run_fault(nats_server.url, nats_server.port, kill_and_restart) >= 1

@@ -782,6 +782,14 @@ class NatsBroker:
             await asyncio.wait_for(nc.close(), timeout=5)
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             self._log.warning("nats_close_failed", error=repr(exc))
+        except asyncio.CancelledError:
+            # nats-py's close awaits its socket's ``wait_closed``, which raises CancelledError
+            # when the peer vanished while the socket closed (NATS killed during our exit):
+            # the connection is closed all the same. Our own task being cancelled is not that.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._log.warning("nats_close_failed", error="the peer vanished while it closed")
 
 
 @asynccontextmanager

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar, Final
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
@@ -467,10 +467,11 @@ class ConsoleApp(App[None]):
 
         def decided(yes: bool | None) -> None:
             if yes:
-                self.run_worker(self._drain(key), group="action")
+                self._drain(key)
 
         self.push_screen(ConfirmScreen(question, "Drain"), decided)
 
+    @work(group="action")
     async def _drain(self, key: str) -> None:
         client = self.clients.get(key)
         label = self.model.servers[key].label if key in self.model.servers else key
@@ -510,10 +511,11 @@ class ConsoleApp(App[None]):
             if scope is not None:
                 keys = live if scope == "all" else [key]
                 for each in keys:
-                    self.run_worker(self._reload(each), group="action")
+                    self._reload(each)
 
         self.push_screen(ReloadScreen(question, view.label, len(live)), decided)
 
+    @work(group="action")
     async def _reload(self, key: str) -> None:
         client = self.clients.get(key)
         label = self.model.servers[key].label if key in self.model.servers else key

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-from textual import on
+from textual import on, work
 from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import DataTable
@@ -82,8 +82,9 @@ class ConnectionsView(PagedTable[ConnectionInfo]):
     def action_inspect(self) -> None:
         chosen = self.selected()
         if chosen is not None:
-            self.run_worker(self._inspect(chosen.id), group="inspect", exclusive=True)
+            self._inspect(chosen.id)
 
+    @work(group="inspect", exclusive=True)
     async def _inspect(self, conn: str) -> None:
         chosen = self._client()
         if chosen is None:
@@ -114,10 +115,11 @@ class ConnectionsView(PagedTable[ConnectionInfo]):
 
         def decided(choice: KickChoice | None) -> None:
             if choice is not None:
-                self.run_worker(self._kick(conn, choice), group="action")
+                self._kick(conn, choice)
 
         self.app.push_screen(KickScreen(conn, chosen.peer, self._server_label()), decided)
 
+    @work(group="action")
     async def _kick(self, conn: str, choice: KickChoice) -> None:
         chosen = self._client()
         if chosen is None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import attrs
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
@@ -134,7 +134,7 @@ class PagedTable(Vertical, Generic[T]):
 
     def reload(self) -> None:
         """Fetch the page for the current server, sort and filter."""
-        self.run_worker(self._load(self._query(), self._client()), group="fetch", exclusive=True)
+        self._load(self._query(), self._client())
 
     def reset(self) -> None:
         """Another server: forget this one's rows; its first page comes with the next reload."""
@@ -145,6 +145,10 @@ class PagedTable(Vertical, Generic[T]):
         self.table.clear()
         self._show_status()
 
+    # A worker made by ``@work`` creates its coroutine when it starts: a fetch replaced
+    # before then (``exclusive``) leaves no coroutine never awaited behind, as
+    # ``run_worker(self._load(...))`` did.
+    @work(group="fetch", exclusive=True)
     async def _load(self, query: Query, chosen: tuple[str, ControlClient] | None) -> None:
         if chosen is None:
             self.post_message(self.Fetched(query, None, "no server selected"))

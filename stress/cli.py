@@ -16,6 +16,7 @@ import argparse
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -180,8 +181,21 @@ def run_command(args: argparse.Namespace) -> int:
     return code
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends a run like Ctrl-C: as an exception, so the ``finally`` blocks stop the
+    servers, NATS and publishers it started (by default the signal kills this process alone
+    and leaves them running)."""
+
+    def stop(signum: int, frame: object) -> None:
+        del frame
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _stop_on_sigterm()
     if args.command == "profiles":
         for name, profile in sorted(PROFILES.items()):
             print(f"{name:16} {profile.connections:6} clients {profile.duration:6g} s  "

@@ -632,6 +632,11 @@ async def soak(options: argparse.Namespace, pid: int | None, port: int, host: st
                 "latency_samples": latency.count,
                 "events": counts.events,
                 "violations": counts.violations,
+                # Which invariant broke, when one did: the sample says when, these say what.
+                "silent_gaps": counts.silent_gaps,
+                "duplicates": counts.duplicates,
+                "out_of_order": counts.out_of_order,
+                "bad_recoveries": counts.bad_recoveries,
                 "recoveries": counts.recoveries,
                 "recovered": counts.recovered,
                 "not_recovered": counts.not_recovered,

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from stress.cli import main
+from stress.entry import main
 
 raise SystemExit(main())

@@ -99,8 +99,8 @@ def server_args() -> list[str]:
         "--set", "publish.rate_per_second=0",
         "--set", f"publish.max_body={4 * 2**20}",
         "--set", "publish.max_batch=1000",
-        # A short history (20 messages a channel) fills in the first round: what grows after
-        # it is per-connection state, not the history window reaching its ceiling.
+        # A short history (20 messages a channel, two or three a round: full by the last
+        # rounds), so its ceiling is low and what grows past it is per-connection state.
         "--set", "history.max_messages=20",
         "--set", f"server.max_connections={CLIENTS + 500}",
     ]  # fmt: skip

@@ -8,10 +8,11 @@ import time
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed
 
 from odin.server.endpoints import CpuSampler
-from tests.helpers import http_exchange, make_config, running_server, upgrade_request
+from tests.helpers import Harness, http_exchange, make_config, running_server, upgrade_request
 
 pytestmark = pytest.mark.trio
 
@@ -259,3 +260,20 @@ async def test_cpu_percentage_is_this_process_over_the_last_interval() -> None:
     burned = time.process_time() - before
     sampler.sample(101.0)  # one second of "now" later: 50 ms is 5 % of a core
     assert burned * 100 - 0.01 <= sampler.percentage < burned * 100 + 5
+
+
+async def test_health_counts_the_tasks_a_connection_holds_and_gives_back() -> None:
+    async def tasks(harness: Harness) -> int:
+        _, _, body = await http_exchange(harness.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        return int(json.loads(body)["checks"]["tasks"]["current"])
+
+    async with running_server() as harness:
+        idle = await tasks(harness)
+        async with harness.client() as client:
+            await client.subscribe(["BTC.trade"])
+            assert await tasks(harness) > idle  # its reader and its share of the server's
+        with trio.fail_after(5):
+            while harness.context.registry.connections:
+                await trio.sleep(0.01)  # the registry signals nothing: polled, bounded
+            await trio.testing.wait_all_tasks_blocked()
+        assert await tasks(harness) == idle

@@ -5,9 +5,8 @@ too, and its resident memory within a bounded margin of the first round's. The s
 consumers (clients that stop reading until the slow-consumer policy closes them) and with
 recoveries (clients that vanish and come back with their positions).
 
-The server has no count of its Trio tasks to read from outside (neither ``/health``,
-``/metrics`` nor the control socket's ``snapshot`` gives one), so a task that outlives its
-connection shows here only through what it holds: a socket (fds), memory (RSS), a thread.
+Trio tasks are read from ``/health`` (``checks.tasks``) once the sockets are closed: back to
+the baseline too, so a task that outlives its connection shows even if it holds nothing.
 
 Sizes: ``ODIN_LEAK_CLIENTS`` clients a round (default 1000; 2000 is the full check, about
 twice as long), ``ODIN_LEAK_ROUNDS`` rounds (default 10). ``ODIN_LEAK_JSON=path`` writes every
@@ -56,6 +55,9 @@ FD_TOLERANCE = 2
 """Descriptors the server may hold beyond its baseline after a round: the HTTP request that
 asked /health, closing as the fds are counted."""
 THREAD_TOLERANCE = 2
+TASK_TOLERANCE = 2
+"""Trio tasks (``/health`` ``checks.tasks``) beyond the baseline: a connection whose socket is
+still being closed as the count is read."""
 """Threads beyond the baseline: Trio's thread cache keeps an idle worker (getaddrinfo,
 file reads) for a while after use."""
 RSS_ABS_MIB = 16.0
@@ -127,6 +129,7 @@ class Rounds:
         self.population = Population("127.0.0.1", port, "/ws")
         self.rounds: list[dict[str, Any]] = []
         self.baseline = proc_sample(pid)
+        self.baseline_tasks = 0
 
     async def publish(self, channels: tuple[str, ...], size: int = 0, count: int = 1) -> None:
         padding = "x" * size
@@ -139,8 +142,13 @@ class Rounds:
         assert answer["published"] == len(events), answer
 
     async def server_connections(self) -> int:
+        return (await self.server_counts())[0]
+
+    async def server_counts(self) -> tuple[int, int]:
+        """(connections, Trio tasks) as the server counts them."""
         health = await asyncio.to_thread(http_json, f"{self.base}/health")
-        return int(health["checks"]["capacity"]["current"])
+        checks = health["checks"]
+        return int(checks["capacity"]["current"]), int(checks["tasks"]["current"])
 
     async def receive(self, sessions: list[Session], before: dict[int, int]) -> float:
         """Publish the round's batches; wait until every reading client has all of them."""
@@ -169,6 +177,8 @@ class Rounds:
             if (sample["fds"] or 0) <= fds_target or time.monotonic() - with_fds > 5:
                 break
             await asyncio.sleep(0.05)
+        # Tasks once the sockets are closed: a connection's task ends after its socket does.
+        tasks = (await self.server_counts())[1]
         self.rounds.append({
             "round": number,
             "seconds": round(time.monotonic() - started, 2),
@@ -176,6 +186,7 @@ class Rounds:
             "rss_mib": round((sample["rss_bytes"] or 0) / 2**20, 1),
             "fds": sample["fds"],
             "threads": sample["threads"],
+            "tasks": tasks,
             **extra,
         })  # fmt: skip
 
@@ -195,6 +206,7 @@ class Rounds:
             samples.append(proc_sample(self.pid))
             await asyncio.sleep(0.05)
         self.baseline = min(samples, key=lambda sample: sample["fds"] or 0)
+        self.baseline_tasks = (await self.server_counts())[1]
 
     def check(self) -> None:
         """Every round back to the baseline, within the tolerances."""
@@ -207,6 +219,8 @@ class Rounds:
             assert entry["threads"] - base_threads <= THREAD_TOLERANCE, (
                 base_threads, self.rounds)  # fmt: skip
             assert entry["rss_mib"] <= ceiling, (ceiling, self.rounds)
+            assert abs(entry["tasks"] - self.baseline_tasks) <= TASK_TOLERANCE, (
+                self.baseline_tasks, self.rounds)  # fmt: skip
         if len(self.rounds) >= 8:
             growth = self.rounds[-1]["rss_mib"] - self.rounds[-3]["rss_mib"]
             assert growth <= RSS_GROWTH_LAST_MIB, self.rounds
@@ -224,6 +238,7 @@ class Rounds:
                 "rss_mib": round((self.baseline["rss_bytes"] or 0) / 2**20, 1),
                 "fds": self.baseline["fds"],
                 "threads": self.baseline["threads"],
+                "tasks": self.baseline_tasks,
             },
             "rounds": self.rounds,
             "close_codes": {str(k): v for k, v in self.population.close_codes.items()},

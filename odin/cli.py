@@ -417,7 +417,9 @@ def _reload_on_signal(run: _Run, log: logs.Log) -> None:
 # Measured (docs/performance.md): the default threshold (700 allocations) runs the young
 # collection for every few connections accepted; at 10,000 connections it took 21-42 % of the
 # accept CPU. Objects that live as long as a connection (its session, queue, parser) survive
-# a collection anyway, so collecting rarely costs nothing in memory.
+# a collection anyway, so collecting rarely costs no memory, provided a connection leaves no
+# reference cycle behind: the old generations are in practice never collected, so a cycle
+# per connection is a leak (wsproto's parser was one: WebSocket.run closes it).
 GC_THRESHOLDS = (100_000, 50, 1000)
 
 

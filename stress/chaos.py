@@ -739,7 +739,9 @@ class Chaos:
         async with trio.open_nursery() as nursery:
             for _ in range(CHURN_SECONDS):
                 live = [c for c in self.readers() if c.subscribed]
-                for client in self.rng.sample(live, max(1, len(live) // 10)):
+                # A tenth, at least one; none while every client is reconnecting (a partition
+                # or a killed worker can leave none subscribed at that moment).
+                for client in self.rng.sample(live, min(len(live), max(1, len(live) // 10))):
                     for_good = self.rng.random() < 0.5
                     nursery.start_soon(partial_leave(client, for_good))
                     if for_good:

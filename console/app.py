@@ -9,7 +9,9 @@ the selected server for a page when shown, on a change of sort, filter or server
 Sockets come from ``--socket`` or a look in the directory every ``scan_every`` seconds (at most
 ``MAX_SOCKETS``). A supervisor's socket is polled for its workers instead of watched; with
 ``--socket``, the workers' sockets it reports are attached too. A worker that died and whose
-slot now runs another is let go once its supervisor stops listing it.
+slot now runs another is let go once its supervisor stops listing it. A socket found whose
+server is gone (refused, and its process not running) is said once and let go. A socket let
+go is not attached again while its file stays the same: a killed process leaves it behind.
 
 Paused (``p``), the model still takes in every update but the views stand still: the event
 log, the overview and the tables' periodic refresh; the header stays live and says PAUSED.
@@ -22,7 +24,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, Final
 
@@ -38,24 +40,29 @@ from textual.worker import Worker
 
 from console.cli import DEFAULT_GRAFANA
 from console.client import ControlClient, NotConnected, RequestFailed
-from console.link import LinkStatus
+from console.commands import COMMANDS, ConsoleCommands
+from console.link import LinkState, LinkStatus
 from console.messages import ActionOutcome, LinkChanged, UpdateArrived, WorkersArrived
 from console.model import ConsoleModel, LoggedEvent, ServerView
 from console.screens.confirm import ConfirmScreen, ReloadScope, ReloadScreen
-from console.screens.help import HelpScreen
+from console.screens.help import HelpScreen, help_sections
 from console.widgets.channels import ChannelsView
 from console.widgets.connections import ConnectionsView
 from console.widgets.events import EventLog
 from console.widgets.header import StatusLine
 from console.widgets.overview import Overview
 from console.widgets.tables import PagedTable
-from odin.control.paths import default_directory, find_sockets
+from odin.control.paths import default_directory, find_sockets, owner_running
 from odin.control.protocol import Drain, Draining, HostWorkers, Reload, Reloaded, Update
 
 TABS = ("overview", "connections", "channels", "events")
 MAX_SOCKETS: Final = 128
 """Sockets attached at most besides those named with ``--socket``: found in the directory or
 reported by a supervisor."""
+
+FileIdentity = tuple[int, int, int]
+"""A file's device, inode and modification time: another server binding the same path makes
+another file."""
 
 
 class ConsoleApp(App[None]):
@@ -75,8 +82,12 @@ class ConsoleApp(App[None]):
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume (paused)"),
         Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("h", "help", "Help", show=False),
+        # Textual's command palette, with the console's commands (console.commands).
+        Binding("colon", "command_palette", "Commands", key_display=":"),
         Binding("q", "quit", "Quit"),
     ]
+    COMMANDS = App.COMMANDS | {ConsoleCommands}
 
     def __init__(
         self,
@@ -88,6 +99,7 @@ class ConsoleApp(App[None]):
         scan_every: float = 2.0,
         refresh_every: float = 2.0,
         flush_every: float = 0.25,
+        owner_running: Callable[[Path], bool | None] = owner_running,
     ) -> None:
         super().__init__()
         self.sockets = list(sockets)
@@ -98,6 +110,9 @@ class ConsoleApp(App[None]):
         self.scan_every = scan_every
         self.refresh_every = refresh_every
         self.flush_every = flush_every
+        self.owner_running = owner_running
+        """Whether the process that created a socket runs (None: not known): tells a server
+        gone from one not answering."""
         self.model = ConsoleModel()
         self.clients: dict[str, ControlClient] = {}
         self.selected: str | None = None
@@ -111,9 +126,9 @@ class ConsoleApp(App[None]):
         self._dirty = True
         self._misses: dict[str, int] = {}
         self._options: list[tuple[str, str]] = []
-        self._replaced: dict[str, int] = {}
-        """Sockets of workers let go as replaced, by inode: a dead worker's file can stay
-        (SIGKILL leaves it), and is not attached again unless another process binds there."""
+        self._let_go: dict[str, FileIdentity] = {}
+        """Sockets found and let go (a server gone, a worker replaced) whose file stays
+        (SIGKILL leaves it): not attached again unless another process binds there."""
         self._left_out = 0
         """Sockets found but not attached: beyond MAX_SOCKETS."""
 
@@ -186,6 +201,7 @@ class ConsoleApp(App[None]):
             on_update=on_update,
             on_workers=on_workers,
             interval=self.interval,
+            owner_running=self.owner_running,
         )
         self.clients[key] = client
         self._links[key] = self.run_worker(
@@ -195,7 +211,9 @@ class ConsoleApp(App[None]):
             self._select(key)
         self._dirty = True
 
-    def detach_server(self, key: str, why: str = "its socket is gone") -> None:
+    def detach_server(
+        self, key: str, why: str = "its socket is gone", *, announce: bool = True
+    ) -> None:
         worker = self._links.pop(key, None)
         if worker is not None:
             worker.cancel()
@@ -203,7 +221,7 @@ class ConsoleApp(App[None]):
         view = self.model.servers.get(key)
         self.model.detach(key)
         self._misses.pop(key, None)
-        if view is not None:
+        if view is not None and announce:
             self.report(f"{view.label}: {why} ({view.path.name}); detached")
         if self.selected == key:
             self._select(next(iter(self.model.servers), None))
@@ -214,11 +232,11 @@ class ConsoleApp(App[None]):
         key = str(path)
         if key in self.clients:
             return
-        replaced = self._replaced.get(key)
-        if replaced is not None:
-            if replaced == _inode(path):
-                return  # the dead worker's file, still there
-            del self._replaced[key]
+        let_go = self._let_go.get(key)
+        if let_go is not None:
+            if let_go == _file_identity(path):
+                return  # the dead process's file, still there
+            del self._let_go[key]
         if len(self.clients) - len(self.sockets) >= MAX_SOCKETS:
             self._left_out += 1
             return
@@ -243,9 +261,28 @@ class ConsoleApp(App[None]):
                     self.detach_server(key)
         for view in self.model.replaced():
             if view.key not in fixed:
-                self._replaced[view.key] = _inode(view.path) or 0
+                self._remember_let_go(view.path)
                 self.detach_server(view.key, "replaced by another worker")
-        self._replaced = {key: inode for key, inode in self._replaced.items() if _inode(Path(key))}
+        # A file that went away can come back only as another server's.
+        self._let_go = {
+            key: file for key, file in self._let_go.items() if _file_identity(Path(key))
+        }
+
+    def _remember_let_go(self, path: Path) -> None:
+        file = _file_identity(path)
+        if file is not None:
+            self._let_go[str(path)] = file
+
+    def _server_gone(self, key: str, status: LinkStatus) -> None:
+        """Say once that a socket found has no server any more, and let it go (one named
+        with ``--socket`` is kept: its banner says it)."""
+        view = self.model.servers.get(key)
+        if view is None or view.path in self.sockets:
+            return
+        self._log_note(view.label, "server_gone", {"socket": view.path.name, "why": status.detail})
+        self.report(f"server gone: {view.label} ({status.detail})")
+        self._remember_let_go(view.path)
+        self.detach_server(key, announce=False)
 
     def selected_view(self) -> ServerView | None:
         return self.model.servers.get(self.selected) if self.selected is not None else None
@@ -291,6 +328,9 @@ class ConsoleApp(App[None]):
         was_up = view.up
         self.model.set_link(message.key, message.status)
         self._dirty = True
+        if message.status.state is LinkState.GONE:
+            self._server_gone(message.key, message.status)
+            return
         if message.status.up and not was_up and message.key == self.selected:
             self._refresh_table()
 
@@ -526,7 +566,7 @@ class ConsoleApp(App[None]):
             reloaded = await client.request(Reload(), Reloaded)
         except (NotConnected, RequestFailed) as exc:
             # Kept in the log as well: the notification goes, the problems are worth reading.
-            self._log_note(label, "reload_failed", str(exc))
+            self._log_note(label, "reload_failed", {"error": str(exc)})
             self.post_message(ActionOutcome(f"reload {label} failed: {exc}", error=True))
             return
         changed = ", ".join(reloaded.changed) or "nothing"
@@ -536,8 +576,10 @@ class ConsoleApp(App[None]):
         # The server's own reload event says it in every console's log.
         self.post_message(ActionOutcome(text))
 
-    def _log_note(self, server: str, kind: str, problem: str) -> None:
-        logged = self.model.note(server, kind, {"error": problem}, time.time())
+    def _log_note(
+        self, server: str, kind: str, detail: dict[str, str | int | float | bool | None]
+    ) -> None:
+        logged = self.model.note(server, kind, detail, time.time())
         if not self.paused:
             self._fresh.append(logged)
         self._dirty = True
@@ -575,15 +617,8 @@ class ConsoleApp(App[None]):
         self.report(f"resumed: {missed:,} event{'s' if missed != 1 else ''} arrived while paused")
 
     def action_help(self) -> None:
-        sections = [
-            ("everywhere", self.BINDINGS),
-            ("connections, channels", PagedTable.BINDINGS),
-            ("connections", ConnectionsView.BINDINGS),
-            ("events", EventLog.BINDINGS),
-            ("kick and drain questions", ConfirmScreen.BINDINGS),
-            ("reload question", ReloadScreen.BINDINGS),
-        ]
-        self.push_screen(HelpScreen(_bindings(sections), self.grafana_url))
+        titles = [command.title for command in COMMANDS]
+        self.push_screen(HelpScreen(help_sections(self.BINDINGS), self.grafana_url, titles))
 
 
 def _option(view: ServerView) -> str:
@@ -597,17 +632,9 @@ def _option(view: ServerView) -> str:
     return f"{identity.instance} (pid {identity.pid})"
 
 
-def _inode(path: Path) -> int | None:
+def _file_identity(path: Path) -> FileIdentity | None:
     try:
-        return os.stat(path).st_ino
+        info = os.stat(path)
     except OSError:
         return None
-
-
-def _bindings(
-    sections: list[tuple[str, list[BindingType]]],
-) -> list[tuple[str, list[Binding]]]:
-    return [
-        (where, [b for b in bindings if isinstance(b, Binding) and b.description])
-        for where, bindings in sections
-    ]
+    return info.st_dev, info.st_ino, info.st_mtime_ns

@@ -6,7 +6,9 @@ another protocol version), takes a first snapshot and starts the watch. A superv
 (``odin serve --workers N``) serves no snapshot nor watch: the client asks it for its
 ``workers`` instead, at once and then every interval, and hands them to a third callback. When
 the connection fails or ends it reconnects by itself, 0.5 s after, doubling to 5 s, and it
-reports every change of its link state to another callback.
+reports every change of its link state to another callback. A refused connection is told
+apart by the socket's process (the pid in its name): not running, the server is gone; running,
+it is not answering.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from console.link import SUPERVISOR, LinkState, LinkStatus
+from odin.control.paths import owner_running, socket_owner
 from odin.control.protocol import (
     COMMAND_NAMES,
     PROTOCOL_VERSION,
@@ -30,6 +33,11 @@ from odin.control.protocol import (
     ServerIdentity,
     Snapshot,
     SnapshotRequest,
+    Stopped,
+    Tap,
+    TapLine,
+    TapStarted,
+    Untap,
     Update,
     Watch,
     WatchStarted,
@@ -77,8 +85,11 @@ class ControlClient:
         request_timeout: float = REQUEST_TIMEOUT,
         backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_MAX),
         max_line: int = MAX_LINE,
+        owner_running: Callable[[Path], bool | None] = owner_running,
     ) -> None:
         self.path = path
+        self.owner_running = owner_running
+        """Whether the process that created a socket runs (None: not known)."""
         self.max_line = max_line
         self.interval = interval
         self.request_timeout = request_timeout
@@ -93,6 +104,7 @@ class ControlClient:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._ids = itertools.count(1)
         self._refusal: Reply | None = None
+        self._on_tap: Callable[[TapLine], None] | None = None
 
     @property
     def status(self) -> LinkStatus:
@@ -104,6 +116,22 @@ class ControlClient:
         if not self._status.up:
             raise NotConnected(f"not connected to {self.path}")
         return await self._call_as(command, kind)
+
+    async def tap(self, command: Tap, on_line: Callable[[TapLine], None]) -> TapStarted:
+        """Start a tap (one per console: it replaces the last); its lines go to ``on_line``
+        until ``untap``. The server's reply comes before the tap's first line."""
+        self._on_tap = on_line
+        try:
+            return await self.request(command, TapStarted)
+        except BaseException:
+            self._on_tap = None
+            raise
+
+    async def untap(self) -> None:
+        """Stop the tap; a link that is down has none to stop."""
+        self._on_tap = None
+        with contextlib.suppress(NotConnected, RequestFailed):
+            await self.request(Untap(), Stopped)
 
     async def run(self) -> None:
         """Connect and stay connected until cancelled, or until the server turns out to speak
@@ -128,10 +156,9 @@ class ControlClient:
         except PermissionError as exc:
             return LinkStatus(LinkState.DENIED, exc.strerror or str(exc))
         except ConnectionRefusedError:
-            # The file is there but nobody listens: a server that stopped without cleaning up.
-            return LinkStatus(LinkState.LOST, "connection refused")
+            return self._nobody_listens()
         except TimeoutError:
-            return LinkStatus(LinkState.LOST, "connect timed out")
+            return LinkStatus(LinkState.NOT_ANSWERING, "connect timed out")
         except OSError as exc:
             return LinkStatus(LinkState.LOST, exc.strerror or str(exc))
         return await self._session(reader, writer)
@@ -221,6 +248,10 @@ class ControlClient:
         if isinstance(message, Update):
             self._on_update(message)
             return
+        if isinstance(message, TapLine):
+            if self._on_tap is not None:
+                self._on_tap(message)
+            return
         request_id = message.request_id
         future = self._pending.get(request_id) if isinstance(request_id, int) else None
         if future is not None and not future.done():
@@ -275,9 +306,23 @@ class ControlClient:
             return self._refused(refusal.error_code, refusal.error_message)
         return LinkStatus(LinkState.LOST, reason)
 
+    def _nobody_listens(self) -> LinkStatus:
+        """The file is there but nobody listens: a server that died without removing it, or
+        one that has not listened yet (or no longer does), as its process runs or not."""
+        running = self.owner_running(self.path)
+        pid = socket_owner(self.path)
+        owner = f"pid {pid}" if pid is not None else "its process"
+        if running is None:
+            return LinkStatus(LinkState.LOST, "connection refused")
+        if running:
+            return LinkStatus(LinkState.NOT_ANSWERING, f"connection refused; {owner} is running")
+        return LinkStatus(LinkState.GONE, f"socket left by {owner}, not running")
+
     def _refused(self, code: str, message: str) -> LinkStatus:
         if code == ErrorCode.PERMISSION_DENIED:
             return LinkStatus(LinkState.DENIED, message)
+        if code == "timeout":  # no reply to hello in time: there, but not answering
+            return LinkStatus(LinkState.NOT_ANSWERING, f"{code}: {message}")
         return LinkStatus(LinkState.LOST, f"{code}: {message}")
 
     def _set(self, status: LinkStatus) -> None:

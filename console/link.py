@@ -25,6 +25,13 @@ class LinkState(enum.StrEnum):
     """The server speaks another protocol version; the client has stopped."""
     LOST = "lost"
     """The connection failed or ended; the client is retrying."""
+    NOT_ANSWERING = "not_answering"
+    """The socket's process runs but does not answer (connection refused, or no reply in
+    time): starting, stuck or stopped; the client is retrying."""
+    GONE = "gone"
+    """Connection refused and the process that created the socket is not running: a file
+    left by a process that died (SIGKILL leaves it). The client is retrying (a socket named
+    on the command line is kept); the app lets a socket it found go."""
 
 
 @attrs.frozen

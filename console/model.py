@@ -136,6 +136,13 @@ class ServerView:
     def up(self) -> bool:
         return self.status.up
 
+    @property
+    def link_word(self) -> str:
+        """The link in a word or two, for titles and rows: up, down or not answering."""
+        if self.up:
+            return "up"
+        return "not answering" if self.status.state is LinkState.NOT_ANSWERING else "down"
+
     def banner(self) -> str | None:
         """What to tell the operator while the link is not up."""
         state, detail = self.status.state, self.status.detail
@@ -151,6 +158,10 @@ class ServerView:
             )
         if state is LinkState.VERSION_MISMATCH:
             return f"protocol version mismatch: {self.path}: {detail}; not attached"
+        if state is LinkState.NOT_ANSWERING:
+            return f"not answering: {self.path}{suffix} (retrying)"
+        if state is LinkState.GONE:
+            return f"server gone: {self.path}{suffix} (retrying)"
         if state is LinkState.CONNECTING and not self.was_connected:
             return f"connecting to {self.path}…"
         return f"reconnecting to {self.path}…{suffix}"
@@ -162,8 +173,8 @@ class WorkerRow:
 
     slot: int | None
     state: str
-    """The supervisor's word (starting, up, restarting, stopping, stopped); without one, up
-    or down as the console's link to the worker is."""
+    """The supervisor's word (starting, up, restarting, stopping, stopped); without one, up,
+    down or not answering, as the console's link to the worker is."""
     pid: int | None
     view: ServerView | None = None
     """Its socket, when attached."""
@@ -393,7 +404,7 @@ def _host(pid: int, views: list[ServerView]) -> Host:
         workers = list(by_pid.values())
     for view in workers:
         assert view.identity is not None
-        state = "up" if view.up else "down"
+        state = view.link_word
         rows.append(WorkerRow(view.identity.worker, state, view.identity.pid, view))
     rows.sort(key=lambda row: (row.slot is None, row.slot or 0))
     if report is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from odin import __version__, logs
+from odin import __version__, ctl, logs
 from odin.broker.base import Broker
 from odin.broker.embedded import EmbeddedNatsError, run_embedded_nats
 from odin.broker.memory import MemoryBroker
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(demo)
     demo.set_defaults(broker="nats", nats_url=None, simulate=True, demo=True)
+    ctl.add_parser(commands)
     return parser
 
 
@@ -165,6 +166,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "ctl":
+        return ctl.run(args)
     worker = None
     if getattr(args, "worker", None):
         try:

@@ -371,6 +371,12 @@ class Metrics:
             "the events).",
             registry=r,
         )
+        self.control_tap_skipped = Counter(
+            "odin_control_tap_skipped",
+            "Tapped frames not sent to the console: beyond the tap's rate, or its buffer full "
+            "(the next tap line counts them).",
+            registry=r,
+        )
         self.history_reads = Counter(
             "odin_history_reads",
             "Reads of the broker's history for recovery and replay, by result (shared: "

@@ -1,4 +1,5 @@
-"""The selected server's connections: sortable, filterable, inspected and kicked from here."""
+"""The selected server's connections: sortable, filterable, inspected, tapped and kicked from
+here."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from console.client import ControlClient, NotConnected, RequestFailed
 from console.messages import ActionOutcome
 from console.screens.confirm import KickChoice, KickScreen
 from console.screens.detail import DetailScreen
+from console.screens.tap import TapScreen
 from console.widgets.tables import PAGE_SIZE, Column, PagedTable, Query
 from odin.control.protocol import (
     ConnectionDetail,
@@ -48,7 +50,9 @@ COLUMNS: list[Column[ConnectionInfo]] = [
 class ConnectionsView(PagedTable[ConnectionInfo]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("i", "inspect", "Inspect"),
-        Binding("k", "kick", "Kick"),
+        # K, not k: k moves the cursor up (as in k9s). Asks first, as R does.
+        Binding("K", "kick", "Kick", key_display="K"),
+        Binding("t", "tap", "Tap"),
     ]
 
     def __init__(
@@ -132,3 +136,11 @@ class ConnectionsView(PagedTable[ConnectionInfo]):
         else:
             self.post_message(ActionOutcome(f"kicked {kicked.conn} (close code {kicked.code})"))
             self.reload()
+
+    def action_tap(self) -> None:
+        chosen = self.selected()
+        client = self._client()
+        if chosen is None or client is None:
+            self.notify("no connection selected", severity="warning")
+            return
+        self.app.push_screen(TapScreen(client[1], chosen.id))

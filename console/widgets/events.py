@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Input, Static
 
 from console import format
 from console.model import ConsoleModel, LoggedEvent
+from console.widgets.cursor import CursorTable
 
 STYLES = {
     "conn_close": "yellow",
@@ -28,6 +29,7 @@ STYLES = {
     "conn_open": "green",
     "reload": "bold yellow",
     "reload_failed": "bold red",
+    "server_gone": "bold red",
 }
 
 
@@ -48,7 +50,7 @@ class EventLog(Vertical):
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter events: kind, connection or details (/)", classes="filter")
         yield Static("", classes="table-status")
-        table: DataTable[str | Text] = DataTable(cursor_type="row", zebra_stripes=True)
+        table = CursorTable(cursor_type="row", zebra_stripes=True)
         table.add_column("time", key="time")
         table.add_column("server", key="server")
         table.add_column("kind", key="kind")

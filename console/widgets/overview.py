@@ -204,4 +204,4 @@ def _total_title(model: ConsoleModel) -> str:
 
 
 def _title(view: ServerView) -> str:
-    return view.label if view.up else f"{view.label} (down)"
+    return view.label if view.up else f"{view.label} ({view.link_word})"

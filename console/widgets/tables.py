@@ -22,6 +22,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Input, Static
 
 from console.client import ControlClient, NotConnected, RequestFailed
+from console.widgets.cursor import CursorTable
 from odin.control.protocol import Page
 
 T = TypeVar("T")
@@ -103,7 +104,7 @@ class PagedTable(Vertical, Generic[T]):
     def compose(self) -> ComposeResult:
         yield Input(placeholder=f"filter {self._noun} (/)", classes="filter")
         yield Static("", classes="table-status")
-        yield DataTable(cursor_type="row", zebra_stripes=True)
+        yield CursorTable(cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         self._set_columns()

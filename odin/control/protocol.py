@@ -10,7 +10,12 @@ the same id, ``{"id": 7, "ok": true, "result": {...}}`` or
 until ``unwatch`` or the end of the connection. ``hello`` answers the protocol version; a
 client that sees a different major version should stop.
 
-Commands added later (``reload``) are answered ``unknown_command`` by older servers, so a
+``tap`` follows the frames one connection or one channel receives: its reply is followed by
+``{"stream": "tap", ...}`` lines, one per frame (at most ``rate`` a second, the rest counted as
+``skipped``), until ``untap``, another ``tap``, or the tapped connection closing (a last line
+with ``closed``).
+
+Commands added later (``reload``, ``tap``) are answered ``unknown_command`` by older servers, so a
 client needs no new protocol version to try them.
 """
 
@@ -100,6 +105,18 @@ def _short(limit: int) -> Any:
     return check
 
 
+TAP_MAX_RATE: Final = 1000
+TAP_TEXT_BYTES: Final = 4096
+"""A tapped frame's text is cut to this many bytes (``truncated`` says so)."""
+TAP_BUFFER: Final = 256
+"""Tapped frames waiting for one console; beyond, the newest are counted as ``skipped``."""
+
+
+def _tap_rate(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= TAP_MAX_RATE:
+        raise ValueError(f"{attribute.name} must be from 1 to {TAP_MAX_RATE}")
+
+
 def _interval(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not 0.2 <= value <= 60:
         raise ValueError(f"{attribute.name} must be from 0.2 to 60 seconds")
@@ -183,6 +200,27 @@ class Workers:
     worker's own socket answers it too, with what its supervisor last published."""
 
 
+@attrs.frozen
+class Tap:
+    """Follow what one connection (``conn``) or one channel (``channel``, a name or a pattern)
+    receives, live: answered ``TapStarted``, then a ``TapLine`` per frame, at most ``rate`` a
+    second. One tap per console: a new one replaces it."""
+
+    conn: str = attrs.field(default="", validator=_short(64))
+    channel: str = attrs.field(default="", validator=_short(200))
+    rate: int = attrs.field(default=50, validator=_tap_rate)
+    """Frames per second sent to the console; beyond, counted as ``skipped``."""
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.conn) == bool(self.channel):
+            raise ValueError("conn or channel: give exactly one of them")
+
+
+@attrs.frozen
+class Untap:
+    pass
+
+
 Command: TypeAlias = (
     Hello
     | SnapshotRequest
@@ -196,6 +234,8 @@ Command: TypeAlias = (
     | Drain
     | Reload
     | Workers
+    | Tap
+    | Untap
 )
 
 COMMANDS: Final[dict[str, type[Command]]] = {
@@ -211,6 +251,8 @@ COMMANDS: Final[dict[str, type[Command]]] = {
     "drain": Drain,
     "reload": Reload,
     "workers": Workers,
+    "tap": Tap,
+    "untap": Untap,
 }
 COMMAND_NAMES: Final = {kind: name for name, kind in COMMANDS.items()}
 
@@ -409,6 +451,49 @@ class Stopped:
 
 
 @attrs.frozen
+class TapStarted:
+    tap: int
+    """This tap's number: its lines carry it (a replaced tap's last lines can be told apart)."""
+    conn: str
+    channel: str
+    rate: int
+    buffer: int
+    """Frames held for the console at most (TAP_BUFFER); beyond, the newest are skipped."""
+
+
+@attrs.frozen
+class TapClosed:
+    """How a tapped connection ended: its close code and reason, and why (the metric label:
+    client, operator, slow_consumer, idle, ...)."""
+
+    code: int
+    reason: str
+    why: str
+
+
+@attrs.frozen
+class TapLine:
+    """One tapped frame, or (``closed`` set) the end of a connection's tap."""
+
+    tap: int
+    time: float
+    """Unix time it was queued to the connection."""
+    conn: str
+    text: str = ""
+    """The frame's text, cut to TAP_TEXT_BYTES; for a binary or control frame, what it is."""
+    bytes: int = 0
+    """The payload's whole size."""
+    truncated: bool = False
+    binary: bool = False
+    channel: str = ""
+    """The channel of an event or gap notice ("" for replies)."""
+    seq: int = 0
+    skipped: int = 0
+    """Frames not shown since the previous line: beyond the rate, or the buffer was full."""
+    closed: TapClosed | None = None
+
+
+@attrs.frozen
 class ServerEvent:
     """Something that happened to a connection, for the console's event log."""
 
@@ -518,6 +603,10 @@ def encode_update(update: Update) -> bytes:
     return orjson.dumps({"stream": "update", **converter.unstructure(update)}) + b"\n"
 
 
+def encode_tap(line: TapLine) -> bytes:
+    return orjson.dumps({"stream": "tap", **converter.unstructure(line)}) + b"\n"
+
+
 @attrs.frozen
 class Reply:
     """A decoded reply line: a result (still plain JSON, structure it with ``result_as``) or
@@ -533,14 +622,17 @@ class Reply:
         return converter.structure(self.result, kind)
 
 
-def decode_line(line: bytes) -> Reply | Update:
-    """A line from the server: a reply to a request, or a watch update."""
+def decode_line(line: bytes) -> Reply | Update | TapLine:
+    """A line from the server: a reply to a request, a watch update, or a tapped frame."""
     document = orjson.loads(line)
     if not isinstance(document, dict):
         raise ValueError("a server line is a JSON object")
     if document.get("stream") == "update":
         del document["stream"]
         return converter.structure(document, Update)
+    if document.get("stream") == "tap":
+        del document["stream"]
+        return converter.structure(document, TapLine)
     if document.get("ok") is True:
         return Reply(document.get("id"), True, document.get("result"))
     error = document.get("error") or {}

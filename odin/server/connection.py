@@ -133,6 +133,9 @@ class Connection:
         """A request is being carried out (a subscribe reading the history): nothing is read
         from the client meanwhile, so its silence proves nothing."""
         self._limited_frames = 0
+        self.tapped = False
+        """An operator follows its frames (odin.server.tap): the only cost of taps while
+        there are none is this check, once per frame queued."""
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class Connection:
         """Serve the connection until it ends; ``nursery`` is the connection's own."""
         context = self.context
         context.registry.add(self)
+        self.tapped = bool(context.taps.channels)  # with the registry, no checkpoint between
         context.liveness.add(self)
         grant = self.session.grant
         if self.session.awaiting_auth:
@@ -197,6 +201,8 @@ class Connection:
             self.admission.release(trio.current_time())
         context.registry.remove(self)
         code, reason, label = self._close_outcome()
+        if self.tapped:
+            context.taps.closed(self, int(code), reason, label)
         context.metrics.closed[label].inc()
         context.events.emit("conn_close", self.id, code=int(code), reason=reason, why=label)
         self.log.info(
@@ -246,8 +252,10 @@ class Connection:
             self.dropped += dropped
             self.context.metrics.dropped_slow.inc(dropped)
         if reconnect_after_ms is not None and self.v1 and self.socket.open:
-            hint = Reconnect(after_ms=reconnect_after_ms, reason=reason)
-            self.socket.send(text_frame(encode(hint)))
+            hint = text_frame(encode(Reconnect(after_ms=reconnect_after_ms, reason=reason)))
+            self.socket.send(hint)
+            if self.tapped:
+                self.context.taps.frame(self, hint, None)
         self.socket.close(code, reason, timeout or self.context.config.server.close_timeout)
 
     # ---- liveness (the server's wheel calls these) ------------------------------------------
@@ -429,8 +437,12 @@ class Connection:
         frame is that gap notice (conflation merges it with its channel's dropped events)."""
         result = self.writer.offer(frame, channel, seq, force=force, gap=gap)
         if result is Offer.FULL:
-            return self._overflow(frame, channel, seq, gap)
-        return result is not Offer.CLOSED
+            queued = self._overflow(frame, channel, seq, gap)
+        else:
+            queued = result is not Offer.CLOSED
+        if queued and self.tapped:
+            self.context.taps.frame(self, frame, channel or (gap[0] if gap else None), seq)
+        return queued
 
     def deliver(self, event: Event, now: float, alone: bool = False) -> bool:
         """The fan-out's hot path: hand one event to this connection. ``alone``: the only
@@ -452,6 +464,8 @@ class Connection:
             result is Offer.CLOSED or not self._overflow(event.frame, event.channel, event.seq)
         ):
             return False
+        if self.tapped:
+            self.context.taps.frame(self, event.frame, event.channel, event.seq)
         self.delivered += 1
         return True
 
@@ -497,7 +511,12 @@ class Connection:
 
     def _conflated(self, channel: str, first: int, last: int) -> bytes | None:
         """What takes the place of messages conflation dropped: a gap notice (v1)."""
-        return gap_frame(channel, first, last, "conflated") if self.v1 else None
+        if not self.v1:
+            return None
+        frame = gap_frame(channel, first, last, "conflated")
+        if self.tapped:  # shown when made, after the events it stands for
+            self.context.taps.frame(self, frame, channel, last)
+        return frame
 
     def _overflow(
         self,

@@ -26,6 +26,7 @@ from odin.server.interest import InterestKeeper
 from odin.server.jwks import JwksSource
 from odin.server.liveness import Wheel
 from odin.server.registry import Registry
+from odin.server.tap import Taps
 from odin.server.tls import TlsHolder
 from odin.server.tokens import Verifier
 from odin.server.worker_role import WorkerRole
@@ -52,6 +53,8 @@ class ServerContext:
     """Distinguishes this process's connection ids from other processes'."""
     events: EventRing = attrs.Factory(EventRing)
     """Recent connection events, for the control socket's watchers."""
+    taps: Taps = attrs.Factory(Taps)
+    """The control socket's live taps (odin.server.tap): none, nearly always."""
     started_at: float = attrs.Factory(time.time)
     flusher: Flusher = attrs.Factory(Flusher)
     """Writers with frames queued since their last flush (flushed once per fan-out batch)."""

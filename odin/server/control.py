@@ -22,6 +22,7 @@ import trio
 from odin.config import ControlSection
 from odin.control.protocol import (
     PROTOCOL_VERSION,
+    TAP_BUFFER,
     Command,
     ControlError,
     Drain,
@@ -41,13 +42,18 @@ from odin.control.protocol import (
     Snapshot,
     SnapshotRequest,
     Stopped,
+    Tap,
+    TapStarted,
+    Untap,
     Unwatch,
     Update,
     Watch,
     WatchStarted,
     Workers,
+    encode_tap,
     encode_update,
 )
+from odin.protocol.channels import ChannelError
 from odin.server import control_state
 from odin.server.app import OdinServer
 from odin.server.control_socket import (
@@ -58,6 +64,7 @@ from odin.server.control_socket import (
     peer_credentials,
     socket_path,
 )
+from odin.server.tap import TapFeed
 
 __all__ = ["ControlServer", "ControlUnavailable", "peer_credentials", "socket_path"]
 
@@ -130,6 +137,7 @@ class _ServerConsole:
         self.control = control
         self.console = console
         self.watching: trio.CancelScope | None = None
+        self.tapping: trio.CancelScope | None = None
 
     async def execute(self, command: Command) -> object:
         control = self.control
@@ -167,6 +175,13 @@ class _ServerConsole:
                 return self._reload()
             case Workers():
                 return control.host()
+            case Tap():
+                return self._tap(command)
+            case Untap():
+                if self.tapping is not None:
+                    self.tapping.cancel()
+                    self.tapping = None
+                return Stopped()
         raise AssertionError(f"unhandled command {command!r}")
 
     def _kick(self, kick: Kick) -> Kicked:
@@ -205,6 +220,45 @@ class _ServerConsole:
             restart_required=", ".join(reloaded.restart_required),
         )
         return reloaded
+
+    def _tap(self, tap: Tap) -> TapStarted:
+        context = self.control.context
+        connections = context.registry.connections
+        if tap.conn and tap.conn not in connections:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no open connection {tap.conn!r}")
+        if tap.channel:
+            try:
+                context.rules.check(tap.channel)
+            except ChannelError as exc:
+                raise ControlError(ErrorCode.BAD_REQUEST, f"tap: channel: {exc}") from None
+        if self.tapping is not None:
+            self.tapping.cancel()
+        # Opened here, with no checkpoint since the lookup: the connection is still open.
+        feed = context.taps.open(tap.conn, tap.channel, tap.rate, connections)
+        scope = self.tapping = trio.CancelScope()
+        self.console.start_soon(self._tap_lines, scope, feed)
+        return TapStarted(feed.number, tap.conn, tap.channel, tap.rate, TAP_BUFFER)
+
+    async def _tap_lines(self, scope: trio.CancelScope, feed: TapFeed) -> None:
+        """Send the tap's frames as lines until it is stopped or its connection closes."""
+        context = self.control.context
+        skipped = context.metrics.control_tap_skipped
+        try:
+            with scope:
+                while True:
+                    await feed.wait()
+                    while (line := feed.take()) is not None:
+                        skipped.inc(line.skipped)
+                        await self.console.send(encode_tap(line))
+                    if feed.closed is not None:
+                        end = feed.end_line()
+                        skipped.inc(end.skipped)
+                        await self.console.send(encode_tap(end))
+                        return
+        finally:
+            context.taps.close(feed, context.registry.connections)
+            if self.tapping is scope:
+                self.tapping = None
 
     def _watch(self, interval: float) -> None:
         if self.watching is not None:

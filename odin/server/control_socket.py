@@ -10,6 +10,10 @@ must be the process's, root's, or in ``control.allowed_uids``. It never hurts th
 consoles are few (``max_clients``), their lines bounded (``MAX_LINE_BYTES``), their commands
 rate-limited, and a console that stops reading only misses what may be skipped.
 
+A socket file outlives a killed process. At start a process replaces such a file at its own
+path (nobody answers there), and in the default directory removes those of processes that
+are not running any more (``remove_dead_sockets``); never one whose process runs.
+
 Each console is one nursery: the reader in the nursery's own task, a writer draining a small
 bounded channel, and the tasks its commands started (a server's watch updates). Closing the
 connection, or the socket stopping, cancels them all.
@@ -132,18 +136,63 @@ def _remove_stale(path: Path, directory: int) -> None:
         raise ControlUnavailable(f"{path} is a symlink, not a socket")
     if not stat.S_ISSOCK(info.st_mode):
         raise ControlUnavailable(f"{path} exists and is not a socket")
+    _refuse_if_answered(path)
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path.name, dir_fd=directory, follow_symlinks=False).st_ino != info.st_ino:
+            raise ControlUnavailable(f"{path} was replaced while being checked")
+        os.unlink(path.name, dir_fd=directory)
+
+
+def _refuse_if_answered(path: Path) -> None:
+    """Raise unless connecting to ``path`` is refused (nobody listens) or finds nothing."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Non-blocking: a live server whose backlog is full must not stall this one's start.
+    probe.setblocking(False)
     try:
         probe.connect(str(path))
     except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise ControlUnavailable(f"{path} is in use by another process") from None
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ControlUnavailable(f"{path}: {exc.strerror}") from None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path.name, dir_fd=directory)
     else:
         raise ControlUnavailable(f"{path} is in use by another process")
     finally:
         probe.close()
+
+
+def remove_dead_sockets(directory: Path, uid: int) -> list[tuple[Path, int]]:
+    """Remove the sockets of the default directory left by processes that died (SIGKILL
+    leaves them), so that no console keeps finding them; returns each one removed with its
+    pid. Only ``odin-<pid>.sock`` names are considered, of a pid not ours and not running
+    (``paths.process_running``), and only if nobody answers there: a socket whose process
+    runs stays, answering or not. Meant for the default directory only, where every name
+    carries its process's pid (beside an explicit ``control.path``, ``odin-1.sock`` is a
+    worker's slot)."""
+    try:
+        fd = prepare_directory(directory, uid, explicit=False)
+    except (ControlUnavailable, OSError):
+        return []  # listen says why
+    removed: list[tuple[Path, int]] = []
+    try:
+        for name in os.listdir(fd):
+            pid = paths.socket_owner(Path(name))
+            if pid is None or pid == os.getpid():
+                continue  # ours is replaced (or refused) by listen
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISSOCK(info.st_mode) or paths.process_running(pid, since=info.st_mtime):
+                continue
+            try:
+                _remove_stale(directory / name, fd)
+            except (ControlUnavailable, OSError):
+                continue  # someone answers there after all: left alone
+            removed.append((directory / name, pid))
+    finally:
+        os.close(fd)
+    return removed
 
 
 async def listen(path: Path, uid: int, *, explicit: bool, backlog: int) -> trio.SocketListener:
@@ -211,6 +260,9 @@ class ControlSocket:
     async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the socket until cancelled; if it cannot be set up, log why and return (the
         console is an aid: the process goes on without it)."""
+        if not self.config.path:
+            for stale, pid in remove_dead_sockets(self.path.parent, self.uid):
+                self.log.info("control_stale_removed", path=str(stale), pid=pid)
         try:
             listener = await listen(
                 self.path,
@@ -300,6 +352,11 @@ class AttachedConsole:
         except trio.WouldBlock:
             return False
         return True
+
+    async def send(self, line: bytes) -> None:
+        """Queue a line that may not be skipped (a tap's), waiting for room: the writer
+        disconnects a console that takes no line for ``_SEND_TIMEOUT``."""
+        await self._outbox.send(line)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -306,6 +306,8 @@ class SseConnection(Connection):
             result is Offer.CLOSED or not self._overflow(data, event.channel, event.seq)
         ):
             return False
+        if self.tapped:
+            self.context.taps.frame(self, data, event.channel, event.seq)
         self.delivered += 1
         return True
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,6 +28,28 @@ def socket_dir() -> Iterator[Path]:
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def owner_unknown(_: Path) -> bool | None:
+    """The fake servers' pids are invented: whether one runs on this machine says nothing of
+    the fake, so most tests leave it unknown (a refused link is then just lost). Tests of gone
+    and not answering use the real check, with sockets named after real pids."""
+    return None
+
+
+def left_socket(path: Path) -> Path:
+    """A socket file nobody listens on: what a killed process leaves."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.close()
+    return path
+
+
+def dead_pid() -> int:
+    """The pid of a process that ran and was reaped: not running any more."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 ServerFactory = Callable[..., Awaitable[FakeServer]]

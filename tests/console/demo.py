@@ -50,6 +50,10 @@ from odin.control.protocol import (
     Snapshot,
     SnapshotRequest,
     Stopped,
+    Tap,
+    TapLine,
+    TapStarted,
+    Untap,
     Unwatch,
     Update,
     Watch,
@@ -58,6 +62,7 @@ from odin.control.protocol import (
     Workers,
     encode_error,
     encode_result,
+    encode_tap,
     encode_update,
     parse_request,
 )
@@ -471,6 +476,18 @@ class FakeServer:
                 return encode_result(request_id, Draining(len(data.connections), 30.0))
             case Reload():
                 return self._reload(request_id)
+            case Tap(conn=conn, rate=rate):
+                if self._find(conn) is None:
+                    return encode_error(request_id, ErrorCode.NOT_FOUND, f"no connection {conn}")
+                # The reply, then the frames the connection got (invented).
+                frames = [
+                    TapLine(1, BASE_TIME, conn, '{"type":"subscription_ack"}', 27),
+                    TapLine(1, BASE_TIME + 1, conn, '{"seq":41}', 10, channel="BTC.trade", seq=41),
+                ]
+                tail = b"".join(encode_tap(frame) for frame in frames)
+                return encode_result(request_id, TapStarted(1, conn, "", rate, 256)) + tail
+            case Untap():
+                return encode_result(request_id, Stopped())
         raise AssertionError(f"unanswered {command!r}")
 
     def _reload(self, request_id: object) -> bytes:

@@ -37,7 +37,7 @@ from odin.control.protocol import (
     ServerEvent,
     Watch,
 )
-from tests.console.conftest import ServerFactory
+from tests.console.conftest import ServerFactory, owner_unknown
 from tests.console.demo import BASE_TIME, FakeServer, channels_page, connections_page, demo_data
 
 SIZE = (140, 45)
@@ -47,6 +47,7 @@ GRAFANA = "https://grafana.example/d/odin"
 def console(*sockets: Path, **options: object) -> ConsoleApp:
     options.setdefault("flush_every", 0.05)
     options.setdefault("grafana_url", GRAFANA)
+    options.setdefault("owner_running", owner_unknown)
     app = ConsoleApp(sockets=list(sockets), **options)  # type: ignore[arg-type]
     app.animation_level = "none"  # a tab's underline glides for 0.3 s: the tests need not wait
     return app
@@ -277,18 +278,18 @@ async def test_kick_asks_first_then_kicks_the_selected_connection(
         await pilot.press("down", "down")
         chosen = row_keys(app, "connections")[2]
 
-        await pilot.press("k")
+        await pilot.press("K")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "the question")
         assert chosen in rendered(app.screen.query_one(".question", Static))
         await pilot.press("n")
         await wait_until(pilot, lambda: not isinstance(app.screen, KickScreen), "cancelled")
-        await pilot.press("k")
+        await pilot.press("K")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "asked again")
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, KickScreen), "cancelled")
         assert server.commands(Kick) == []
 
-        await pilot.press("k")
+        await pilot.press("K")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "asked again")
         await pilot.press("y")
         await wait_until(pilot, lambda: server.commands(Kick), "the kick")
@@ -302,7 +303,7 @@ async def test_kick_asks_first_then_kicks_the_selected_connection(
         gone = row_keys(app, "connections")[0]
         server.data.connections = [c for c in server.data.connections if c.id != gone]
         table(app, "connections").move_cursor(row=0)
-        await pilot.press("k")
+        await pilot.press("K")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "asked")
         await pilot.press("y")
         await wait_until(pilot, lambda: len(server.commands(Kick)) == 2, "the second kick")
@@ -332,7 +333,7 @@ async def test_kick_takes_another_code_and_refuses_a_bad_one(fake_server: Server
     app = console(server.path, refresh_every=60)
     async with app.run_test(size=SIZE) as pilot:
         chosen = await first_connection(pilot, app)
-        await pilot.press("k")
+        await pilot.press("K")
         await wait_until(pilot, lambda: isinstance(app.screen, KickScreen), "the question")
         code = app.screen.query_one("#code", Input)
         assert code.value == str(KICKED)

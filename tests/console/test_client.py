@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from console.client import ControlClient, NotConnected, RequestFailed
 from console.link import LinkState, LinkStatus
+from odin.control.paths import owner_running
 from odin.control.protocol import (
     ChannelInfo,
     ConnectionDetail,
@@ -27,7 +29,13 @@ from odin.control.protocol import (
     Update,
     Watch,
 )
-from tests.console.conftest import ServerFactory, eventually
+from tests.console.conftest import (
+    ServerFactory,
+    dead_pid,
+    eventually,
+    left_socket,
+    owner_unknown,
+)
 from tests.console.demo import connections_page, demo_data
 
 
@@ -42,6 +50,7 @@ class Recorder:
 
 
 def make_client(path: Path, recorder: Recorder, **options: object) -> ControlClient:
+    options.setdefault("owner_running", owner_unknown)
     return ControlClient(
         path,
         on_link=recorder.statuses.append,
@@ -141,6 +150,27 @@ async def test_a_lost_server_is_reported_and_found_again_at_the_same_path(
         await eventually(lambda: len(server.commands(Watch)) == 2, "watching again")
 
 
+@pytest.mark.parametrize(
+    ("owner", "state", "detail"),
+    [
+        ("dead", LinkState.GONE, "socket left by pid {pid}, not running"),
+        ("running", LinkState.NOT_ANSWERING, "connection refused; pid {pid} is running"),
+        ("unnamed", LinkState.LOST, "connection refused"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_a_refused_socket_is_told_by_its_process(
+    socket_dir: Path, owner: str, state: LinkState, detail: str
+) -> None:
+    pid = {"dead": dead_pid(), "running": os.getpid(), "unnamed": 0}[owner]
+    name = f"odin-{pid}.sock" if owner != "unnamed" else "control.sock"
+    path = left_socket(socket_dir / name)
+    recorder = Recorder()
+    async with running(make_client(path, recorder, owner_running=owner_running)):
+        await eventually(lambda: recorder.state is state, state.value)
+    assert recorder.statuses[-1].detail == detail.format(pid=pid)
+
+
 @pytest.mark.asyncio
 async def test_a_missing_socket_is_said_and_attached_once_it_appears(
     fake_server: ServerFactory,
@@ -234,5 +264,5 @@ async def test_a_request_without_reply_times_out(socket_dir: Path) -> None:
     path = socket_dir / "odin-4.sock"
     recorder = Recorder()
     async with raw_server(path, mute), running(make_client(path, recorder, request_timeout=0.2)):
-        await eventually(lambda: recorder.state is LinkState.LOST, "lost")
+        await eventually(lambda: recorder.state is LinkState.NOT_ANSWERING, "not answering")
     assert recorder.statuses[-1].detail == "timeout: no reply to hello in 0.2 s"

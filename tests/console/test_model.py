@@ -144,6 +144,8 @@ def test_each_broken_link_has_its_banner_and_a_working_one_none() -> None:
         LinkState.DENIED: f"permission denied: {PATH}",
         LinkState.VERSION_MISMATCH: f"protocol version mismatch: {PATH}",
         LinkState.CONNECTING: f"reconnecting to {PATH}…",
+        LinkState.NOT_ANSWERING: f"not answering: {PATH} (connection refused) (retrying)",
+        LinkState.GONE: f"server gone: {PATH} (connection refused) (retrying)",
     }
     for state, words in cases.items():
         model.set_link("a", LinkStatus(state, "connection refused"))

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,59 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_is_left_alone(socket_di
         assert stat.S_ISSOCK(os.stat(second.path).st_mode)  # the first server's is untouched
         async with console(control) as c:
             assert (await c.result("hello"))["pid"] == os.getpid()
+
+
+def left_socket(path: Path) -> Path:
+    """A socket file nobody listens on: what a killed process leaves."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.close()
+    return path
+
+
+@pytest.fixture
+def reaped_pid() -> int:
+    """The pid of a process that ran and was reaped: not running any more."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture
+def running_pid() -> Iterator[int]:
+    """The pid of a process that runs for the test."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_at_start_sockets_of_dead_processes_go_and_a_running_ones_stays(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch, reaped_pid: int, running_pid: int
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(socket_dir))
+    directory = socket_dir / "odin"  # the default directory
+    os.makedirs(directory, 0o700)
+    os.chmod(directory, 0o700)
+    dead = left_socket(directory / f"odin-{reaped_pid}.sock")
+    # Refused, but its process runs (started before the file): a server not listening yet.
+    stuck = left_socket(directory / f"odin-{running_pid}.sock")
+    other = left_socket(directory / "odin.sock")  # no pid in the name: nobody's to judge
+    with capture_logs() as logs:
+        async with running_server() as harness, trio.open_nursery() as nursery:
+            control = ControlServer(
+                harness.server, ControlSection(), websocket=harness.listening.websocket
+            )
+            await nursery.start(control.run)
+            assert control.path == directory / f"odin-{os.getpid()}.sock"
+            assert not dead.exists()
+            assert stat.S_ISSOCK(os.stat(stuck).st_mode)
+            assert stat.S_ISSOCK(os.stat(other).st_mode)
+            nursery.cancel_scope.cancel()
+    removed = [log for log in logs if log["event"] == "control_stale_removed"]
+    assert [(log["path"], log["pid"]) for log in removed] == [(str(dead), reaped_pid)]
 
 
 async def test_a_user_who_is_not_allowed_is_refused(socket_dir: Path) -> None:

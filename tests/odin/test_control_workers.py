@@ -217,7 +217,8 @@ async def test_every_other_command_points_to_the_workers_sockets(
     socket_dir: Path, command: str
 ) -> None:
     supervisor = Supervisor(socket_dir)
-    arguments: dict[str, dict[str, Any]] = {"inspect": {"conn": "x-1"}, "kick": {"conn": "x-1"}}
+    conn = {"conn": "x-1"}
+    arguments: dict[str, dict[str, Any]] = {"inspect": conn, "kick": conn, "tap": conn}
     async with (
         serving(supervisor.control(socket_dir / "odin.sock")) as control,
         attached(control.path) as c,

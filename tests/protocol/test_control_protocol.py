@@ -67,7 +67,8 @@ def test_the_id_is_kept_for_the_error_reply() -> None:
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_round_trips_with_its_defaults(name: str) -> None:
     kind = COMMANDS[name]
-    command = kind(conn="a-1") if kind is Kick or name == "inspect" else kind()  # type: ignore[call-arg]
+    needs_conn = kind is Kick or name in ("inspect", "tap")
+    command = kind(conn="a-1") if needs_conn else kind()  # type: ignore[call-arg]
     assert parse_request(encode_request(3, command).rstrip(b"\n")) == (3, command)
 
 

@@ -13,6 +13,9 @@ slot now runs another is let go once its supervisor stops listing it. A socket f
 server is gone (refused, and its process not running) is said once and let go. A socket let
 go is not attached again while its file stays the same: a killed process leaves it behind.
 
+On attach each server's last hour fills its charts (``history``); ``[`` in the event log pages
+back through the servers' rings of events (``events``), into the log's free room.
+
 Paused (``p``), the model still takes in every update but the views stand still: the event
 log, the overview and the tables' periodic refresh; the header stays live and says PAUSED.
 Resuming paints what arrived meanwhile.
@@ -42,8 +45,14 @@ from console.cli import DEFAULT_GRAFANA
 from console.client import ControlClient, NotConnected, RequestFailed
 from console.commands import COMMANDS, ConsoleCommands
 from console.link import LinkState, LinkStatus
-from console.messages import ActionOutcome, LinkChanged, UpdateArrived, WorkersArrived
-from console.model import ConsoleModel, LoggedEvent, ServerView
+from console.messages import (
+    ActionOutcome,
+    HistoryArrived,
+    LinkChanged,
+    UpdateArrived,
+    WorkersArrived,
+)
+from console.model import EVENTS, ConsoleModel, LoggedEvent, ServerView
 from console.screens.confirm import ConfirmScreen, ReloadScope, ReloadScreen
 from console.screens.help import HelpScreen, help_sections
 from console.widgets.channels import ChannelsView
@@ -53,12 +62,26 @@ from console.widgets.header import StatusLine
 from console.widgets.overview import Overview
 from console.widgets.tables import PagedTable
 from odin.control.paths import default_directory, find_sockets, owner_running
-from odin.control.protocol import Drain, Draining, HostWorkers, Reload, Reloaded, Update
+from odin.control.protocol import (
+    Drain,
+    Draining,
+    ErrorCode,
+    EventPage,
+    HostWorkers,
+    ListEvents,
+    RateHistory,
+    Reload,
+    Reloaded,
+    Update,
+)
 
 TABS = ("overview", "connections", "channels", "events")
 MAX_SOCKETS: Final = 128
 """Sockets attached at most besides those named with ``--socket``: found in the directory or
 reported by a supervisor."""
+
+OLDER_PAGE: Final = 200
+"""Events asked of each server by one ``[`` in the event log (the protocol allows 500)."""
 
 FileIdentity = tuple[int, int, int]
 """A file's device, inode and modification time: another server binding the same path makes
@@ -195,11 +218,15 @@ class ConsoleApp(App[None]):
         def on_workers(workers: HostWorkers) -> None:
             self.post_message(WorkersArrived(key, workers))
 
+        def on_history(history: RateHistory) -> None:
+            self.post_message(HistoryArrived(key, history))
+
         client = ControlClient(
             path,
             on_link=on_link,
             on_update=on_update,
             on_workers=on_workers,
+            on_history=on_history,
             interval=self.interval,
             owner_running=self.owner_running,
         )
@@ -342,6 +369,11 @@ class ConsoleApp(App[None]):
             self._missed += len(message.update.events) + message.update.events_dropped
         else:
             self._fresh += added
+        self._dirty = True
+
+    @on(HistoryArrived)
+    def _history_arrived(self, message: HistoryArrived) -> None:
+        self.model.apply_history(message.key, message.history)
         self._dirty = True
 
     @on(WorkersArrived)
@@ -583,6 +615,66 @@ class ConsoleApp(App[None]):
         if not self.paused:
             self._fresh.append(logged)
         self._dirty = True
+
+    # ---- older events ------------------------------------------------------------------------
+
+    @on(EventLog.OlderWanted)
+    def _older_wanted(self, _: EventLog.OlderWanted) -> None:
+        self._load_older()
+
+    @work(group="older", exclusive=True)
+    async def _load_older(self) -> None:
+        """Ask each server that may have older events for a page before the oldest of its
+        events in the log, and put them at the top, as many as the log has room for."""
+        model = self.model
+        asked = [
+            key
+            for key, view in model.servers.items()
+            if key in self.clients
+            and view.up
+            and not view.is_supervisor
+            and view.pages_events
+            and not view.events_start
+        ]
+        limit = min(OLDER_PAGE, model.room)
+        results = await asyncio.gather(*(self._older_page(key, limit) for key in asked))
+        entries = model.add_older({key: page for key, page in results if page is not None})
+        note = self._older_outcome(len(entries))
+        if not self._shutting_down():
+            self.query_one(EventLog).show_older(entries, note)
+        self.report(note)
+
+    async def _older_page(self, key: str, limit: int) -> tuple[str, EventPage | None]:
+        client, view = self.clients.get(key), self.model.servers.get(key)
+        if client is None or view is None or limit <= 0:
+            return key, None
+        try:
+            return key, await client.request(ListEvents(view.oldest_seq, limit), EventPage)
+        except RequestFailed as exc:
+            if exc.code == ErrorCode.UNKNOWN_COMMAND:
+                view.pages_events = False
+            else:
+                self.report(f"older events of {view.label}: {exc}", error=True)
+        except NotConnected:
+            pass
+        return key, None
+
+    def _older_outcome(self, added: int) -> str:
+        """What a ``[`` found, in a line: how many, and why not more."""
+        model = self.model
+        views = [view for view in model.servers.values() if not view.is_supervisor]
+        parts = [f"{added:,} older event{'s' if added != 1 else ''}"] if added else []
+        if model.room <= 0:
+            parts.append(f"the log is full ({EVENTS:,} lines): no room for older events")
+        paging = [view for view in views if view.pages_events]
+        if paging and all(view.events_start for view in paging):
+            kept = max(view.events_kept for view in paging)
+            whose = "the server keeps" if len(paging) == 1 else "each server keeps"
+            parts.append(f"no older events: {whose} the last {kept:,}")
+        old = [view.label for view in views if not view.pages_events]
+        if old:
+            parts.append(f"{', '.join(old)}: an older server, no events to page back")
+        return "; ".join(parts) or "no older events"
 
     # ---- pause -------------------------------------------------------------------------------
 

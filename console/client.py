@@ -2,7 +2,9 @@
 
 Requests are matched to their replies by id, each under a bounded wait; ``watch`` updates are
 handed to a callback as they arrive. On connect it sends ``hello`` (and stops for good on
-another protocol version), takes a first snapshot and starts the watch. A supervisor's socket
+another protocol version), fills the charts with the server's last hour (``history``; an older
+server without it answers ``unknown_command``, and the charts start empty), takes a first
+snapshot and starts the watch. A supervisor's socket
 (``odin serve --workers N``) serves no snapshot nor watch: the client asks it for its
 ``workers`` instead, at once and then every interval, and hands them to a third callback. When
 the connection fails or ends it reconnects by itself, 0.5 s after, doubling to 5 s, and it
@@ -24,11 +26,14 @@ from console.link import SUPERVISOR, LinkState, LinkStatus
 from odin.control.paths import owner_running, socket_owner
 from odin.control.protocol import (
     COMMAND_NAMES,
+    HISTORY_SECONDS,
     PROTOCOL_VERSION,
     Command,
     ErrorCode,
     Hello,
+    History,
     HostWorkers,
+    RateHistory,
     Reply,
     ServerIdentity,
     Snapshot,
@@ -81,6 +86,7 @@ class ControlClient:
         on_link: Callable[[LinkStatus], None],
         on_update: Callable[[Update], None],
         on_workers: Callable[[HostWorkers], None] | None = None,
+        on_history: Callable[[RateHistory], None] | None = None,
         interval: float = 1.0,
         request_timeout: float = REQUEST_TIMEOUT,
         backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_MAX),
@@ -96,6 +102,7 @@ class ControlClient:
         self._on_link = on_link
         self._on_update = on_update
         self._on_workers = on_workers or (lambda _: None)
+        self._on_history = on_history or (lambda _: None)
         self._backoff = backoff
         self._delay = backoff[0]
         self._status = LinkStatus(LinkState.CONNECTING)
@@ -186,6 +193,7 @@ class ControlClient:
                     self._on_workers(await self._call_as(Workers(), HostWorkers))
                     polling = asyncio.create_task(self._poll_workers())
                 else:
+                    await self._history()
                     snapshot = await self._call_as(SnapshotRequest(), Snapshot)
                     self._on_update(Update(snapshot, []))
                     await self._call_as(Watch(self.interval), WatchStarted)
@@ -209,6 +217,17 @@ class ControlClient:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         return self._ended(reason)
+
+    async def _history(self) -> None:
+        """Hand on the server's last hour, a point per update interval (whole seconds: the
+        server samples every second). Without it (an older server: ``unknown_command``; or
+        refused for now) the charts start empty, as before ``history`` existed."""
+        step = min(max(1, round(self.interval)), HISTORY_SECONDS)
+        try:
+            history = await self._call_as(History(HISTORY_SECONDS, step), RateHistory)
+        except RequestFailed:
+            return
+        self._on_history(history)
 
     async def _poll_workers(self) -> None:
         """A supervisor sends no updates: ask for its workers every interval instead."""

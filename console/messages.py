@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.message import Message
 
 from console.link import LinkStatus
-from odin.control.protocol import HostWorkers, Update
+from odin.control.protocol import HostWorkers, RateHistory, Update
 
 
 class LinkChanged(Message):
@@ -20,6 +20,15 @@ class UpdateArrived(Message):
         super().__init__()
         self.key = key
         self.update = update
+
+
+class HistoryArrived(Message):
+    """A server's last hour of rates, at attach."""
+
+    def __init__(self, key: str, history: RateHistory) -> None:
+        super().__init__()
+        self.key = key
+        self.history = history
 
 
 class WorkersArrived(Message):

@@ -8,6 +8,10 @@ A host run by ``odin serve --workers N`` is one group (``Host``): the workers' s
 hello names their supervisor, and the supervisor's own socket, which reports every worker's
 state (one that is restarting has no socket to attach to, but it has a row).
 
+On attach the rate histories are filled from the server's last hour (``history``). The event
+log can page back (``add_older``): each server's events older than the oldest it has given
+this console, put at the top, as many as the log has room for.
+
 Repeats of a kind that floods (``GROUPED``: a slow consumer is reported every time its queue
 fills, many times a second) are one entry per connection, counted, with the first and last
 time, for as long as they keep coming (``GROUP_GAP``); every other event is an entry of its
@@ -25,8 +29,10 @@ import attrs
 
 from console.link import SUPERVISOR, LinkState, LinkStatus
 from odin.control.protocol import (
+    EventPage,
     HostWorkers,
     NatsState,
+    RateHistory,
     Recoveries,
     ServerEvent,
     ServerIdentity,
@@ -34,8 +40,9 @@ from odin.control.protocol import (
     Update,
 )
 
-HISTORY: Final = 120
-"""Points in each sparkline: two minutes at the default interval."""
+HISTORY: Final = 3600
+"""Points in each sparkline: the last hour at the default interval (a server's history fills
+them on attach)."""
 EVENTS: Final = 1000
 GROUPED: Final = frozenset({"slow_consumer"})
 """Kinds whose repeats for one connection are counted on one entry."""
@@ -108,6 +115,23 @@ class ServerView:
     was_connected: bool = False
     workers: HostWorkers | None = None
     """A supervisor's workers, as it last reported them."""
+    oldest_seq: int = 0
+    """Position of the oldest of its events in the log (0: none yet): paging back asks for
+    those before it."""
+    paged_upto: int = 0
+    """Position of the newest event that came in a page back taken from the newest (none of
+    its events in the log yet): an update that carries it again, or one before it, skips it."""
+    events_start: bool = False
+    """The server keeps nothing older than ``oldest_seq``."""
+    pages_events: bool = True
+    """False once it answered ``events`` with ``unknown_command`` (an older server)."""
+    events_kept: int = 0
+    """How many events the server keeps (from its last page back; 0: not known)."""
+
+    def seen(self, seq: int) -> None:
+        """Note that its event at position ``seq`` is in the log."""
+        if seq > 0:
+            self.oldest_seq = min(self.oldest_seq, seq) if self.oldest_seq else seq
 
     @property
     def label(self) -> str:
@@ -240,6 +264,8 @@ class ConsoleModel:
         self.events: deque[LoggedEvent] = deque(maxlen=events)
         self.event_count = 0
         """Entries ever logged: the number of the next one."""
+        self._older_number = 0
+        """Entries paged back are numbered down from here: they go before every other."""
         self._groups: dict[tuple[str, str, str], LoggedEvent] = {}
         """The open group of each grouped kind and connection (entries still in the log)."""
 
@@ -264,6 +290,10 @@ class ConsoleModel:
             return
         view.status = status
         if status.identity is not None:
+            if view.identity is not None and _restarted(view.identity, status.identity):
+                # Another process behind the socket: its positions start again at 1.
+                view.oldest_seq = view.paged_upto = 0
+                view.events_start, view.pages_events = False, True
             view.identity = status.identity
         if status.up:
             view.was_connected = True
@@ -277,8 +307,11 @@ class ConsoleModel:
         view.snapshot = update.snapshot
         view.rate_in.append(update.snapshot.in_per_s)
         view.rate_out.append(update.snapshot.out_per_s)
+        fresh = [event for event in update.events if event.seq <= 0 or event.seq > view.paged_upto]
+        for event in fresh:
+            view.seen(event.seq)
         # A group that counted several repeats is returned once (entries compare by identity).
-        entries = dict.fromkeys(self._log(view.label, event) for event in update.events)
+        entries = dict.fromkeys(self._log(view.label, event) for event in fresh)
         added = sorted(entries, key=lambda logged: logged.number)
         if update.events_dropped:
             view.events_dropped += update.events_dropped
@@ -291,6 +324,65 @@ class ConsoleModel:
             )
             added.append(self._log(view.label, note))
         return added
+
+    def apply_history(self, key: str, history: RateHistory) -> None:
+        """Replace a server's rate histories with what it kept (its last hour)."""
+        view = self.servers.get(key)
+        if view is None:
+            return
+        for points, values in (
+            (view.rate_in, history.in_per_s),
+            (view.rate_out, history.out_per_s),
+        ):
+            points.clear()
+            points.extend(values)
+
+    @property
+    def room(self) -> int:
+        """Entries the log can take before it lets the oldest go."""
+        return (self.events.maxlen or 0) - len(self.events)
+
+    def add_older(self, pages: dict[str, EventPage]) -> list[LoggedEvent]:
+        """Put the servers' older events (a page each, from ``events``) at the top of the log,
+        in time order: the newest of them, as many as it has room for (the log is bounded; a
+        full one takes none). Returns the entries added, oldest first."""
+        candidates: list[tuple[float, int, ServerView, ServerEvent]] = []
+        for key, page in pages.items():
+            view = self.servers.get(key)
+            if view is None:
+                continue
+            older = [e for e in page.events if not view.oldest_seq or e.seq < view.oldest_seq]
+            candidates += [(event.time, event.seq, view, event) for event in older]
+        candidates.sort(key=lambda item: (item[0], item[1]))
+        room = self.room
+        kept = candidates[max(0, len(candidates) - room) :] if room > 0 else []
+        left = {id(item[2]) for item in candidates[: len(candidates) - len(kept)]}
+        for key, page in pages.items():
+            view = self.servers.get(key)
+            if view is not None:
+                view.events_kept = page.capacity
+                view.events_start = not page.more and id(view) not in left
+        # Pages of servers with no event in the log yet were taken from the newest.
+        from_newest = {id(item[2]) for item in kept if not item[2].oldest_seq}
+        entries: list[LoggedEvent] = []
+        groups: dict[tuple[str, str, str], LoggedEvent] = {}
+        for *_, view, event in kept:
+            if id(view) in from_newest:
+                view.paged_upto = max(view.paged_upto, event.seq)
+            view.seen(event.seq)
+            group = groups.get((view.label, event.conn, event.kind))
+            if group is not None and event.time - group.event.time <= GROUP_GAP:
+                group.repeat(event)
+                continue
+            logged = LoggedEvent(0, view.label, event)
+            entries.append(logged)
+            if event.kind in GROUPED and event.conn:
+                groups[logged.key] = logged
+        self._older_number -= len(entries)
+        for offset, logged in enumerate(entries):
+            logged.number = self._older_number + offset
+        self.events.extendleft(reversed(entries))
+        return entries
 
     def note(
         self,
@@ -384,6 +476,14 @@ class ConsoleModel:
             _sum_aligned([view.rate_in for view in live]),
             _sum_aligned([view.rate_out for view in live]),
         )
+
+
+def _restarted(before: ServerIdentity, after: ServerIdentity) -> bool:
+    return (before.pid, before.instance, before.started_at) != (
+        after.pid,
+        after.instance,
+        after.started_at,
+    )
 
 
 def _host(pid: int, views: list[ServerView]) -> Host:

@@ -1,7 +1,10 @@
 """The event log of every attached server, newest at the bottom, with a filter.
 
 A group of repeats (see ``console.model``) is one row, changed in place as it counts: its
-times from first to last, its count and the last one's details."""
+times from first to last, its count and the last one's details.
+
+``[`` asks for older events (``OlderWanted``: the app pages back through each server's ring);
+they come in at the top, the cursor on the newest of them."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.message import Message
 from textual.widgets import DataTable, Input, Static
 
 from console import format
@@ -34,8 +38,12 @@ STYLES = {
 
 
 class EventLog(Vertical):
+    class OlderWanted(Message):
+        """The operator asks for the events before the oldest in the log."""
+
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "filter", "Filter"),
+        Binding("left_square_bracket", "older", "Older events"),
         Binding("escape", "leave_filter", "Back to the table", show=False),
     ]
 
@@ -46,6 +54,8 @@ class EventLog(Vertical):
         self.shown: list[LoggedEvent] = []
         self._rows: set[int] = set()
         """The numbers of the entries shown (row keys)."""
+        self.older_note = ""
+        """What the last ``[`` found (shown in the status line)."""
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter events: kind, connection or details (/)", classes="filter")
@@ -114,6 +124,16 @@ class EventLog(Vertical):
         table.check_idle()
         self._show_status()
 
+    def show_older(self, entries: list[LoggedEvent], note: str) -> None:
+        """Show the log with ``entries`` (just put at its top) and the cursor on the newest
+        of them that passes the filter: up, or ``[`` again, goes on back."""
+        self.older_note = note
+        self.refill()
+        shown = [logged for logged in entries if logged.number in self._rows]
+        if shown:
+            table = self.table
+            table.move_cursor(row=table.get_row_index(str(shown[-1].number)), animate=False)
+
     def _next(self) -> int:
         """The number after the newest shown: a smaller one is an entry seen before."""
         return self.shown[-1].number + 1 if self.shown else 0
@@ -144,6 +164,7 @@ class EventLog(Vertical):
         status = f"{len(self.shown):,} of {total:,} events"
         if self.filter_text:
             status += f"  ·  filter {self.filter_text!r}"
+        status += f"  ·  {self.older_note or '[ older events'}"
         self.query_one(".table-status", Static).update(Text(status))
 
     @on(Input.Changed, ".filter")
@@ -160,6 +181,9 @@ class EventLog(Vertical):
 
     def action_filter(self) -> None:
         self.query_one(Input).focus()
+
+    def action_older(self) -> None:
+        self.post_message(self.OlderWanted())
 
     def action_leave_filter(self) -> None:
         self.focus_table()

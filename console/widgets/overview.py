@@ -155,7 +155,7 @@ class Overview(VerticalScroll):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="rates") as rates:
-            rates.border_title = "messages per second (last 2 minutes)"
+            rates.border_title = "messages per second (last hour)"
         yield Hosts(id="hosts")
         yield Figures(id="figures")
         url = self.grafana_url

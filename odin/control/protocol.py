@@ -15,8 +15,11 @@ client that sees a different major version should stop.
 ``skipped``), until ``untap``, another ``tap``, or the tapped connection closing (a last line
 with ``closed``).
 
-Commands added later (``reload``, ``tap``) are answered ``unknown_command`` by older servers, so a
-client needs no new protocol version to try them.
+``history`` answers the server's last hour of per-second figures (the console's charts on
+attach) and ``events`` pages back through its ring of recent events.
+
+Commands added later (``reload``, ``tap``, ``history``, ``events``) are answered
+``unknown_command`` by older servers, so a client needs no new protocol version to try them.
 """
 
 from __future__ import annotations
@@ -221,6 +224,33 @@ class Untap:
     pass
 
 
+HISTORY_SECONDS: Final = 3600
+"""Per-second samples a server keeps: its last hour."""
+
+
+def _history_range(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= HISTORY_SECONDS:
+        raise ValueError(f"{attribute.name} must be from 1 to {HISTORY_SECONDS}")
+
+
+@attrs.frozen
+class History:
+    """The server's per-second figures over its last ``seconds``, oldest first: answered
+    ``RateHistory``. With ``step`` > 1, each ``step`` samples are merged into one point."""
+
+    seconds: int = attrs.field(default=HISTORY_SECONDS, validator=_history_range)
+    step: int = attrs.field(default=1, validator=_history_range)
+
+
+@attrs.frozen
+class ListEvents:
+    """A page of the server's recent events older than position ``before`` (0: from the
+    newest), oldest first: answered ``EventPage``."""
+
+    before: int = attrs.field(default=0, validator=_not_negative)
+    limit: int = attrs.field(default=100, validator=_page_limit)
+
+
 Command: TypeAlias = (
     Hello
     | SnapshotRequest
@@ -236,6 +266,8 @@ Command: TypeAlias = (
     | Workers
     | Tap
     | Untap
+    | History
+    | ListEvents
 )
 
 COMMANDS: Final[dict[str, type[Command]]] = {
@@ -253,6 +285,8 @@ COMMANDS: Final[dict[str, type[Command]]] = {
     "workers": Workers,
     "tap": Tap,
     "untap": Untap,
+    "history": History,
+    "events": ListEvents,
 }
 COMMAND_NAMES: Final = {kind: name for name, kind in COMMANDS.items()}
 
@@ -503,6 +537,43 @@ class ServerEvent:
     """conn_open, conn_close, slow_consumer, recover, rate_limited, kick, drain, reload."""
     conn: str = ""
     detail: dict[str, str | int | float | bool | None] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class EventPage:
+    """Events of the server's ring, oldest first, each older than the page's ``before``."""
+
+    events: list[ServerEvent]
+    first: int
+    """Position of the oldest event the server still keeps (0: none)."""
+    last: int
+    """Position of the newest."""
+    capacity: int
+    """Events the server keeps at most: older ones are gone."""
+    more: bool
+    """Whether the server keeps events older than this page."""
+
+
+@attrs.frozen
+class RateHistory:
+    """The server's figures, a point per ``step`` samples taken every ``interval`` seconds,
+    oldest first, each list as long as ``time``. Rates are the mean over a point's samples,
+    ``connections`` its last, and the counts (``dropped``, ``gaps``, ``recovered``,
+    ``not_recovered``) what happened during it."""
+
+    interval: float
+    step: int
+    capacity: int
+    """Samples the server keeps at most (its last hour)."""
+    time: list[float]
+    """Unix time of each point's last sample."""
+    in_per_s: list[float]
+    out_per_s: list[float]
+    connections: list[int]
+    dropped: list[int]
+    gaps: list[int]
+    recovered: list[int]
+    not_recovered: list[int]
 
 
 @attrs.frozen

@@ -7,6 +7,10 @@ answers. Replies are bounded pages, and a console that stops reading only misses
 next one carries every event since the last it got). While a console watches, an updater task
 sends it a snapshot and the events since the last one every interval.
 
+Every second, whether a console is attached or not, the rates are sampled into a ring of
+the last hour (``history``), so that a console attached now charts the past hour; ``events``
+pages back through the ring of recent events.
+
 Under a supervisor (``odin serve --workers N``, ``context.worker`` set), ``hello`` names the
 worker's slot, the workers expected and the supervisor, and ``workers`` answers what the
 supervisor last published; a server alone answers ``workers`` ``unavailable``.
@@ -14,6 +18,7 @@ supervisor last published; a server alone answers ``workers`` ``unavailable``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +26,7 @@ import trio
 
 from odin.config import ControlSection
 from odin.control.protocol import (
+    HISTORY_SECONDS,
     PROTOCOL_VERSION,
     TAP_BUFFER,
     Command,
@@ -28,13 +34,16 @@ from odin.control.protocol import (
     Drain,
     Draining,
     ErrorCode,
+    EventPage,
     Hello,
+    History,
     HostWorkers,
     Inspect,
     Kick,
     Kicked,
     ListChannels,
     ListConnections,
+    ListEvents,
     Page,
     Reload,
     Reloaded,
@@ -69,6 +78,8 @@ from odin.server.tap import TapFeed
 __all__ = ["ControlServer", "ControlUnavailable", "peer_credentials", "socket_path"]
 
 _EVENTS_PER_UPDATE = 500
+SAMPLE_EVERY = 1.0
+"""Seconds between two samples of the rates (and of the history)."""
 _SNAPSHOT_REUSE = 0.25
 """Seconds a snapshot is shared between consoles instead of computed again."""
 ALONE = "this server runs alone, not under a supervisor"
@@ -94,6 +105,8 @@ class ControlServer(ControlSocket):
         cannot (``reload`` is answered ``unavailable``)."""
         self._rates = control_state.Rates(lambda: (server.fanout.received, server.fanout.delivered))
         self._snapshot: tuple[float, Snapshot] | None = None
+        self.history = control_state.RateRing(HISTORY_SECONDS)
+        """The last hour of samples, for ``history``."""
 
     async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the socket until cancelled; if it cannot be set up, log why and return
@@ -110,9 +123,12 @@ class ControlServer(ControlSocket):
         self.context.metrics.control_errors.labels(code.value).inc()
 
     async def _sample_rates(self) -> None:
+        rates = self._rates
         while True:
-            await trio.sleep(1.0)
-            self._rates.sample()
+            await trio.sleep(SAMPLE_EVERY)
+            rates.sample()
+            totals = control_state.history_totals(self.context)
+            self.history.add(time.time(), rates.in_per_s, rates.out_per_s, totals)
 
     async def snapshot(self) -> Snapshot:
         now = trio.current_time()
@@ -182,6 +198,13 @@ class _ServerConsole:
                     self.tapping.cancel()
                     self.tapping = None
                 return Stopped()
+            case History(seconds=seconds, step=step):
+                return control.history.read(seconds, step, SAMPLE_EVERY)
+            case ListEvents(before=before, limit=limit):
+                events = context.events
+                page = events.before(before, limit)
+                more = bool(page) and page[0].seq > events.first
+                return EventPage(page, events.first, events.last, events.capacity, more)
         raise AssertionError(f"unhandled command {command!r}")
 
     def _kick(self, kick: Kick) -> Kicked:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import os
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -25,6 +26,7 @@ from odin.control.protocol import (
     ListConnections,
     NatsState,
     Page,
+    RateHistory,
     Recoveries,
     ServerIdentity,
     Snapshot,
@@ -80,6 +82,117 @@ class Rates:
             self.in_per_s = (received - received_before) / elapsed
             self.out_per_s = (delivered - delivered_before) / elapsed
         self._last = (now, received, delivered)
+
+
+_HISTORY_METRICS = (
+    "odin_deliveries_dropped_total",
+    "odin_gaps_total",
+    "odin_recoveries_total",
+)
+
+
+def history_totals(context: ServerContext) -> tuple[int, int, int, int, int]:
+    """What a history sample records besides the rates: open connections, then the totals
+    since start of drops, gaps, recoveries and failed recoveries (all reasons added)."""
+    totals = dict.fromkeys(_HISTORY_METRICS, 0.0)
+    not_recovered = 0.0
+    for (name, labels), count in context.metrics.samples(_HISTORY_METRICS).items():
+        if name == "odin_recoveries_total" and labels[:1] == ("not_recovered",):
+            not_recovered += count
+        elif name in totals:
+            totals[name] += count
+    return (
+        len(context.registry.connections),
+        int(totals["odin_deliveries_dropped_total"]),
+        int(totals["odin_gaps_total"]),
+        int(totals["odin_recoveries_total"]),
+        int(not_recovered),
+    )
+
+
+class RateRing:
+    """The last ``capacity`` samples (one a second: the last hour at 3600) of the rates, the
+    open connections, and the drops, gaps and recoveries since the previous sample.
+
+    Fixed size: eight preallocated arrays of 8-byte numbers, 64 bytes a sample (230,400
+    bytes at 3600), written in place; nothing grows with time or traffic."""
+
+    _FLOATS = ("time", "in_per_s", "out_per_s")
+    _COUNTS = ("connections", "dropped", "gaps", "recovered", "not_recovered")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._floats = {name: array("d", bytes(8 * capacity)) for name in self._FLOATS}
+        self._counts = {name: array("q", bytes(8 * capacity)) for name in self._COUNTS}
+        self._next = 0
+        self._count = 0
+        self._totals: tuple[int, int, int, int] | None = None
+        """The previous sample's totals of drops, gaps, recovered, not recovered."""
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(
+        self, when: float, in_per_s: float, out_per_s: float, totals: tuple[int, int, int, int, int]
+    ) -> None:
+        """Record a sample: ``totals`` as ``history_totals`` gives them."""
+        connections, *counters = totals
+        now = (counters[0], counters[1], counters[2], counters[3])
+        before = self._totals if self._totals is not None else now
+        self._totals = now
+        # A counter never goes back; max() keeps a reset (a test's registry) from going below 0.
+        deltas = [max(0, after - then) for after, then in zip(now, before, strict=True)]
+        index = self._next
+        rates = (round(in_per_s, 2), round(out_per_s, 2))  # as the snapshot says them
+        for name, value in zip(self._FLOATS, (when, *rates), strict=True):
+            self._floats[name][index] = value
+        for name, count in zip(self._COUNTS, (connections, *deltas), strict=True):
+            self._counts[name][index] = count
+        self._next = (index + 1) % self.capacity
+        self._count = min(self._count + 1, self.capacity)
+
+    def read(self, seconds: int, step: int, interval: float) -> RateHistory:
+        """The newest ``seconds`` samples, oldest first, merged ``step`` at a time (the
+        oldest point may merge fewer: points end on the newest sample). Slices of the
+        columns, not a Python loop per sample: it holds the event loop once, briefly."""
+        kept = min(seconds, self._count)
+        start = (self._next - kept) % self.capacity
+        cut = start + kept - self.capacity
+
+        def ordered(column: array[Any]) -> list[Any]:
+            if cut <= 0:
+                return column[start : start + kept].tolist()
+            return column[start:].tolist() + column[:cut].tolist()
+
+        floats = {name: ordered(column) for name, column in self._floats.items()}
+        counts = {name: ordered(column) for name, column in self._counts.items()}
+        ends = list(range(kept, 0, -step))[::-1]
+        spans = [(max(0, end - step), end) for end in ends]
+
+        def mean(values: list[float]) -> list[float]:
+            if step == 1:
+                return values
+            return [round(sum(values[lo:hi]) / (hi - lo), 2) for lo, hi in spans]
+
+        def total(values: list[int]) -> list[int]:
+            return values if step == 1 else [sum(values[lo:hi]) for lo, hi in spans]
+
+        def last(values: list[Any]) -> list[Any]:
+            return values if step == 1 else [values[end - 1] for end in ends]
+
+        return RateHistory(
+            interval=interval,
+            step=step,
+            capacity=self.capacity,
+            time=last(floats["time"]),
+            in_per_s=mean(floats["in_per_s"]),
+            out_per_s=mean(floats["out_per_s"]),
+            connections=last(counts["connections"]),
+            dropped=total(counts["dropped"]),
+            gaps=total(counts["gaps"]),
+            recovered=total(counts["recovered"]),
+            not_recovered=total(counts["not_recovered"]),
+        )
 
 
 _SNAPSHOT_METRICS = (

@@ -8,6 +8,7 @@ console costs nothing and a console that fell behind is told how many it missed.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 
@@ -18,6 +19,7 @@ Detail = str | int | float | bool | None
 
 class EventRing:
     def __init__(self, capacity: int = 2000) -> None:
+        self.capacity = capacity
         self._ring: deque[ServerEvent] = deque(maxlen=capacity)
         self.last = 0
         """Position of the newest event (0: none yet)."""
@@ -35,3 +37,15 @@ class EventRing:
         kept = min(newer, limit, len(self._ring))
         events = list(self._ring)[-kept:] if kept else []
         return events, newer - kept
+
+    @property
+    def first(self) -> int:
+        """Position of the oldest event kept (0: none)."""
+        return self.last - len(self._ring) + 1 if self._ring else 0
+
+    def before(self, position: int, limit: int) -> list[ServerEvent]:
+        """The newest ``limit`` events older than ``position`` (0: than none, the newest),
+        oldest first. Positions are consecutive, so the page is found by index."""
+        size = len(self._ring)
+        end = size if position <= 0 else max(0, min(position - self.first, size))
+        return list(itertools.islice(self._ring, max(0, end - limit), end))

@@ -1,8 +1,9 @@
 """A fake Odin control server with invented data, for the tests and the screenshots.
 
 It speaks the real control protocol (the same parser and encoders as the server) over a Unix
-socket: it answers hello, snapshot, connections, channels, slow, inspect, kick, drain, reload
-and workers from its ``FakeData``, sends updates after watch, and records every command it
+socket: it answers hello, snapshot, connections, channels, slow, inspect, kick, drain, reload,
+workers, and (when its data has them, else ``unknown_command``, as an older server) history and
+events from its ``FakeData``, sends updates after watch, and records every command it
 received. With a supervisor's identity (``supervisor_data``) it answers as a supervisor does:
 hello, workers, reload and drain, and ``unavailable`` to the rest. Nothing random is left to
 chance: the data come from a seeded generator and fixed clocks, so the screenshots are the
@@ -32,15 +33,19 @@ from odin.control.protocol import (
     Drain,
     Draining,
     ErrorCode,
+    EventPage,
     Hello,
+    History,
     HostWorkers,
     Inspect,
     Kick,
     Kicked,
     ListChannels,
     ListConnections,
+    ListEvents,
     NatsState,
     Page,
+    RateHistory,
     Recoveries,
     Reload,
     Reloaded,
@@ -141,6 +146,26 @@ def _rates(tick: int, scale: float) -> tuple[float, float]:
     return in_per_s, round(in_per_s * 38.4, 1)
 
 
+def sample_history(points: int, scale: float = 1.0, *, stretch: int = 1) -> RateHistory:
+    """A server's last ``points`` seconds, ending at ``BASE_TIME``: the updates' wave,
+    ``stretch`` times slower, with a drop now and then."""
+    ticks = range(1 - points, 1)
+    rates = [_rates(tick // stretch, scale) for tick in ticks]
+    return RateHistory(
+        interval=1.0,
+        step=1,
+        capacity=3600,
+        time=[BASE_TIME + tick for tick in ticks],
+        in_per_s=[rate[0] for rate in rates],
+        out_per_s=[rate[1] for rate in rates],
+        connections=[812] * points,
+        dropped=[3 if tick % 60 == 0 else 0 for tick in ticks],
+        gaps=[1 if tick % 60 == 0 else 0 for tick in ticks],
+        recovered=[0] * points,
+        not_recovered=[0] * points,
+    )
+
+
 def sample_connections(instance: str, count: int, seed: int = 7) -> list[ConnectionInfo]:
     rng = random.Random(seed)
     names = [f"{symbol}.{kind}" for symbol in SYMBOLS for kind in KINDS]
@@ -226,6 +251,11 @@ class FakeData:
     (``config_invalid``), or None (``unavailable``)."""
     workers: HostWorkers | None = None
     """What ``workers`` answers (None: ``unavailable``, a server alone)."""
+    history: RateHistory | None = None
+    """What ``history`` answers (None: ``unknown_command``, as a server older than it)."""
+    ring: list[ServerEvent] | None = None
+    """The events ``events`` pages through, oldest first (None: ``unknown_command``)."""
+    ring_capacity: int = 2000
 
     @property
     def supervisor(self) -> bool:
@@ -488,6 +518,14 @@ class FakeServer:
                 return encode_result(request_id, TapStarted(1, conn, "", rate, 256)) + tail
             case Untap():
                 return encode_result(request_id, Stopped())
+            case History():
+                if data.history is None:
+                    return _older_server(request_id, "history")
+                return encode_result(request_id, data.history)
+            case ListEvents(before=before, limit=limit):
+                if data.ring is None:
+                    return _older_server(request_id, "events")
+                return encode_result(request_id, events_page(data, before, limit))
         raise AssertionError(f"unanswered {command!r}")
 
     def _reload(self, request_id: object) -> bytes:
@@ -508,6 +546,22 @@ class FakeServer:
 
     def _find(self, conn: str) -> ConnectionInfo | None:
         return next((c for c in self.data.connections if c.id == conn), None)
+
+
+def _older_server(request_id: object, name: str) -> bytes:
+    """What a server older than the command answers."""
+    message = f"unknown cmd {name!r}"
+    return encode_error(request_id, ErrorCode.UNKNOWN_COMMAND, message)
+
+
+def events_page(data: FakeData, before: int, limit: int) -> EventPage:
+    """As the server's ring: the newest ``limit`` events before ``before`` (0: the newest)."""
+    ring = data.ring or []
+    older = [event for event in ring if not before or event.seq < before]
+    page = older[-limit:]
+    first, last = (ring[0].seq, ring[-1].seq) if ring else (0, 0)
+    more = bool(page) and page[0].seq > first
+    return EventPage(page, first, last, data.ring_capacity, more)
 
 
 def _wave(tick: int, scale: float) -> dict[str, Any]:

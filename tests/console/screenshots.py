@@ -25,11 +25,11 @@ from textual.widgets import DataTable
 
 from console.app import ConsoleApp
 from console.cli import DEFAULT_GRAFANA
+from console.model import HISTORY
 from odin.control.protocol import NatsState
-from tests.console.demo import FakeServer, demo_data
+from tests.console.demo import FakeServer, demo_data, sample_history
 
 SIZE: Final = (140, 45)
-HISTORY: Final = 120
 VIEWS: Final = ("overview", "connections", "channels", "events")
 
 
@@ -63,9 +63,12 @@ def _servers(directory: Path) -> list[FakeServer]:
         oldest_queued_age=4.2,
         uptime=2_040.0,
     )
+    # Each answers history with its last hour, the wave slowed to fit it.
+    first.history = sample_history(HISTORY, stretch=30)
+    second.history = sample_history(HISTORY, 0.8, stretch=30)
     return [
-        FakeServer(directory / "odin-4242.sock", first, history=HISTORY),
-        FakeServer(directory / "odin-4317.sock", second, history=HISTORY),
+        FakeServer(directory / "odin-4242.sock", first),
+        FakeServer(directory / "odin-4317.sock", second),
     ]
 
 

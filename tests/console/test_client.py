@@ -20,10 +20,12 @@ from odin.control.protocol import (
     ConnectionDetail,
     ConnectionInfo,
     Hello,
+    History,
     Inspect,
     ListChannels,
     ListConnections,
     Page,
+    RateHistory,
     ServerEvent,
     SnapshotRequest,
     Update,
@@ -36,13 +38,14 @@ from tests.console.conftest import (
     left_socket,
     owner_unknown,
 )
-from tests.console.demo import connections_page, demo_data
+from tests.console.demo import connections_page, demo_data, sample_history
 
 
 class Recorder:
     def __init__(self) -> None:
         self.statuses: list[LinkStatus] = []
         self.updates: list[Update] = []
+        self.histories: list[RateHistory] = []
 
     @property
     def state(self) -> LinkState | None:
@@ -55,6 +58,7 @@ def make_client(path: Path, recorder: Recorder, **options: object) -> ControlCli
         path,
         on_link=recorder.statuses.append,
         on_update=recorder.updates.append,
+        on_history=recorder.histories.append,
         backoff=(0.05, 0.2),
         **options,  # type: ignore[arg-type]
     )
@@ -99,8 +103,11 @@ async def test_hello_snapshot_and_watch_then_updates_and_matched_replies(
     client = make_client(server.path, recorder, interval=0.5)
     async with running(client):
         await eventually(lambda: client.status.up and server.watchers, "connected and watching")
-        assert [type(c) for c in server.received] == [Hello, SnapshotRequest, Watch]
+        assert [type(c) for c in server.received] == [Hello, History, SnapshotRequest, Watch]
         assert server.commands(Watch) == [Watch(0.5)]
+        # The fake answers history as an older server does: the charts start empty.
+        assert server.commands(History) == [History(3600, 1)]
+        assert recorder.histories == []
         identity = client.status.identity
         assert identity is not None
         assert identity.instance == "a3f9"
@@ -130,6 +137,22 @@ async def test_hello_snapshot_and_watch_then_updates_and_matched_replies(
         with pytest.raises(RequestFailed) as failed:
             await client.request(Inspect("nobody"), ConnectionDetail)
         assert failed.value.code == "not_found"
+
+
+@pytest.mark.asyncio
+async def test_the_servers_last_hour_comes_before_the_snapshot(
+    fake_server: ServerFactory,
+) -> None:
+    data = demo_data("a3f9", 101)
+    data.history = sample_history(3600)
+    server = await fake_server(data)
+    recorder = Recorder()
+    # A point per update: 5 s apart at --interval 5, so 720 for the hour.
+    client = make_client(server.path, recorder, interval=5.0)
+    async with running(client):
+        await eventually(lambda: recorder.histories and recorder.updates, "history and snapshot")
+        assert server.commands(History) == [History(3600, 5)]
+        assert recorder.histories == [data.history]
 
 
 @pytest.mark.asyncio

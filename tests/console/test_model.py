@@ -14,7 +14,7 @@ import pytest
 from console import format
 from console.link import LinkState, LinkStatus
 from console.model import GROUP_GAP, ConsoleModel, LoggedEvent, sum_snapshots
-from odin.control.protocol import NatsState, ServerEvent, ServerIdentity, Update
+from odin.control.protocol import EventPage, NatsState, ServerEvent, ServerIdentity, Update
 from tests.console.demo import sample_snapshot
 
 PATH = Path("/run/odin/odin-41.sock")
@@ -264,3 +264,26 @@ def test_sums_of_one_snapshot_are_that_snapshot_in_its_counts() -> None:
     assert total.connections == snapshot.connections
     assert total.recoveries == snapshot.recoveries
     assert total.instance == "all"
+
+
+def test_older_events_go_on_top_as_many_as_the_log_has_room_for() -> None:
+    model = ConsoleModel(events=5)
+    up(model)
+    live = [ServerEvent(10 + n, 100.0 + n, "conn_open", f"a3f9-{n}") for n in range(3)]
+    model.apply_update("a", Update(sample_snapshot("a3f9"), live))
+    older = [ServerEvent(seq, float(seq), "conn_close", f"a3f9-{seq}") for seq in (6, 7, 8, 9)]
+    page = EventPage(older, first=6, last=12, capacity=2000, more=False)
+    added = model.add_older({"a": page})
+    assert [logged.event.seq for logged in added] == [8, 9]  # room for two: the newest
+    assert [logged.event.seq for logged in model.events] == [8, 9, 10, 11, 12]
+    numbers = [logged.number for logged in model.events]
+    assert numbers == sorted(numbers)  # before every entry that came live
+    view = model.servers["a"]
+    assert view.oldest_seq == 8
+    assert not view.events_start  # 6 and 7 are still on the server
+    assert model.room == 0
+    assert model.add_older({"a": page}) == []
+    # Another process behind the socket: its positions start again.
+    other = attrs.evolve(identity(), pid=42)
+    model.set_link("a", LinkStatus(LinkState.CONNECTED, identity=other))
+    assert view.oldest_seq == 0

@@ -203,12 +203,20 @@ class HistoryReader:
     async def latest_position(self, channel: str) -> int | None:
         """The channel's newest position: from the window if it has seen the channel, else
         from the broker (0: no message yet); None if the broker cannot say."""
+        known = await self.latest_known(channel)
+        return known[1] if known is not None else None
+
+    async def latest_known(self, channel: str) -> tuple[str, int] | None:
+        """``latest_position`` with the history it belongs to: a broker read may answer from
+        a history that has been replaced by the time the caller uses it."""
         if self.window.knows(channel):
-            return self.window.last_seq(channel)
+            return self.current_epoch(), self.window.last_seq(channel)
         known, publication = await self._latest_in_broker(channel)
         if not known:
             return None
-        return publication.seq if publication is not None else 0
+        if publication is None:
+            return self._broker.epoch, 0
+        return publication.epoch, publication.seq
 
     async def latest_positions(self, pattern: str, limit: int) -> dict[str, int] | None:
         """The newest position of every channel ``pattern`` covers, from the broker (this

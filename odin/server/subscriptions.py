@@ -114,10 +114,10 @@ during an outage lasts about one ``history.read_timeout``, not one per channel."
 
 async def _read_positions(
     context: ServerContext, asked: dict[str, Position], unknown: list[str]
-) -> tuple[dict[str, Outcome], dict[str, int | None]]:
+) -> tuple[dict[str, Outcome], dict[str, tuple[str, int] | None]]:
     """Every recovery's outcome and every new channel's position, read concurrently."""
     outcomes: dict[str, Outcome] = {}
-    starts: dict[str, int | None] = {}
+    starts: dict[str, tuple[str, int] | None] = {}
     limiter = trio.CapacityLimiter(READ_CONCURRENCY)
 
     async def one_recovery(channel: str, position: Position) -> None:
@@ -126,7 +126,7 @@ async def _read_positions(
 
     async def one_start(channel: str) -> None:
         async with limiter:
-            starts[channel] = await context.reader.latest_position(channel)
+            starts[channel] = await context.reader.latest_known(channel)
 
     async with trio.open_nursery() as nursery:
         for channel, position in asked.items():
@@ -216,12 +216,14 @@ async def subscribe(connection: Connection, action: SubscribeAction) -> None:
         _count(connection, channel, outcome)
     released: set[str] = set()
     for channel, start in starts.items():
-        if start is None:  # the broker could not say: no position, live messages as they come
+        # The broker could not say, or said it of a history replaced since: no position,
+        # live messages as they come.
+        if start is None or start[0] != epoch:
             sends.extend(_frames(connection.seam.release(channel)))
             released.add(channel)
             continue
-        sends.extend(_frames(connection.seam.hand_over(channel, start)))
-        positions[channel] = Position(epoch, start)
+        sends.extend(_frames(connection.seam.hand_over(channel, start[1])))
+        positions[channel] = Position(epoch, start[1])
     for name in action.requested:
         # A released channel gets no position even if the window has learnt one since: what
         # was held and released may be older than it.

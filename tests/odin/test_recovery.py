@@ -394,3 +394,44 @@ async def test_a_latest_value_older_than_the_clients_position_is_not_sent() -> N
             (event,) = await client.events(1)
             assert (event["seq"], event["prev"]) == (live, ahead)
             assert known < ahead
+
+
+class LateLatestBroker(MemoryBroker):
+    """A memory broker whose ``latest`` answer is held until released: the history can be
+    replaced (a new epoch) between the read and the subscribe's ack."""
+
+    def __init__(self) -> None:
+        super().__init__(max_messages=1000, max_age=300, max_channels=100)
+        self.answered = trio.Event()
+        self.release = trio.Event()
+
+    async def latest(self, channel: str) -> Publication | None:
+        found = await super().latest(channel)
+        self.answered.set()
+        await self.release.wait()
+        return found
+
+
+async def test_a_new_channels_position_read_in_a_replaced_history_is_not_given() -> None:
+    broker = LateLatestBroker()
+    async with running_server(make_config(), broker) as harness:
+        harness.publish("ETH.trade", {"n": 0})
+        await harness.settle()
+        # A channel this process has never been fed: its position comes from the broker.
+        broker.publish_nowait("BTC.trade", b'{"n": 1}', feed=False)
+        async with harness.client() as client, trio.open_nursery() as nursery:
+            acks: list[Message] = []
+
+            async def subscribe() -> None:
+                acks.append(await client.subscribe(["BTC.trade"]))
+
+            nursery.start_soon(subscribe)
+            with trio.fail_after(5):
+                await broker.answered.wait()
+            broker.lose_history()  # the answer on its way is the old history's
+            harness.publish("ETH.trade", {"n": 2})
+            await harness.settle()
+            broker.release.set()
+        (ack,) = acks
+        # No position in the new history's numbering that only the old one had.
+        assert "BTC.trade" not in ack.get("positions", {})

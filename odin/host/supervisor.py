@@ -42,7 +42,7 @@ from odin.broker.embedded import run_embedded_nats
 from odin.capacity import usable_cpus
 from odin.config import Config, ConfigError, ControlSection, load_config
 from odin.control.host_state import METRICS_DIR, write_state
-from odin.control.paths import default_directory
+from odin.control.paths import default_directory, process_running
 from odin.control.protocol import PROTOCOL_VERSION, HostWorkers, ServerIdentity, WorkerInfo
 from odin.host.control import SupervisorControl
 from odin.host.spec import WorkerSpec
@@ -489,7 +489,7 @@ def host_directory(control: ControlSection) -> Path:
     try:
         for stale in parent.glob("host-*"):
             pid = stale.name.removeprefix("host-")
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_running(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         name = f"host-{os.getpid()}"
         shutil.rmtree(parent / name, ignore_errors=True)  # a reused pid's leftover
@@ -499,16 +499,6 @@ def host_directory(control: ControlSection) -> Path:
     finally:
         os.close(fd)
     return parent / name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _worker_control_path(path: str, index: int) -> str:

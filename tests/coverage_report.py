@@ -1,7 +1,8 @@
 """Coverage by package, from the combined data of a `coverage run -m pytest` (tox -e check):
-for each directory of the measured source (odin, odin/server, odin/broker/nats, publisher,
-console, stress, ...) its statements and how many ran, then each top-level package and the
-total. Files no test imported count, as unexecuted (``source`` in pyproject.toml).
+for each package of the measured source (odin_fanout, odin_fanout/server, odin_fanout/console,
+...) its statements and how many ran, then each part of the repository (odin, console,
+publisher, stress) and the total. Files no test imported count, as unexecuted (``source_pkgs``
+in pyproject.toml).
 
     coverage combine && python -m tests.coverage_report
 """
@@ -48,7 +49,10 @@ def main() -> int:
     packages: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     total = [0, 0]
     for path, (statements, missing) in files.items():
-        for counts in (directories[path.parent.as_posix()], packages[path.parts[0]], total):
+        # A part's folder (odin/, console/, ...) holds its piece of the odin_fanout namespace:
+        # directories are shown by the package they are, grouped by the folder.
+        package = path.parent.relative_to(path.parts[0]).as_posix()
+        for counts in (directories[package], packages[path.parts[0]], total):
             counts[0] += statements
             counts[1] += missing
     rows = {name: (s, m) for name, (s, m) in sorted(directories.items()) if s}

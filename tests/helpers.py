@@ -17,12 +17,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.utilities import LocalProtocolError
 
-from odin.broker.base import Broker
-from odin.broker.memory import MemoryBroker
-from odin.config import Config, load_config
-from odin.logs import get_logger
-from odin.protocol.negotiation import SUBPROTOCOL_V1
-from odin.server.app import Listening, OdinServer
+from odin_fanout.broker.base import Broker
+from odin_fanout.broker.memory import MemoryBroker
+from odin_fanout.config import Config, load_config
+from odin_fanout.logs import get_logger
+from odin_fanout.protocol.negotiation import SUBPROTOCOL_V1
+from odin_fanout.server.app import Listening, OdinServer
 
 Message = dict[str, Any]
 

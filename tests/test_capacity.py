@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from odin.capacity import (
+from odin_fanout.capacity import (
     BASE,
     FD_RESERVE,
     MAXIMUM,
@@ -26,7 +26,7 @@ from odin.capacity import (
     share,
     usable_cpus,
 )
-from odin.config import HistorySection
+from odin_fanout.config import HistorySection
 from tests.helpers import capture_logs, http_get, make_config, running_server
 
 GIB = 1024 * MIB

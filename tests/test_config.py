@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from odin.config import NatsAddress, nats_addresses
+from odin_fanout.config import NatsAddress, nats_addresses
 
 
 def test_nats_urls_with_credentials_tokens_and_default_ports() -> None:

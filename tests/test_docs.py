@@ -10,13 +10,13 @@ import attrs
 import pytest
 import yaml
 
-from odin.broker.memory import MemoryBroker
-from odin.config import SECTIONS, env_name
-from odin.control.protocol import KICK_CODES, KICKED
-from odin.control.protocol import ErrorCode as ControlErrorCode
-from odin.metrics import Metrics
-from odin.protocol.close_codes import CloseCode
-from odin.protocol.errors import ErrorCode
+from odin_fanout.broker.memory import MemoryBroker
+from odin_fanout.config import SECTIONS, env_name
+from odin_fanout.control.protocol import KICK_CODES, KICKED
+from odin_fanout.control.protocol import ErrorCode as ControlErrorCode
+from odin_fanout.metrics import Metrics
+from odin_fanout.protocol.close_codes import CloseCode
+from odin_fanout.protocol.errors import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
@@ -86,7 +86,7 @@ def test_every_close_code_is_in_the_protocol_doc(code: CloseCode) -> None:
 
 
 def test_every_code_the_console_offers_is_in_the_close_code_table() -> None:
-    from console.screens.confirm import OFFERED_CODES
+    from odin_fanout.console.screens.confirm import OFFERED_CODES
 
     # The kick dialog offers what the control protocol accepts by name, the default first.
     assert list(OFFERED_CODES) == [KICKED, *KICK_CODES]
@@ -115,8 +115,8 @@ PUBLISHER_DOC = (ROOT / "docs" / "publisher.md").read_text()
 
 
 def test_every_publisher_setting_is_documented_with_its_environment_name() -> None:
-    from odin.config import sections_of
-    from publisher.config import ALIASES, PREFIX, PublisherConfig
+    from odin_fanout.config import sections_of
+    from odin_fanout.publisher.config import ALIASES, PREFIX, PublisherConfig
 
     names = [
         env_name(section, field.name, PREFIX)
@@ -128,11 +128,11 @@ def test_every_publisher_setting_is_documented_with_its_environment_name() -> No
 
 
 def test_every_publisher_metric_and_log_event_is_documented() -> None:
-    from odin.broker.base import BrokerStats, BrokerStatus
-    from odin.logs import get_logger
-    from publisher.config import PublisherConfig
-    from publisher.metrics import build_registry
-    from publisher.service import PublisherService
+    from odin_fanout.broker.base import BrokerStats, BrokerStatus
+    from odin_fanout.logs import get_logger
+    from odin_fanout.publisher.config import PublisherConfig
+    from odin_fanout.publisher.metrics import build_registry
+    from odin_fanout.publisher.service import PublisherService
 
     class Idle:
         def status(self) -> BrokerStatus:

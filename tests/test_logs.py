@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from odin import logs
+from odin_fanout import logs
 
 
 class Terminal(io.StringIO):

@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.lowlevel
 
-import odin.client
-from odin.client import Event, Gap, Item, NotRecovered, Position, Subscription
-from odin.protocol.close_codes import CloseCode
+import odin_fanout.client
+from odin_fanout.client import Event, Gap, Item, NotRecovered, Position, Subscription
+from odin_fanout.protocol.close_codes import CloseCode
 from tests.helpers import Harness, make_broker, make_config, running_server
 
 pytestmark = pytest.mark.trio
@@ -80,7 +80,9 @@ def linked(received: list[Event], start: dict[str, int]) -> list[str]:
     return problems
 
 
-async def kick(harness: Harness, client: odin.client.Client, code: int = CloseCode.KICKED) -> None:
+async def kick(
+    harness: Harness, client: odin_fanout.client.Client, code: int = CloseCode.KICKED
+) -> None:
     """Close the client's connection from the server side, as an operator's kick does."""
     with trio.fail_after(5):
         await client.wait_connected()
@@ -89,7 +91,9 @@ async def kick(harness: Harness, client: odin.client.Client, code: int = CloseCo
     connection.request_close(code, "closed by operator", "operator")
 
 
-async def subscribed(harness: Harness, client: odin.client.Client, *patterns: str) -> Subscription:
+async def subscribed(
+    harness: Harness, client: odin_fanout.client.Client, *patterns: str
+) -> Subscription:
     """A subscription the server has acknowledged."""
     subscription = client.subscribe(*patterns)
     with trio.fail_after(5):
@@ -100,7 +104,7 @@ async def subscribed(harness: Harness, client: odin.client.Client, *patterns: st
 async def test_live_events_of_a_pattern_and_their_positions() -> None:
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.*")
         sent = [
@@ -127,7 +131,7 @@ async def test_live_events_of_a_pattern_and_their_positions() -> None:
 async def test_several_subscriptions_share_one_connection() -> None:
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01) as client,
     ):
         trades = await subscribed(harness, client, "*.trade")
         btc = await subscribed(harness, client, "BTC.*")
@@ -143,7 +147,7 @@ async def test_a_lost_connection_is_recovered_exactly_once_and_in_order() -> Non
     gate = TokenGate()
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), token=gate, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=gate, min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.*", "ETH.trade")
         # Recovery needs a position per channel: a pattern's channels are known by their events.
@@ -175,7 +179,7 @@ async def test_a_lost_connection_is_recovered_exactly_once_and_in_order() -> Non
 async def test_reconnects_while_events_keep_coming() -> None:
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), min_backoff=0.01, max_backoff=0.05) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01, max_backoff=0.05) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.trade")
         published: list[int] = []
@@ -196,7 +200,7 @@ async def test_a_drain_is_honoured_with_its_after_ms() -> None:
     # The backoff alone would wait 20 s: reconnecting in time means after_ms was used.
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), min_backoff=20, max_backoff=30) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=20, max_backoff=30) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.trade")
         first = harness.publish("BTC.trade", {"n": 0})
@@ -218,7 +222,7 @@ async def test_a_drain_is_honoured_with_its_after_ms() -> None:
 async def test_a_gap_the_server_announces_is_yielded() -> None:
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.trade")
         first = harness.publish("BTC.trade", {"n": 0})
@@ -237,7 +241,7 @@ async def test_a_position_too_old_is_not_recovered_and_the_latest_value_follows(
     gate = TokenGate()
     async with (
         running_server(config, make_broker(config)) as harness,
-        odin.client.connect(url(harness), token=gate, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=gate, min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.trade")
         first = harness.publish("BTC.trade", {"n": 0})
@@ -259,7 +263,7 @@ async def test_a_position_too_old_is_not_recovered_and_the_latest_value_follows(
 async def test_a_full_buffer_drops_the_oldest_and_says_so() -> None:
     async with (
         running_server() as harness,
-        odin.client.connect(url(harness), min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01) as client,
     ):
         small = client.subscribe("BTC.trade", buffer_size=3)
         everything = await subscribed(harness, client, "BTC.trade")
@@ -284,7 +288,7 @@ async def test_a_token_provider_is_called_for_every_connection() -> None:
 
     async with (
         running_server(config) as harness,
-        odin.client.connect(url(harness), token=provider, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=provider, min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "PRIV.trade")
         first = harness.publish("PRIV.trade", {"n": 0})
@@ -301,17 +305,17 @@ async def test_a_refused_subscription_raises_from_its_iterator() -> None:
     token = jwt.encode({"sub": "alice", "channels": []}, SECRET, algorithm="HS256")
     async with (
         running_server(config) as harness,
-        odin.client.connect(url(harness), token=token, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=token, min_backoff=0.01) as client,
     ):
         refused = client.subscribe("PRIV.trade")
-        with trio.fail_after(5), pytest.raises(odin.client.SubscriptionError) as caught:
+        with trio.fail_after(5), pytest.raises(odin_fanout.client.SubscriptionError) as caught:
             await anext(refused)
         assert caught.value.code == "FORBIDDEN"
 
 
 async def test_leaving_the_block_closes_the_connection_and_ends_iterators() -> None:
     async with running_server() as harness:
-        async with odin.client.connect(url(harness), min_backoff=0.01) as client:
+        async with odin_fanout.client.connect(url(harness), min_backoff=0.01) as client:
             subscription = await subscribed(harness, client, "BTC.trade")
             await harness.wait_connections(1)
         await harness.wait_connections(0)
@@ -338,7 +342,7 @@ async def test_token_expiring_is_answered_with_a_refresh() -> None:
 
     async with (
         running_server(config) as harness,
-        odin.client.connect(url(harness), token=provider, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=provider, min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "PRIV.trade")
         with trio.fail_after(5):

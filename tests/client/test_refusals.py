@@ -11,10 +11,10 @@ import jwt
 import pytest
 import trio
 
-import odin.client
-from odin.client import AuthenticationError, Event, Refusal
-from odin.client.client import retry_after_seconds
-from odin.protocol.close_codes import CloseCode
+import odin_fanout.client
+from odin_fanout.client import AuthenticationError, Event, Refusal
+from odin_fanout.client.client import retry_after_seconds
+from odin_fanout.protocol.close_codes import CloseCode
 from tests.client.test_client import SECRET, events, kick, subscribed, url
 from tests.helpers import Harness, make_config, running_server
 
@@ -71,7 +71,9 @@ async def test_a_refusal_with_retry_after_is_waited_out(
     async with running_server(config) as harness:
         place = Place(harness)
         await place.take()
-        async with odin.client.connect(url(harness), min_backoff=0.01, max_backoff=0.02) as client:
+        async with odin_fanout.client.connect(
+            url(harness), min_backoff=0.01, max_backoff=0.02
+        ) as client:
             with trio.fail_after(5):
                 await client.wait_refusals(1)
             refused_at = trio.current_time()
@@ -94,7 +96,7 @@ async def test_a_long_retry_after_is_capped() -> None:
     async with running_server(config) as harness:
         place = Place(harness)
         await place.take()
-        async with odin.client.connect(
+        async with odin_fanout.client.connect(
             url(harness), min_backoff=0.01, max_retry_after=0.05
         ) as client:
             with trio.fail_after(5):
@@ -111,7 +113,7 @@ async def test_a_refusal_without_retry_after_backs_off_and_goes_on_trying() -> N
     config = make_config(**{"server.require_origin": True})  # 403 to every non-browser
     async with (
         running_server(config) as harness,
-        odin.client.connect(url(harness), min_backoff=0.01, max_backoff=0.02) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01, max_backoff=0.02) as client,
     ):
         with trio.fail_after(5):
             await client.wait_refusals(3)
@@ -133,11 +135,11 @@ async def test_retry_after_is_read_as_seconds_or_a_date() -> None:
 
 async def test_a_fixed_token_refused_on_the_upgrade_ends_the_client() -> None:
     bad = token(OTHER_SECRET)
-    opened: list[tuple[odin.client.Client, odin.client.Subscription]] = []
+    opened: list[tuple[odin_fanout.client.Client, odin_fanout.client.Subscription]] = []
 
     async def consume(harness: Harness) -> None:
         # The error the subscription raises comes out of the block as itself.
-        async with odin.client.connect(url(harness), token=bad, min_backoff=0.01) as client:
+        async with odin_fanout.client.connect(url(harness), token=bad, min_backoff=0.01) as client:
             subscription = client.subscribe("BTC.trade")
             opened.append((client, subscription))
             async for _ in subscription:
@@ -155,7 +157,7 @@ async def test_a_fixed_token_refused_on_the_upgrade_ends_the_client() -> None:
             1,
         )
         assert error.message == "unauthorized: invalid_signature"
-        assert isinstance(error, odin.client.SubscriptionError)
+        assert isinstance(error, odin_fanout.client.SubscriptionError)
         # It gave up: one attempt, and everything the block could ask says so.
         assert (client.attempts, client.connections, client.auth_refusals) == (1, 0, 1)
         assert client.error is error
@@ -174,7 +176,7 @@ async def test_a_fixed_token_refused_on_the_upgrade_ends_the_client() -> None:
 async def test_no_token_where_one_is_required_ends_the_client_with_4011() -> None:
     async with (
         running_server(auth_config()) as harness,
-        odin.client.connect(url(harness), min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), min_backoff=0.01) as client,
     ):
         subscription = client.subscribe("BTC.trade")  # not `auth` first: closed with 4011
         with trio.fail_after(5), pytest.raises(AuthenticationError) as caught:
@@ -193,7 +195,7 @@ async def test_no_token_where_one_is_required_ends_the_client_with_4011() -> Non
 async def test_a_fixed_token_closed_with_4012_ends_the_client() -> None:
     async with (
         running_server(auth_config()) as harness,
-        odin.client.connect(url(harness), token=token(), min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=token(), min_backoff=0.01) as client,
     ):
         first = await subscribed(harness, client, "BTC.trade")
         second = await subscribed(harness, client, "ETH.*")
@@ -221,7 +223,7 @@ async def test_a_provider_is_asked_again_until_its_refusals_in_a_row_reach_the_l
 
     async with (
         running_server(auth_config()) as harness,
-        odin.client.connect(
+        odin_fanout.client.connect(
             url(harness), token=provider, min_backoff=0.01, max_auth_refusals=limit
         ) as client,
     ):
@@ -245,7 +247,7 @@ async def test_a_provider_that_comes_up_with_a_good_token_in_time_goes_on() -> N
 
     async with (
         running_server(auth_config()) as harness,
-        odin.client.connect(url(harness), token=provider, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=provider, min_backoff=0.01) as client,
     ):
         subscription = client.subscribe("BTC.trade")
         with trio.fail_after(5):
@@ -261,7 +263,7 @@ async def test_an_expired_token_only_reconnects_even_a_fixed_one() -> None:
     fixed = token()
     async with (
         running_server(auth_config()) as harness,
-        odin.client.connect(url(harness), token=fixed, min_backoff=0.01) as client,
+        odin_fanout.client.connect(url(harness), token=fixed, min_backoff=0.01) as client,
     ):
         subscription = await subscribed(harness, client, "BTC.trade")
         first = harness.publish("BTC.trade", {"n": 0})

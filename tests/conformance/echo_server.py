@@ -25,13 +25,13 @@ from functools import partial
 
 import trio
 
-from odin.protocol.close_codes import CloseCode
-from odin.server.app import peer_address
-from odin.server.handshake import HandshakeRefused, accept
-from odin.server.http import BadRequest, read_request_head, response
-from odin.server.outbox import Outbox
-from odin.server.websocket import PROTOCOL_ERROR_REASONS, WebSocket
-from odin.server.writer import Flusher, Writer
+from odin_fanout.protocol.close_codes import CloseCode
+from odin_fanout.server.app import peer_address
+from odin_fanout.server.handshake import HandshakeRefused, accept
+from odin_fanout.server.http import BadRequest, read_request_head, response
+from odin_fanout.server.outbox import Outbox
+from odin_fanout.server.websocket import PROTOCOL_ERROR_REASONS, WebSocket
+from odin_fanout.server.writer import Flusher, Writer
 
 HOST = "127.0.0.1"
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024

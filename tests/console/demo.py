@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-from odin.control.protocol import (
+from odin_fanout.control.protocol import (
     KICKED,
     PROTOCOL_VERSION,
     ChannelInfo,

@@ -23,10 +23,10 @@ import attrs
 from textual.pilot import Pilot
 from textual.widgets import DataTable
 
-from console.app import ConsoleApp
-from console.cli import DEFAULT_GRAFANA
-from console.model import HISTORY
-from odin.control.protocol import NatsState
+from odin_fanout.console.app import ConsoleApp
+from odin_fanout.console.cli import DEFAULT_GRAFANA
+from odin_fanout.console.model import HISTORY
+from odin_fanout.control.protocol import NatsState
 from tests.console.demo import FakeServer, demo_data, sample_history
 
 SIZE: Final = (140, 45)

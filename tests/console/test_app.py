@@ -17,15 +17,20 @@ from textual.pilot import Pilot
 from textual.widget import Widget
 from textual.widgets import DataTable, Input, Select, Sparkline, Static, TabbedContent, TabPane
 
-from console import format
-from console.app import TABS, ConsoleApp
-from console.link import LinkState
-from console.screens.confirm import OFFERED_CODES, ConfirmScreen, KickScreen, ReloadScreen
-from console.screens.detail import DetailScreen
-from console.screens.help import HelpScreen
-from console.widgets.header import StatusLine
-from console.widgets.tables import PAGE_SIZE
-from odin.control.protocol import (
+from odin_fanout.console import format
+from odin_fanout.console.app import TABS, ConsoleApp
+from odin_fanout.console.link import LinkState
+from odin_fanout.console.screens.confirm import (
+    OFFERED_CODES,
+    ConfirmScreen,
+    KickScreen,
+    ReloadScreen,
+)
+from odin_fanout.console.screens.detail import DetailScreen
+from odin_fanout.console.screens.help import HelpScreen
+from odin_fanout.console.widgets.header import StatusLine
+from odin_fanout.console.widgets.tables import PAGE_SIZE
+from odin_fanout.control.protocol import (
     KICKED,
     Drain,
     Inspect,

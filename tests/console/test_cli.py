@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from console.cli import DEFAULT_GRAFANA, main, parse
-from odin.control.paths import default_directory
+from odin_fanout.console.cli import DEFAULT_GRAFANA, main, parse
+from odin_fanout.control.paths import default_directory
 
 
 def test_defaults_attach_to_the_default_directory() -> None:
@@ -73,7 +73,7 @@ def test_main_exits_2_before_starting_the_ui(capsys: pytest.CaptureFixture[str])
 
 def test_python_m_console_help() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "console", "--help"],
+        [sys.executable, "-m", "odin_fanout.console", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -12,10 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from console.client import ControlClient, NotConnected, RequestFailed
-from console.link import LinkState, LinkStatus
-from odin.control.paths import owner_running
-from odin.control.protocol import (
+from odin_fanout.console.client import ControlClient, NotConnected, RequestFailed
+from odin_fanout.console.link import LinkState, LinkStatus
+from odin_fanout.control.paths import owner_running
+from odin_fanout.control.protocol import (
     ChannelInfo,
     ConnectionDetail,
     ConnectionInfo,

@@ -8,8 +8,8 @@ import attrs
 import pytest
 from textual.widgets import Sparkline, Static
 
-from console.app import ConsoleApp
-from odin.control.protocol import History, ListEvents, ServerEvent
+from odin_fanout.console.app import ConsoleApp
+from odin_fanout.control.protocol import History, ListEvents, ServerEvent
 from tests.console.conftest import ServerFactory
 from tests.console.demo import BASE_TIME, FakeData, demo_data, sample_events, sample_history
 from tests.console.test_app import SIZE, attached, console, table, wait_until

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from textual.widgets import Static
 
-from console.app import ConsoleApp
-from odin.control.protocol import HostWorkers, Watch, WorkerInfo, Workers
+from odin_fanout.console.app import ConsoleApp
+from odin_fanout.control.protocol import HostWorkers, Watch, WorkerInfo, Workers
 from tests.console.conftest import ServerFactory
 from tests.console.demo import FakeServer, demo_data, supervisor_data, worker_data
 from tests.console.test_app import SIZE, console, figures, header, rendered, wait_until

@@ -8,9 +8,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from console.client import ControlClient
-from console.link import LinkStatus
-from odin.control.protocol import (
+from odin_fanout.console.client import ControlClient
+from odin_fanout.console.link import LinkStatus
+from odin_fanout.control.protocol import (
     Drain,
     Draining,
     Hello,

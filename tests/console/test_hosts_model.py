@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from console.link import LinkState, LinkStatus
-from console.model import ConsoleModel
-from odin.control.protocol import HostWorkers, ServerIdentity, Update, WorkerInfo
+from odin_fanout.console.link import LinkState, LinkStatus
+from odin_fanout.console.model import ConsoleModel
+from odin_fanout.control.protocol import HostWorkers, ServerIdentity, Update, WorkerInfo
 from tests.console.demo import sample_snapshot
 
 SUPERVISOR = 4200

@@ -15,13 +15,13 @@ from textual.dom import DOMNode
 from textual.widget import Widget
 from textual.widgets import DataTable, Input, Static, TabbedContent
 
-import console as console_package
-from console.app import ConsoleApp
-from console.commands import COMMANDS, CONNECTIONS, bound_keys
-from console.screens.confirm import KickScreen
-from console.screens.help import HelpScreen, help_sections
-from console.widgets.connections import ConnectionsView
-from odin.control.protocol import Kick, ListConnections
+import odin_fanout.console as console_package
+from odin_fanout.console.app import ConsoleApp
+from odin_fanout.console.commands import COMMANDS, CONNECTIONS, bound_keys
+from odin_fanout.console.screens.confirm import KickScreen
+from odin_fanout.console.screens.help import HelpScreen, help_sections
+from odin_fanout.console.widgets.connections import ConnectionsView
+from odin_fanout.control.protocol import Kick, ListConnections
 from tests.console.conftest import ServerFactory
 from tests.console.demo import connections_page
 from tests.console.test_app import (
@@ -206,7 +206,7 @@ async def test_question_mark_or_h_lists_every_key(fake_server: ServerFactory) ->
 
 def test_the_help_holds_every_binding_of_the_console() -> None:
     """A view or a dialog added with keys of its own and left out of the help fails here."""
-    for module in pkgutil.walk_packages(console_package.__path__, "console."):
+    for module in pkgutil.walk_packages(console_package.__path__, "odin_fanout.console."):
         if not module.name.endswith("__main__"):  # that one runs the console
             importlib.import_module(module.name)
     listed = {
@@ -215,7 +215,7 @@ def test_the_help_holds_every_binding_of_the_console() -> None:
         for binding in Binding.make_bindings(bindings)
     }
     classes: list[type[DOMNode]] = [ConsoleApp, *_subclasses(Widget)]
-    owned = [cls for cls in classes if cls.__module__.startswith("console.")]
+    owned = [cls for cls in classes if cls.__module__.startswith("odin_fanout.console.")]
     assert {"ConnectionsView", "CursorTable", "HelpScreen"} <= {cls.__name__ for cls in owned}
     for cls in owned:
         for binding in Binding.make_bindings(cls.__dict__.get("BINDINGS", [])):

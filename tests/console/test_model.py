@@ -11,10 +11,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from console import format
-from console.link import LinkState, LinkStatus
-from console.model import GROUP_GAP, ConsoleModel, LoggedEvent, sum_snapshots
-from odin.control.protocol import EventPage, NatsState, ServerEvent, ServerIdentity, Update
+from odin_fanout.console import format
+from odin_fanout.console.link import LinkState, LinkStatus
+from odin_fanout.console.model import GROUP_GAP, ConsoleModel, LoggedEvent, sum_snapshots
+from odin_fanout.control.protocol import EventPage, NatsState, ServerEvent, ServerIdentity, Update
 from tests.console.demo import sample_snapshot
 
 PATH = Path("/run/odin/odin-41.sock")
@@ -244,7 +244,8 @@ def test_a_snapshot_fills_every_row_of_the_overview() -> None:
 
 
 def test_the_model_and_the_client_load_no_ui() -> None:
-    code = "import sys, console.model, console.client, console.format; print(sorted(sys.modules))"
+    modules = ", ".join(f"odin_fanout.console.{name}" for name in ("model", "client", "format"))
+    code = f"import sys, {modules}; print(sorted(sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -254,8 +255,8 @@ def test_the_model_and_the_client_load_no_ui() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     loaded = {name.strip("'") for name in result.stdout.strip("[]\n").split(", ")}
-    assert "console.model" in loaded
-    assert {"textual", "trio", "odin.server"} & loaded == set()
+    assert "odin_fanout.console.model" in loaded
+    assert {"textual", "trio", "odin_fanout.server"} & loaded == set()
 
 
 def test_sums_of_one_snapshot_are_that_snapshot_in_its_counts() -> None:

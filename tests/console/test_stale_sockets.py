@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from console.app import ConsoleApp
-from odin.control.paths import owner_running
+from odin_fanout.console.app import ConsoleApp
+from odin_fanout.control.paths import owner_running
 from tests.console.conftest import ServerFactory, dead_pid, left_socket
 from tests.console.demo import demo_data
 from tests.console.test_app import SIZE, banner, console, figures, header, wait_until

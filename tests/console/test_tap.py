@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from textual.widgets import RichLog
 
-from console.screens.tap import TapScreen, tap_text
-from odin.control.protocol import Tap, TapClosed, TapLine, Untap
+from odin_fanout.console.screens.tap import TapScreen, tap_text
+from odin_fanout.control.protocol import Tap, TapClosed, TapLine, Untap
 from tests.console.conftest import ServerFactory
 from tests.console.test_app import SIZE, console, first_connection, wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from odin.core.admission import (
+from odin_fanout.core.admission import (
     ADDRESS_TABLE,
     IP_RATE,
     PER_IP,

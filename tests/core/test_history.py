@@ -7,7 +7,7 @@ import itertools
 import attrs
 import pytest
 
-from odin.core.history import Appended, HistoryLog
+from odin_fanout.core.history import Appended, HistoryLog
 
 
 @attrs.frozen

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from odin.core.hub import Hub
+from odin_fanout.core.hub import Hub
 
 
 def test_empty_hub():

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from odin.core.interest import Lingering
-from odin.protocol.channels import covered_by, covers, covers_all, filters_for
+from odin_fanout.core.interest import Lingering
+from odin_fanout.protocol.channels import covered_by, covers, covers_all, filters_for
 
 SYMBOLS = ["BTC", "ETH", "SOL"]
 EVENTS = ["trade", "liquidity"]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from odin.core.proxy_protocol import (
+from odin_fanout.core.proxy_protocol import (
     V1_MAX,
     V2_MAX,
     V2_SIGNATURE,

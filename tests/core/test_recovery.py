@@ -8,8 +8,8 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.core.history import HistoryLog
-from odin.core.recovery import (
+from odin_fanout.core.history import HistoryLog
+from odin_fanout.core.recovery import (
     NotRecovered,
     Reason,
     Recovered,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.core.seam import MISSED, RECOVERY_OVERFLOW, Missed, RecoverySeam
+from odin_fanout.core.seam import MISSED, RECOVERY_OVERFLOW, Missed, RecoverySeam
 from tests.core.positions import Msg, chain
 
 

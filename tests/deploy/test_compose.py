@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
-from odin import __version__
-from odin.cli import build_parser
-from odin.config import Config
-from odin.host.supervisor import STOP_GRACE
-from publisher.config import PublisherConfig
+from odin_fanout.cli import build_parser
+from odin_fanout.config import Config
+from odin_fanout.host.supervisor import STOP_GRACE
+from odin_fanout.publisher.config import PublisherConfig
+from odin_fanout.version import __version__
 from tests.deploy.tools import (
     COMPOSE,
     COMPOSE_PROD,

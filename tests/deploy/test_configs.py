@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from odin.config import Config
+from odin_fanout.config import Config
 from tests.deploy.tools import DEPLOY, ROOT, executable, output, run, seconds, server_paths
 
 NATS_CONFIGS = [DEPLOY / "nats" / "nats.conf", DEPLOY / "systemd" / "nats.conf"]

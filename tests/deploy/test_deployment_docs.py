@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from odin.capacity import Limits, plan
-from odin.config import HistorySection
+from odin_fanout.capacity import Limits, plan
+from odin_fanout.config import HistorySection
 from tests.deploy.tools import COMPOSE, DEPLOY, DOCKERFILE, ROOT
 
 DOCS = ROOT / "docs" / "deployment"

@@ -12,8 +12,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from odin.config import Config
-from publisher.config import PublisherConfig
+from odin_fanout.config import Config
+from odin_fanout.publisher.config import PublisherConfig
 from tests.deploy.tools import (
     DOCKERFILE,
     ROOT,
@@ -194,7 +194,7 @@ def test_the_images_hold_no_nats_server_binary() -> None:
     assert uninstalled_in == ["build"]
     # No extras: neither the console nor the stress tool is installed into the images.
     install = re.search(r"install [^&]*--find-links /wheels (\S+)", build_steps)
-    assert install is not None and install.group(1) == "odin", build_steps
+    assert install is not None and install.group(1) == "odin-fanout", build_steps
 
 
 def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
@@ -212,6 +212,10 @@ def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
         for source in args.split()[:-1]
     }
     assert sources == included
-    # hatchling builds the wheel from every package pyproject.toml lists.
+    # hatchling builds the wheel from every folder pyproject.toml lists, and follows the live
+    # page's link to the JavaScript client.
     wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
-    assert set(wheel["targets"]["wheel"]["packages"]) <= sources
+    folders = {Path(package).parts[0] for package in wheel["targets"]["wheel"]["packages"]}
+    assert folders <= sources
+    link = ROOT / "odin" / "odin_fanout" / "web" / "static" / "odin-client.js"
+    assert link.resolve().relative_to(ROOT).as_posix() in sources

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import yaml
 
-from odin import __version__
-from odin.capacity import Limits, plan
-from odin.cli import build_parser
-from odin.config import Config, load_config
-from odin.control.paths import default_directory
-from odin.host.supervisor import STOP_GRACE
-from publisher.config import PublisherConfig
-from publisher.config import load as load_publisher_config
+from odin_fanout.capacity import Limits, plan
+from odin_fanout.cli import build_parser
+from odin_fanout.config import Config, load_config
+from odin_fanout.control.paths import default_directory
+from odin_fanout.host.supervisor import STOP_GRACE
+from odin_fanout.publisher.config import PublisherConfig
+from odin_fanout.publisher.config import load as load_publisher_config
+from odin_fanout.version import __version__
 from tests.deploy import kustomize
 from tests.deploy.kustomize import KustomizeError, Object
 from tests.deploy.tools import (
@@ -56,7 +56,7 @@ OLDEST_KUBERNETES = "1.30.0"
 """The oldest release the manifests are validated for (docs/deployment/kubernetes.md)."""
 
 PENDING_SETTINGS = {"ODIN_NATS_REPLICAS"}
-"""Settings the overlays set ahead of the code (nats.replicas, being added to odin.config):
+"""Settings the overlays set ahead of the code (nats.replicas, being added to odin_fanout.config):
 allowed while they are not settings yet; once they are, they are checked like the others."""
 
 

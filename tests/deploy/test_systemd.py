@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from odin.cli import build_parser
-from odin.config import Config
-from odin.host.supervisor import STOP_GRACE
+from odin_fanout.cli import build_parser
+from odin_fanout.config import Config
+from odin_fanout.host.supervisor import STOP_GRACE
 from tests.deploy.tools import (
     DEPLOY,
     SYSTEMD,

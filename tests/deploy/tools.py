@@ -21,8 +21,8 @@ from typing import NoReturn
 import attrs
 import pytest
 
-from odin.config import SECTIONS, env_name, sections_of
-from publisher.config import ALIASES, PREFIX, PublisherConfig
+from odin_fanout.config import SECTIONS, env_name, sections_of
+from odin_fanout.publisher.config import ALIASES, PREFIX, PublisherConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -31,8 +31,8 @@ COMPOSE_PROD = ROOT / "docker-compose.prod.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = DEPLOY / "Dockerfile"
 SYSTEMD = DEPLOY / "systemd"
-ENDPOINTS = ROOT / "odin" / "server" / "endpoints.py"
-PUBLISHER_API = ROOT / "publisher" / "api.py"
+ENDPOINTS = ROOT / "odin" / "odin_fanout" / "server" / "endpoints.py"
+PUBLISHER_API = ROOT / "publisher" / "odin_fanout" / "publisher" / "api.py"
 
 REQUIRED = os.environ.get("ODIN_REQUIRE_DEPLOY_TOOLS") == "1"
 """CI sets it: there a missing validator fails instead of skipping."""
@@ -116,7 +116,7 @@ def publisher_settings() -> set[str]:
 
 
 def server_paths() -> set[str]:
-    """The paths the server answers on its HTTP port (odin/server/endpoints.py)."""
+    """The paths the server answers on its HTTP port (odin/odin_fanout/server/endpoints.py)."""
     text = ENDPOINTS.read_text()
     return set(re.findall(r'"(/[a-z]+)"', text))
 

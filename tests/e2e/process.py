@@ -1,4 +1,4 @@
-"""Run ``python -m odin`` as a real subprocess and read its JSON log lines as they come."""
+"""Run ``python -m odin_fanout`` as a real subprocess and read its JSON log lines as they come."""
 
 from __future__ import annotations
 
@@ -131,17 +131,17 @@ class OdinProcess:
         return code
 
 
-def odin_command(*args: str, module: str = "odin") -> list[str]:
+def odin_command(*args: str, module: str = "odin_fanout") -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
 @contextmanager
 def odin_process(
-    args: Sequence[str], env: dict[str, str] | None = None, *, module: str = "odin"
+    args: Sequence[str], env: dict[str, str] | None = None, *, module: str = "odin_fanout"
 ) -> Iterator[OdinProcess]:
-    """Start odin (or ``module``: ``publisher``); on exit, stop it (SIGTERM, then SIGKILL)
-    and close its pipes. An embedded nats-server keeps its store, and the server its control
-    socket, in a directory of this run only."""
+    """Start odin (or ``module``: ``odin_fanout.publisher``); on exit, stop it (SIGTERM, then
+    SIGKILL) and close its pipes. An embedded nats-server keeps its store, and the server its
+    control socket, in a directory of this run only."""
     state = tempfile.TemporaryDirectory(prefix="odin-state-")
     # The embedded NATS store and the control socket in a directory of this run only.
     environment = {

@@ -124,7 +124,7 @@ async def test_a_stream_leader_failover_loses_no_event(tmp_path: Path) -> None:
                 args = ["--port", "0", "--nats-url", cluster.urls[2], "--autostart",
                         "--rate", str(RATE), "--tokens", "BTC,ETH", "--events", "trade",
                         *NATS_SETTINGS]  # fmt: skip
-                with odin_process(args, env=CLEAN_ENV, module="publisher") as publisher:
+                with odin_process(args, env=CLEAN_ENV, module="odin_fanout.publisher") as publisher:
                     publisher.follow()
                     listening = publisher.wait_for("listening", timeout=30)
                     api = int(listening["urls"][0].rsplit(":", 1)[1].split("/", 1)[0])

@@ -21,7 +21,7 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
-from console.app import ConsoleApp
+from odin_fanout.console.app import ConsoleApp
 from tests.e2e.process import odin_process
 
 pytestmark = pytest.mark.slow

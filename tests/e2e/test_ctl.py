@@ -144,8 +144,8 @@ def test_another_user_is_refused_with_exit_3(served: Served) -> None:
     nobody = 65534
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", "import odin"], cwd=ROOT, user=nobody, capture_output=True,
-            check=False,
+            [sys.executable, "-c", "import odin_fanout.ctl"], cwd=ROOT, user=nobody,
+            capture_output=True, check=False,
         )  # fmt: skip
     except PermissionError:
         probe = None

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from odin.broker.embedded import Layout, read_state
+from odin_fanout.broker.embedded import Layout, read_state
 from tests.e2e.embedded_support import kill_leftovers, running, wait_until_gone
 from tests.e2e.process import ROOT, odin_command, odin_process, port_of
 from tests.helpers import checkpoint_chain, http_get, open_client

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from odin.broker.embedded import (
+from odin_fanout.broker.embedded import (
     EmbeddedNatsError,
     Layout,
     Locks,
@@ -31,7 +31,7 @@ from odin.broker.embedded import (
     run_embedded_nats,
     write_state,
 )
-from odin.logs import get_logger
+from odin_fanout.logs import get_logger
 from tests.e2e.embedded_support import kill_leftovers, running, stopped, wait_until_gone
 from tests.helpers import capture_logs
 

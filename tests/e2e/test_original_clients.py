@@ -14,7 +14,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from odin.protocol.negotiation import SUBPROTOCOL_V1
+from odin_fanout.protocol.negotiation import SUBPROTOCOL_V1
 from tests.e2e.process import odin_process
 from tests.nats.support import NatsServer, RawPublisher, odin_url_args
 

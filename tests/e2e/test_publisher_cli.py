@@ -26,7 +26,7 @@ CLEAN_ENV = {
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        odin_command(*args, module="publisher"),
+        odin_command(*args, module="odin_fanout.publisher"),
         cwd=ROOT,
         env={**CLEAN_ENV, **(env or {})},
         capture_output=True,
@@ -80,7 +80,7 @@ def test_bad_configuration_names_the_field_and_exits_78(
 
 def test_the_process_publishes_and_stops_cleanly_on_sigterm(nats_server: NatsServer) -> None:
     args = ["--port", "0", "--nats-url", nats_server.url, "--autostart", "--rate", "50"]
-    with odin_process(args, env=CLEAN_ENV, module="publisher") as publisher:
+    with odin_process(args, env=CLEAN_ENV, module="odin_fanout.publisher") as publisher:
         listening = publisher.wait_for("listening")
         assert listening["urls"][0].startswith("http://127.0.0.1:")
         publisher.wait_for("publishing_started")

@@ -27,7 +27,7 @@ def stress(*args: str, timeout: float = 90) -> tuple[int, dict[str, Any], str]:
     """Run the tool; its exit code, its JSON result and its output."""
     out = Path(args[args.index("--json") + 1]) if "--json" in args else None
     result = subprocess.run(
-        [sys.executable, "-m", "stress", *args],
+        [sys.executable, "-m", "odin_fanout.stress", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     document = json.loads(out.read_text()) if out is not None and out.exists() else {}

@@ -28,7 +28,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed
 
-from odin.control.protocol import (
+from odin_fanout.control.protocol import (
     Command,
     Hello,
     HostWorkers,

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from odin.host.supervisor import reserve_port
-from odin.server.app import StartError
+from odin_fanout.host.supervisor import reserve_port
+from odin_fanout.server.app import StartError
 
 
 def test_port_0_becomes_one_port_held_for_the_workers() -> None:

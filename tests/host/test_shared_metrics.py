@@ -14,14 +14,14 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from odin.control.protocol import HostWorkers, WorkerInfo
-from odin.metrics import Metrics, Shared, forget_worker
+from odin_fanout.control.protocol import HostWorkers, WorkerInfo
+from odin_fanout.metrics import Metrics, Shared, forget_worker
 from tests.e2e.process import ROOT
 
 WORKER = """
 import sys, time
 from pathlib import Path
-from odin.metrics import Metrics, Shared, share_between_workers
+from odin_fanout.metrics import Metrics, Shared, share_between_workers
 
 directory = Path(sys.argv[1])
 slot, clients, stream = (int(argument) for argument in sys.argv[2:5])

@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from odin.capacity import usable_cpus
-from odin.host.spec import WorkerSpec
-from odin.host.supervisor import describe_exit, worker_count
+from odin_fanout.capacity import usable_cpus
+from odin_fanout.host.spec import WorkerSpec
+from odin_fanout.host.supervisor import describe_exit, worker_count
 from tests.helpers import make_config
 
 

@@ -119,7 +119,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
             odin.wait_for("broker_ready", worker=slot)
         publisher_args = ["--port", "0", "--nats-url", nats_url, "--autostart", "--rate", "20",
                           "--set", "simulation.statistics_interval=1s"]  # fmt: skip
-        with odin_process(publisher_args, module="publisher") as publisher:
+        with odin_process(publisher_args, module="odin_fanout.publisher") as publisher:
             publisher_url = publisher.wait_for("listening")["urls"][0]
             publisher_port = int(publisher_url.rsplit(":", 1)[1])
             prometheus_port = free_port()

@@ -19,10 +19,10 @@ from typing import Any
 import attrs
 import trio
 
-from odin.broker.embedded import find_binary
-from odin.broker.nats import NatsBroker, open_nats_broker
-from odin.config import Config
-from odin.logs import get_logger
+from odin_fanout.broker.embedded import find_binary
+from odin_fanout.broker.nats import NatsBroker, open_nats_broker
+from odin_fanout.config import Config
+from odin_fanout.logs import get_logger
 from tests.helpers import Harness, make_config, running_server
 
 _LISTENING = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")

@@ -13,10 +13,10 @@ import orjson
 import pytest
 import trio
 
-from odin.broker.base import BrokerError
-from odin.broker.nats import NatsBroker, open_nats_broker
-from odin.logs import get_logger
-from odin.protocol.publication import Gap
+from odin_fanout.broker.base import BrokerError
+from odin_fanout.broker.nats import NatsBroker, open_nats_broker
+from odin_fanout.logs import get_logger
+from odin_fanout.protocol.publication import Gap
 from tests.helpers import capture_logs
 from tests.nats.cluster import NatsCluster
 from tests.nats.support import nats_config, wait_until

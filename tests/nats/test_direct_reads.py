@@ -14,11 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from odin.broker.base import BrokerError, HistoryPage
-from odin.broker.nats import NatsBroker, open_nats_broker
-from odin.broker.nats.jetstream import Stored
-from odin.logs import get_logger
-from odin.protocol.publication import Publication
+from odin_fanout.broker.base import BrokerError, HistoryPage
+from odin_fanout.broker.nats import NatsBroker, open_nats_broker
+from odin_fanout.broker.nats.jetstream import Stored
+from odin_fanout.logs import get_logger
+from odin_fanout.protocol.publication import Publication
 from tests.nats.support import NatsServer, RawPublisher, nats_config, wait_until
 
 pytestmark = [pytest.mark.trio, pytest.mark.slow]

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import trio
 
-from odin.broker.nats import NatsBroker
+from odin_fanout.broker.nats import NatsBroker
 from tests.helpers import Client, Harness, Message, http_get
 from tests.nats.support import (
     NatsServer,

@@ -16,10 +16,10 @@ import orjson
 import pytest
 import trio
 
-from odin.broker.nats import NatsBroker, open_nats_broker
-from odin.broker.nats.link import Link
-from odin.logs import get_logger
-from odin.protocol.publication import Gap
+from odin_fanout.broker.nats import NatsBroker, open_nats_broker
+from odin_fanout.broker.nats.link import Link
+from odin_fanout.logs import get_logger
+from odin_fanout.protocol.publication import Gap
 from tests.helpers import capture_logs
 from tests.nats.cluster import NatsCluster
 from tests.nats.support import RawPublisher, nats_config, wait_until

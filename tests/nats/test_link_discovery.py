@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from odin.broker.nats.link import (
+from odin_fanout.broker.nats.link import (
     connect_order,
     connect_urls,
     discovered_addresses,
@@ -15,7 +15,7 @@ from odin.broker.nats.link import (
     parse_info,
     server_key,
 )
-from odin.config import NatsAddress, nats_addresses
+from odin_fanout.config import NatsAddress, nats_addresses
 
 INFO = (
     b'INFO {"server_id":"N1","server_name":"n1","version":"2.15.1","proto":1,'

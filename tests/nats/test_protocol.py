@@ -1,4 +1,4 @@
-"""The sans-IO NATS protocol parser (``odin.broker.nats.protocol``)."""
+"""The sans-IO NATS protocol parser (``odin_fanout.broker.nats.protocol``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.broker.nats.protocol import (
+from odin_fanout.broker.nats.protocol import (
     ERR,
     HMSG,
     INFO,

@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from odin.broker.base import BrokerError
-from odin.broker.nats import NatsBroker, open_nats_broker
-from odin.logs import get_logger
+from odin_fanout.broker.base import BrokerError
+from odin_fanout.broker.nats import NatsBroker, open_nats_broker
+from odin_fanout.logs import get_logger
 from tests.nats.support import NatsServer, nats_config, wait_until
 from tests.publisher.support import stored_messages
 

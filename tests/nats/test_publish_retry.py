@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import trio
 
-from odin.broker.base import BrokerError, BrokerStats
-from odin.broker.nats.link import LinkSettings
-from odin.broker.nats.publish import JetStreamPublisher, retry_window
-from odin.config import nats_addresses
-from odin.logs import get_logger
+from odin_fanout.broker.base import BrokerError, BrokerStats
+from odin_fanout.broker.nats.link import LinkSettings
+from odin_fanout.broker.nats.publish import JetStreamPublisher, retry_window
+from odin_fanout.config import nats_addresses
+from odin_fanout.logs import get_logger
 from tests.nats.support import NatsServer, RawPublisher, wait_until
 from tests.publisher.support import stored_messages
 

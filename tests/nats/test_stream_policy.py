@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
-from odin.broker.nats.jetstream import SUBJECTS, plan_stream, stream_config, subject_covers
-from odin.config import NatsSection
+from odin_fanout.broker.nats.jetstream import SUBJECTS, plan_stream, stream_config, subject_covers
+from odin_fanout.config import NatsSection
 
 WANTED = stream_config(NatsSection(replicas=3))
 

@@ -16,14 +16,14 @@ import pytest
 import trio
 import trustme
 
-from odin.broker.nats.auth import (
+from odin_fanout.broker.nats.auth import (
     CredentialsError,
     Security,
     parse_creds,
     parse_seed,
     sign_nonce,
 )
-from odin.config import ConfigError, load_config
+from odin_fanout.config import ConfigError, load_config
 from tests.helpers import capture_logs, checkpoint_chain
 from tests.nats.jwts import Identity, Operator
 from tests.nats.support import NatsServer, nats_config, odin_on_nats
@@ -167,10 +167,10 @@ async def test_a_server_signed_by_another_ca_is_refused_and_logged(
 async def test_the_trio_link_reports_a_failed_handshake_clearly(
     tls_server: NatsServer, pki: Pki
 ) -> None:
-    from odin.broker.nats.direct import ReadLink
-    from odin.broker.nats.link import LinkSettings
-    from odin.config import NatsSection, nats_addresses
-    from odin.logs import get_logger
+    from odin_fanout.broker.nats.direct import ReadLink
+    from odin_fanout.broker.nats.link import LinkSettings
+    from odin_fanout.config import NatsSection, nats_addresses
+    from odin_fanout.logs import get_logger
 
     settings = NatsSection(
         url=f"tls://127.0.0.1:{tls_server.port}",
@@ -204,8 +204,8 @@ async def test_the_trio_link_reports_a_failed_handshake_clearly(
 
 
 def test_a_server_announced_by_ip_is_checked_for_the_announcers_name() -> None:
-    from odin.broker.nats.link import discovered_addresses
-    from odin.config import nats_addresses
+    from odin_fanout.broker.nats.link import discovered_addresses
+    from odin_fanout.config import nats_addresses
 
     (seed,) = nats_addresses("tls://nats.example:4222")
     found = discovered_addresses(["10.0.0.2:4222", "nats-b.example:4222"], seed)

@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 
-from odin.config import ConfigError
-from odin.core.proxy_protocol import ProxyHeaderError, v1_header, v2_header
-from odin.server.proxy_header import read_proxy_header
+from odin_fanout.config import ConfigError
+from odin_fanout.core.proxy_protocol import ProxyHeaderError, v1_header, v2_header
+from odin_fanout.server.proxy_header import read_proxy_header
 from tests.helpers import (
     Harness,
     capture_logs,

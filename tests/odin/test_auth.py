@@ -10,7 +10,7 @@ import jwt
 import pytest
 import trio
 
-from odin.config import Config
+from odin_fanout.config import Config
 from tests.helpers import (
     capture_logs,
     http_exchange,
@@ -251,7 +251,7 @@ async def test_a_token_sent_in_band_counts_against_its_users_limit() -> None:
 
 
 async def test_secrets_are_masked_in_the_logged_configuration() -> None:
-    from odin.config import as_dict
+    from odin_fanout.config import as_dict
 
     config = make_config(
         **{

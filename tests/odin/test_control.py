@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import trio
 
-from odin.config import ConfigError, ControlSection
-from odin.control.protocol import MAX_LINE_BYTES, PROTOCOL_VERSION
-from odin.protocol.close_codes import CloseCode
-from odin.server.control import ControlServer
+from odin_fanout.config import ConfigError, ControlSection
+from odin_fanout.control.protocol import MAX_LINE_BYTES, PROTOCOL_VERSION
+from odin_fanout.protocol.close_codes import CloseCode
+from odin_fanout.server.control import ControlServer
 from tests.helpers import Harness, capture_logs, make_config, running_server
 
 pytestmark = pytest.mark.trio

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import trio
 
-from odin.config import ControlSection
-from odin.control import paths
-from odin.server.control import ControlServer
+from odin_fanout.config import ControlSection
+from odin_fanout.control import paths
+from odin_fanout.server.control import ControlServer
 from tests.helpers import Harness, capture_logs, running_server
 from tests.odin.test_control import console
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from odin.control.protocol import HISTORY_SECONDS
-from odin.server.control_state import RateRing
+from odin_fanout.control.protocol import HISTORY_SECONDS
+from odin_fanout.server.control_state import RateRing
 from tests.helpers import running_server
 from tests.odin.test_control import console, control_for
 

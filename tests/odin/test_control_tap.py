@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from odin.control.protocol import TAP_BUFFER, TAP_TEXT_BYTES
-from odin.protocol.close_codes import CloseCode
-from odin.protocol.codec import text_frame
-from odin.server.tap import describe
+from odin_fanout.control.protocol import TAP_BUFFER, TAP_TEXT_BYTES
+from odin_fanout.protocol.close_codes import CloseCode
+from odin_fanout.protocol.codec import text_frame
+from odin_fanout.server.tap import describe
 from tests.helpers import running_server
 from tests.odin.test_control import Console, console, control_for
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import trio
 
-from odin.config import ConfigError, ControlSection
-from odin.control.host_state import write_state
-from odin.control.protocol import (
+from odin_fanout.config import ConfigError, ControlSection
+from odin_fanout.control.host_state import write_state
+from odin_fanout.control.protocol import (
     COMMANDS,
     PROTOCOL_VERSION,
     HostWorkers,
@@ -25,9 +25,9 @@ from odin.control.protocol import (
     WorkerInfo,
     converter,
 )
-from odin.host.control import SupervisorControl
-from odin.logs import get_logger
-from odin.server.worker_role import WorkerRole
+from odin_fanout.host.control import SupervisorControl
+from odin_fanout.logs import get_logger
+from odin_fanout.server.worker_role import WorkerRole
 from tests.helpers import capture_logs, running_server
 from tests.odin.test_control import Console, FakeReload, control_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from odin import ctl
+from odin_fanout import ctl
 from tests.helpers import running_server
 from tests.odin.test_control import control_for
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from odin.broker.memory import MemoryBroker
-from odin.config import Config
-from odin.protocol.channels import Filters
+from odin_fanout.broker.memory import MemoryBroker
+from odin_fanout.config import Config
+from odin_fanout.protocol.channels import Filters
 from tests.helpers import make_broker, make_config, running_server
 from tests.nats.support import wait_until
 

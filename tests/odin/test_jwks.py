@@ -19,7 +19,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from odin.config import Config, ConfigError
+from odin_fanout.config import Config, ConfigError
 from tests.helpers import (
     Harness,
     capture_logs,

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from odin.server.app import OdinServer
+from odin_fanout.server.app import OdinServer
 from tests.helpers import (
     hold_clients,
     make_broker,
@@ -206,7 +206,7 @@ async def test_a_ping_racing_our_close_frame_is_not_an_error() -> None:
 async def test_a_bug_in_one_connection_closes_it_with_1011_and_spares_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from odin.server import replay
+    from odin_fanout.server import replay
 
     async def broken(connection: object, action: object) -> None:
         raise RuntimeError("injected bug")

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from odin.server.endpoints import CpuSampler
+from odin_fanout.server.endpoints import CpuSampler
 from tests.helpers import Harness, http_exchange, make_config, running_server, upgrade_request
 
 pytestmark = pytest.mark.trio

@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from odin.server.liveness import PING_FRAME, Wheel
+from odin_fanout.server.liveness import PING_FRAME, Wheel
 
 
 class Fake:

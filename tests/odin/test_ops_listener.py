@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from odin.config import ConfigError, load_config
-from odin.server.app import Listening
+from odin_fanout.config import ConfigError, load_config
+from odin_fanout.server.app import Listening
 from tests.helpers import (
     capture_logs,
     http_exchange,
@@ -110,7 +110,7 @@ async def test_ops_addresses_parse() -> None:
 
 
 async def test_the_metrics_token_is_masked_in_the_logged_configuration() -> None:
-    from odin.config import as_dict
+    from odin_fanout.config import as_dict
 
     config = make_config(**{"server.metrics_token": "s3cret-token"})
     assert "s3cret-token" not in repr(config)

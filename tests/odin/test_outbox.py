@@ -3,7 +3,7 @@ off its head, and the slow-consumer policies (conflate, discard before a close).
 
 from __future__ import annotations
 
-from odin.server.outbox import Outbox
+from odin_fanout.server.outbox import Outbox
 
 
 def gap(channel: str, first: int, last: int) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from odin.protocol.negotiation import SUBPROTOCOL_V1
+from odin_fanout.protocol.negotiation import SUBPROTOCOL_V1
 from tests.helpers import (
     hold_clients,
     http_exchange,

@@ -10,8 +10,8 @@ import jwt
 import pytest
 import trio
 
-from odin.broker.memory import MemoryBroker
-from odin.config import Config
+from odin_fanout.broker.memory import MemoryBroker
+from odin_fanout.config import Config
 from tests.helpers import Harness, capture_logs, http_exchange, make_config, running_server
 from tests.nats.support import NatsServer, nats_config, odin_on_nats
 from tests.publisher.support import stored_messages
@@ -346,7 +346,7 @@ async def test_a_credential_over_its_rate_is_answered_429_with_retry_after() -> 
 async def test_a_broker_refusal_is_503() -> None:
     class Refusing(RecordingBroker):
         async def publish(self, channel: str, payload: bytes, msg_id: str | None = None) -> None:
-            from odin.broker.base import BrokerError
+            from odin_fanout.broker.base import BrokerError
 
             raise BrokerError("the publish queue is full")
 

@@ -8,9 +8,9 @@ import random
 import pytest
 import trio
 
-from odin.broker.base import BrokerError, HistoryPage
-from odin.broker.memory import MemoryBroker
-from odin.protocol.publication import Publication
+from odin_fanout.broker.base import BrokerError, HistoryPage
+from odin_fanout.broker.memory import MemoryBroker
+from odin_fanout.protocol.publication import Publication
 from tests.helpers import (
     Message,
     capture_logs,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from odin.config import Config, load_config
-from odin.server.reload import LIVE, apply, differences, plan_reload
+from odin_fanout.config import Config, load_config
+from odin_fanout.server.reload import LIVE, apply, differences, plan_reload
 from tests.helpers import make_config, running_server
 
 pytestmark = pytest.mark.trio

@@ -15,10 +15,10 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from odin.config import Config
-from odin.logs import get_logger
-from odin.protocol.negotiation import SUBPROTOCOL_V1
-from odin.server.app import OdinServer
+from odin_fanout.config import Config
+from odin_fanout.logs import get_logger
+from odin_fanout.protocol.negotiation import SUBPROTOCOL_V1
+from odin_fanout.server.app import OdinServer
 from tests.helpers import (
     Harness,
     MemoryListener,

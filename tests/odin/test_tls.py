@@ -17,9 +17,9 @@ import trustme
 from websockets.sync.client import connect
 from websockets.typing import Subprotocol
 
-from odin.config import Config, ConfigError, load_config
-from odin.server.reload import apply, plan_reload
-from odin.server.tls import server_context
+from odin_fanout.config import Config, ConfigError, load_config
+from odin_fanout.server.reload import apply, plan_reload
+from odin_fanout.server.tls import server_context
 from tests.helpers import Harness, capture_logs, make_config, open_client, running_server
 
 pytestmark = pytest.mark.trio

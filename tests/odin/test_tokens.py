@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from odin.config import AuthSection, load_config
-from odin.metrics import AUTH_REFUSALS
-from odin.protocol.access import Grant
-from odin.server.tokens import (
+from odin_fanout.config import AuthSection, load_config
+from odin_fanout.metrics import AUTH_REFUSALS
+from odin_fanout.protocol.access import Grant
+from odin_fanout.server.tokens import (
     HMAC_ALGORITHMS,
     RSA_ALGORITHMS,
     Key,

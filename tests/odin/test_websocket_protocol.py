@@ -27,8 +27,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from odin.protocol.negotiation import SUBPROTOCOL_V1
-from odin.server.handshake import MessageSizeGuard
+from odin_fanout.protocol.negotiation import SUBPROTOCOL_V1
+from odin_fanout.server.handshake import MessageSizeGuard
 from tests.helpers import http_exchange, http_get, make_config, running_server, upgrade_request
 
 pytestmark = pytest.mark.trio
@@ -378,7 +378,7 @@ async def ping_pong(client: RawClient) -> None:
 async def test_a_finished_connection_frees_its_parser_without_the_cyclic_collector(
     ending: str,
 ) -> None:
-    """The server collects cycles rarely (odin.cli.GC_THRESHOLDS): a parser left in a
+    """The server collects cycles rarely (odin_fanout.cli.GC_THRESHOLDS): a parser left in a
     reference cycle outlived its connection, memory lost for every connection served. (A
     protocol error ends wsproto's parser by itself: that ending checks the path, not the
     cycle.)"""

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from odin.server.outbox import Outbox
-from odin.server.writer import Flusher, Offer, Writer
+from odin_fanout.server.outbox import Outbox
+from odin_fanout.server.writer import Flusher, Offer, Writer
 
 pytestmark = pytest.mark.trio
 

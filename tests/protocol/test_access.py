@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.protocol.access import (
+from odin_fanout.protocol.access import (
     ANONYMOUS,
     EVERYTHING_PUBLIC,
     POLICIES,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.protocol.channels import (
+from odin_fanout.protocol.channels import (
     EVENT_TYPES,
     ChannelError,
     ChannelRules,

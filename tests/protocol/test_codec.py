@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from odin.protocol.codec import (
+from odin_fanout.protocol.codec import (
     decode_request,
     encode,
     encode_event,
@@ -19,8 +19,8 @@ from odin.protocol.codec import (
     event_type,
     text_frame,
 )
-from odin.protocol.errors import ClientError, ErrorCode
-from odin.protocol.messages import (
+from odin_fanout.protocol.errors import ClientError, ErrorCode
+from odin_fanout.protocol.messages import (
     ChannelsData,
     Error,
     GapNotice,
@@ -41,7 +41,7 @@ from odin.protocol.messages import (
     Unsubscribe,
     UnsubscriptionAck,
 )
-from odin.protocol.publication import Position, Publication
+from odin_fanout.protocol.publication import Position, Publication
 
 
 def frame(document: object) -> str:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from odin.control import paths
-from odin.control.protocol import (
+from odin_fanout.control import paths
+from odin_fanout.control.protocol import (
     COMMANDS,
     KICKED,
     ControlError,
@@ -26,8 +26,8 @@ from odin.control.protocol import (
     encode_result,
     parse_request,
 )
-from odin.protocol.close_codes import CloseCode
-from odin.server.events import EventRing
+from odin_fanout.protocol.close_codes import CloseCode
+from odin_fanout.server.events import EventRing
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from odin.protocol.negotiation import (
+from odin_fanout.protocol.negotiation import (
     SUBPROTOCOL_V1,
     UnsupportedVersion,
     negotiate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from odin.protocol.ratelimit import LeakyCounter, TokenBucket
+from odin_fanout.protocol.ratelimit import LeakyCounter, TokenBucket
 
 
 def take_all(bucket: TokenBucket, now: float) -> int:

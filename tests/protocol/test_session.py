@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.protocol.channels import ChannelRules
-from odin.protocol.close_codes import RATE_LIMIT_REASON, CloseCode
-from odin.protocol.codec import encode
-from odin.protocol.errors import ErrorCode
-from odin.protocol.messages import Error, Pong, RecoveryReport, RequestId
-from odin.protocol.publication import Position
-from odin.protocol.session import (
+from odin_fanout.protocol.channels import ChannelRules
+from odin_fanout.protocol.close_codes import RATE_LIMIT_REASON, CloseCode
+from odin_fanout.protocol.codec import encode
+from odin_fanout.protocol.errors import ErrorCode
+from odin_fanout.protocol.messages import Error, Pong, RecoveryReport, RequestId
+from odin_fanout.protocol.publication import Position
+from odin_fanout.protocol.session import (
     Action,
     BadMessage,
     CloseAction,

@@ -9,12 +9,12 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odin.protocol.access import Grant, rules_from
-from odin.protocol.channels import ChannelRules
-from odin.protocol.close_codes import CloseCode
-from odin.protocol.errors import ErrorCode
-from odin.protocol.messages import Error
-from odin.protocol.session import (
+from odin_fanout.protocol.access import Grant, rules_from
+from odin_fanout.protocol.channels import ChannelRules
+from odin_fanout.protocol.close_codes import CloseCode
+from odin_fanout.protocol.errors import ErrorCode
+from odin_fanout.protocol.messages import Error
+from odin_fanout.protocol.session import (
     Action,
     CloseAction,
     Reply,

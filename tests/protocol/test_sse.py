@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from odin.protocol.codec import text_frame
-from odin.protocol.sse import (
+from odin_fanout.protocol.codec import text_frame
+from odin_fanout.protocol.sse import (
     BadCursor,
     Cursor,
     block,

@@ -10,9 +10,9 @@ from typing import Any
 
 import trio
 
-from odin.logs import get_logger
-from publisher.cli import serve
-from publisher.config import load
+from odin_fanout.logs import get_logger
+from odin_fanout.publisher.cli import serve
+from odin_fanout.publisher.config import load
 from tests.helpers import http_exchange
 from tests.nats.support import RawPublisher
 

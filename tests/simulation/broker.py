@@ -23,9 +23,9 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from odin.broker.base import BoundedFeed, FeedItem, FeedStats, HistoryPage, open_bounded_feed
-from odin.broker.memory import MemoryBroker
-from odin.protocol.publication import Publication
+from odin_fanout.broker.base import BoundedFeed, FeedItem, FeedStats, HistoryPage, open_bounded_feed
+from odin_fanout.broker.memory import MemoryBroker
+from odin_fanout.protocol.publication import Publication
 
 
 @attrs.define

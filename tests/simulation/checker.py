@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 import orjson
 
-from odin.protocol.channels import matches
+from odin_fanout.protocol.channels import matches
 from tests.simulation.broker import ChannelTruth, Truth
 
 REFUSED = ("invalid_payload", "payload_too_large")

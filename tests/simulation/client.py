@@ -28,7 +28,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from odin.protocol.negotiation import SUBPROTOCOL_V1
+from odin_fanout.protocol.negotiation import SUBPROTOCOL_V1
 from tests.simulation.checker import ClientChecker
 
 if TYPE_CHECKING:

@@ -31,10 +31,10 @@ import orjson
 import trio
 import trio.testing
 
-from odin.config import Config
-from odin.protocol.channels import matches
-from odin.server.app import OdinServer
-from odin.server.connection import Connection
+from odin_fanout.config import Config
+from odin_fanout.protocol.channels import matches
+from odin_fanout.server.app import OdinServer
+from odin_fanout.server.connection import Connection
 from tests.helpers import make_config
 from tests.simulation.broker import SimBroker
 from tests.simulation.checker import ClientChecker, Counts

@@ -1,4 +1,4 @@
-"""The market simulator's model (``odin.simulator.model``).
+"""The market simulator's model (``odin_fanout.simulator.model``).
 
 What the server's ``--simulate`` mode and the publisher service rely on: the original's seed
 prices, an evenly interleaved event stream (tokens take turns, event families take turns),
@@ -18,8 +18,8 @@ import statistics
 import orjson
 import pytest
 
-from odin.protocol.channels import EVENT_TYPES, ChannelRules
-from odin.simulator.model import DEFAULT_TOKENS, SEEDS, TRENDS, Market
+from odin_fanout.protocol.channels import EVENT_TYPES, ChannelRules
+from odin_fanout.simulator.model import DEFAULT_TOKENS, SEEDS, TRENDS, Market
 
 NOW = 1_700_000_000.5
 """A fixed wall-clock time, exactly representable, so the millisecond timestamp is exact."""

@@ -1,4 +1,4 @@
-"""The paced simulator runner (``odin.simulator.runner``), on Trio's virtual clock.
+"""The paced simulator runner (``odin_fanout.simulator.runner``), on Trio's virtual clock.
 
 ``run_simulator`` publishes the market's events at an even total rate: event ``n`` at
 ``start + n / rate``, with no bursts and no drift; it counts broker failures and carries on;
@@ -22,10 +22,10 @@ import pytest
 import trio
 import trio.testing
 
-from odin.broker.base import BrokerError
-from odin.logs import get_logger
-from odin.simulator.model import DEFAULT_TOKENS, Market
-from odin.simulator.runner import SimulatorStats, run_simulator
+from odin_fanout.broker.base import BrokerError
+from odin_fanout.logs import get_logger
+from odin_fanout.simulator.model import DEFAULT_TOKENS, Market
+from odin_fanout.simulator.runner import SimulatorStats, run_simulator
 
 pytestmark = pytest.mark.trio
 

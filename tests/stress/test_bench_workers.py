@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stress.bench_workers import (
+from odin_fanout.stress.bench_workers import (
     configurations,
     default_json_path,
     metric_by_worker,

@@ -1,5 +1,5 @@
-"""A short ``odin-stress chaos`` run (stress/chaos.py): a real nats-server, the partition
-proxy, ``odin serve --workers 2``, the publisher and 40 continuity-checking clients, with
+"""A short ``odin-stress chaos`` run (stress/odin_fanout/stress/chaos.py): a real nats-server, the
+partition proxy, ``odin serve --workers 2``, the publisher and 40 continuity-checking clients, with
 every fault of one cycle overlapping, then SIGTERM. The verdict must hold, and each fault
 must show in the run's own event log (and its effect in Odin's log)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stress.chaos import FAULTS
+from odin_fanout.stress.chaos import FAULTS
 from tests.e2e.process import ROOT
 
 pytestmark = [pytest.mark.slow]
@@ -26,7 +26,7 @@ def test_a_short_chaos_run_keeps_every_invariant_and_every_fault_happens(
 ) -> None:
     result_path = tmp_path / "chaos.json"
     done = subprocess.run(
-        [sys.executable, "-m", "stress", "chaos", "--duration", str(DURATION),
+        [sys.executable, "-m", "odin_fanout.stress", "chaos", "--duration", str(DURATION),
          "--clients", "40", "--rate", "50", "--seed", "3", "--json", str(result_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stress.continuity import Continuity
+from odin_fanout.stress.continuity import Continuity
 
 EPOCH = "e1"
 

@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stress.histogram import HIGHEST_US, Latency
+from odin_fanout.stress.histogram import HIGHEST_US, Latency
 
 latencies = st.lists(st.integers(0, 10_000_000), min_size=1, max_size=400)
 

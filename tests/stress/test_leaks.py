@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from stress.soak import (
+from odin_fanout.stress.soak import (
     CONCRETE,
     Population,
     Session,

@@ -8,7 +8,7 @@ from collections import Counter
 import attrs
 import pytest
 
-from stress.profiles import PROFILES, assign_channels, default_workers, split
+from odin_fanout.stress.profiles import PROFILES, assign_channels, default_workers, split
 
 
 def test_every_client_is_in_exactly_one_worker_and_the_ramp_is_shared() -> None:

@@ -1,4 +1,5 @@
-"""``odin-stress soak`` (stress/soak.py): its arithmetic, and a short run against a real server."""
+"""``odin-stress soak`` (stress/odin_fanout/stress/soak.py): its arithmetic, and a short run against
+a real server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stress.soak import mixed_channels, parse_duration, slope_per_hour, summarize
+from odin_fanout.stress.soak import mixed_channels, parse_duration, slope_per_hour, summarize
 from tests.e2e.process import ROOT
 
 
@@ -59,7 +60,7 @@ def test_the_mix_has_patterns_and_concrete_channels_that_never_overlap() -> None
 def test_a_short_soak_samples_the_server_and_keeps_every_stream(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, "-m", "stress", "soak", "--duration", "8s", "--interval", "2",
+        [sys.executable, "-m", "odin_fanout.stress", "soak", "--duration", "8s", "--interval", "2",
          "--clients", "60", "--rate", "20", "--churn", "0.05", "--quiet", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=90, check=False,
     )  # fmt: skip

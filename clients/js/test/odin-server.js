@@ -1,7 +1,7 @@
 // Test helper: a real `odin serve` in a subprocess, and small waiting tools.
 //
 // startOdin() writes a TOML configuration to a temporary directory, spawns
-// `${ODIN_PYTHON || <repo>/.venv/bin/python} -m odin serve --port N --workers 1`, reads its
+// `${ODIN_PYTHON || <repo>/.venv/bin/python} -m odin_fanout serve --port N --workers 1`, reads its
 // JSON log (stderr) for the `listening` line and returns its URLs. The log goes to a file, not
 // a pipe: a test that blocks this process on purpose (a slow consumer) must not block the
 // server on a full pipe. Events are published with
@@ -88,7 +88,7 @@ export async function startOdin({ config, dir, port = 0, nats = false } = {}) {
   writeFileSync(file, toml(merge(defaults, config)));
   const log = `${file}.log`;
   const fd = openSync(log, "w");
-  const child = spawn(PYTHON, ["-m", "odin", "serve", "--port", String(port), "--workers", "1", "--config", file], {
+  const child = spawn(PYTHON, ["-m", "odin_fanout", "serve", "--port", String(port), "--workers", "1", "--config", file], {
     cwd: ROOT,
     env: { ...process.env, XDG_STATE_HOME: dir, XDG_RUNTIME_DIR: dir, ODIN_SERVER_WORKERS: "1" },
     stdio: ["ignore", "ignore", fd],

@@ -1,7 +1,0 @@
-"""``python -m console``: the same as ``odin-console``."""
-
-from __future__ import annotations
-
-from console.cli import main
-
-raise SystemExit(main())

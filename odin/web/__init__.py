@@ -1,2 +1,0 @@
-"""The live page served at ``/`` (``server.page``): static files in ``static/``, read by
-``odin.server.page``."""

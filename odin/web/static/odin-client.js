@@ -1,1 +1,0 @@
-../../../clients/js/src/odin-client.js

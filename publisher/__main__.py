@@ -1,7 +1,0 @@
-from __future__ import annotations
-
-import sys
-
-from publisher.cli import main
-
-sys.exit(main())

@@ -1,7 +1,0 @@
-"""The fan-out benchmark (``python -m stress.bench_fanout``, ``odin-stress bench fanout``), one
-module a job: ``runs`` starts the processes of one run and measures it, ``results`` merges and
-judges what the clients report and gives the ratios to the peers, ``report`` prints the tables
-(rich) and writes the JSON. Process control is in ``stress.children``, /proc sampling in
-``stress.procstat``, the machine's description in ``stress.machine``."""
-
-from __future__ import annotations

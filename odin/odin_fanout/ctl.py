@@ -12,7 +12,9 @@ workers) and to the servers that run alone; ``kick`` to the server whose connect
 
 Output: a table by default; ``--json``, the protocol's result as one JSON document (with
 ``--socket`` naming one server, the result itself; otherwise a list of ``{"socket", "result"}``
-or ``{"socket", "error"}``), and for ``tap`` one JSON line per frame.
+or ``{"socket", "error"}``), and for ``tap`` one JSON line per frame with the socket it came
+from: a channel is tapped on every server found (a host's workers each serve their own
+clients), a connection on the server that has it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import selectors
 import socket
 import sys
 import time
@@ -33,18 +36,23 @@ from odin_fanout.control.paths import default_directory, find_sockets
 from odin_fanout.control.protocol import (
     CHANNEL_SORTS,
     CONNECTION_SORTS,
+    HISTORY_SECONDS,
     KICKED,
     MAX_PAGE,
     PROTOCOL_VERSION,
     TAP_MAX_RATE,
     Command,
     Drain,
+    EventPage,
     Hello,
+    History,
     HostWorkers,
     Inspect,
     Kick,
     ListChannels,
     ListConnections,
+    ListEvents,
+    RateHistory,
     Reload,
     Reply,
     ServerIdentity,
@@ -142,6 +150,27 @@ class Link:
                     why = f"{line.error_code}: {line.error_message}"
             raise Unreachable(f"{self.path}: {why}") from None
         return request_id
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def receive(self) -> None:
+        """Read what the socket holds (once a selector says it is readable)."""
+        try:
+            data = self._sock.recv(1 << 16)
+        except OSError as exc:
+            raise Unreachable(f"{self.path}: {exc.strerror or exc}") from None
+        if not data:
+            raise Unreachable(f"{self.path}: the server closed the connection")
+        self._buffer += data
+        if len(self._buffer) > MAX_LINE and self._buffer.find(b"\n") < 0:
+            raise Unreachable(f"{self.path}: a line longer than {MAX_LINE} bytes")
+
+    def buffered(self) -> Reply | Update | TapLine | None:
+        """The next line already read, if a whole one is."""
+        if self._buffer.find(b"\n") < 0:
+            return None
+        return self.line()
 
     def line(self, deadline: float | None = None) -> Reply | Update | TapLine | None:
         """The next line; None at ``deadline`` (a monotonic time) if one is given."""
@@ -256,6 +285,20 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     slow.add_argument("--limit", type=int, default=10, help=f"at most 1 to {MAX_PAGE}")
     inspect = command("inspect", "one connection in full")
     inspect.add_argument("id", help="the connection's id")
+    history = command("history", "the per-second figures the server keeps (its last hour)")
+    history.add_argument(
+        "--seconds", type=int, default=300, help=f"how far back, 1 to {HISTORY_SECONDS}"
+    )
+    history.add_argument(
+        "--step", type=int, default=0, metavar="N",
+        help="seconds merged into a row (default: about 30 rows)",
+    )  # fmt: skip
+    events = command("events", "the server's recent events (its event ring), oldest first")
+    events.add_argument("--limit", type=int, default=50, help=f"at most 1 to {MAX_PAGE}")
+    events.add_argument(
+        "--before", type=int, default=0, metavar="POS",
+        help="events older than this position (default: the newest)",
+    )  # fmt: skip
     kick = command("kick", "close a connection (needs --socket or --all)")
     kick.add_argument("id", help="the connection's id")
     kick.add_argument("--code", type=int, default=KICKED, help="1000, 1001, 1008, 1011, 4000-4999")
@@ -313,6 +356,11 @@ def _command(args: argparse.Namespace) -> Command | None:
             return SlowConsumers(args.limit)
         case "inspect":
             return Inspect(args.id)
+        case "history":
+            step = args.step or max(1, -(-args.seconds // 30))
+            return History(args.seconds, step)
+        case "events":
+            return ListEvents(args.before, args.limit)
         case "kick":
             return Kick(args.id, args.code, args.reason)
         case "drain":
@@ -460,6 +508,10 @@ class _Run:
                     self._channels(result)
                 case Inspect():
                     self._inspect(result)
+                case History():
+                    self._history(converter.structure(result, RateHistory))
+                case ListEvents():
+                    self._events(converter.structure(result, EventPage))
                 case _:
                     print(_plain(result), file=self.out)
         if command is None:
@@ -516,6 +568,40 @@ class _Run:
             shown = ", ".join(value) if isinstance(value, list) else value
             print(f"{key:>14}  {shown}", file=self.out)
 
+    def _history(self, history: RateHistory) -> None:
+        rows = [
+            [_clock(history.time[i], seconds=True), f"{history.in_per_s[i]:.0f}",
+             f"{history.out_per_s[i]:.0f}", str(history.connections[i]),
+             str(history.dropped[i]), str(history.gaps[i]), str(history.recovered[i]),
+             str(history.not_recovered[i])]
+            for i in range(len(history.time))
+        ]  # fmt: skip
+        headers = ["time", "in/s", "out/s", "connections", "dropped", "gaps", "recovered",
+                   "not_recovered"]  # fmt: skip
+        _table(self.out, headers, rows)
+        span = history.interval * history.step
+        print(f"{len(rows)} rows of {span:g} s (the server keeps {history.capacity} s)",
+              file=self.out)  # fmt: skip
+
+    def _events(self, page: EventPage) -> None:
+        rows = [
+            [str(event.seq), _clock(event.time), event.kind, event.conn or "-",
+             " ".join(f"{key}={value}" for key, value in event.detail.items())]
+            for event in page.events
+        ]  # fmt: skip
+        _table(self.out, ["pos", "time", "kind", "conn", "detail"], rows)
+        if page.events:
+            older = f"older: --before {page.events[0].seq}" if page.more else "no older events"
+            print(f"{len(rows)} events; {older}", file=self.out)
+        else:
+            print("no events", file=self.out)
+
+
+def _clock(unix: float, seconds: bool = False) -> str:
+    """Local time of day: HH:MM:SS, with milliseconds unless ``seconds``."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(unix))
+    return stamp if seconds else f"{stamp}.{int(unix * 1000) % 1000:03d}"
+
 
 def _plain(result: Any) -> str:
     """A small result (kick, drain, reload) as ``key: value`` words."""
@@ -554,57 +640,75 @@ def _tap(args: argparse.Namespace, command: Command | None, out: TextIO, err: Te
         if not servers:
             print("odin ctl: no server found to tap", file=err)
             return EX_UNREACHABLE
-        if len(servers) > 1:
+        if command.conn and len(servers) > 1:
             found = ", ".join(str(link.path) for link in servers)
             print(f"odin ctl tap: several servers ({found}): name one with --socket", file=err)
             return EX_USAGE
-        link = servers[0]
+        # A channel is served by every server of the host (each worker has its own clients):
+        # it is tapped on each, and their lines merged as they come.
+        taps: dict[Link, int] = {}
         try:
-            started = link.call(command)
-            if not args.json:
-                what = f"connection {command.conn}" if command.conn else command.channel
-                print(f"# tapping {what} on {link.path} (tap {started['tap']})", file=out)
-            _follow(link, started["tap"], args, out)
+            for link in servers:
+                started = link.call(command)
+                taps[link] = started["tap"]
+                if not args.json:
+                    what = f"connection {command.conn}" if command.conn else command.channel
+                    print(f"# tapping {what} on {link.path} (tap {started['tap']})", file=out)
+            _follow(taps, args, out)
         except Unreachable as exc:
             print(f"odin ctl: {exc}", file=err)
             return EX_UNREACHABLE
         except Refused as exc:
-            print(f"odin ctl: {link.path}: {exc}", file=err)
+            print(f"odin ctl: {exc}", file=err)
             return EX_REFUSED
         except KeyboardInterrupt:
             return EX_OK
     return EX_OK
 
 
-def _follow(link: Link, number: int, args: argparse.Namespace, out: TextIO) -> None:
-    """Print the tap's lines until ``--count`` frames, ``--seconds``, or its end."""
+def _follow(taps: dict[Link, int], args: argparse.Namespace, out: TextIO) -> None:
+    """Print the taps' lines, as they come from any server, until ``--count`` frames in
+    all, ``--seconds``, or the end of every tap."""
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     frames = 0
-    while args.count is None or frames < args.count:
-        # Without --seconds a tap may be quiet for long: no timeout then, only the end.
-        line = link.line(deadline if deadline is not None else time.monotonic() + 3600)
-        if line is None:
-            if deadline is not None:
+    with selectors.DefaultSelector() as selector:
+        for link in taps:
+            selector.register(link, selectors.EVENT_READ, link)
+        while taps and (args.count is None or frames < args.count):
+            for link, line in _ready_lines(taps):
+                if not isinstance(line, TapLine) or line.tap != taps.get(link):
+                    continue
+                if args.json:
+                    document = {"stream": "tap", "socket": str(link.path)}
+                    document.update(converter.unstructure(line))
+                    out.write(orjson.dumps(document).decode() + "\n")
+                else:
+                    out.write(_tap_text(line) + "\n")
+                out.flush()
+                if line.closed is not None:  # a tapped connection's end: that tap is over
+                    del taps[link]
+                    selector.unregister(link)
+                    continue
+                frames += 1
+                if args.count is not None and frames >= args.count:
+                    return
+            # Without --seconds a tap may be quiet for long: no timeout then, only the end.
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
                 return
-            continue
-        if not isinstance(line, TapLine) or line.tap != number:
-            continue
-        if args.json:
-            document = {"stream": "tap", **converter.unstructure(line)}
-            out.write(orjson.dumps(document).decode() + "\n")
-        else:
-            out.write(_tap_text(line) + "\n")
-        out.flush()
-        if line.closed is not None:
-            return
-        frames += 1
+            for key, _ in selector.select(wait):
+                key.data.receive()
+
+
+def _ready_lines(taps: dict[Link, int]) -> Iterator[tuple[Link, Reply | Update | TapLine]]:
+    """Every whole line already read, link by link."""
+    for link in list(taps):
+        while link in taps and (line := link.buffered()) is not None:
+            yield link, line
 
 
 def _tap_text(line: TapLine) -> str:
-    stamp = (
-        time.strftime("%H:%M:%S", time.localtime(line.time))
-        + f".{int(line.time * 1000) % 1000:03d}"
-    )
+    stamp = _clock(line.time)
     skipped = f" (skipped {line.skipped})" if line.skipped else ""
     if line.closed is not None:
         closed = line.closed

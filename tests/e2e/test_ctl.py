@@ -3,11 +3,14 @@ parsed as a script would, its exit codes as documented (0, 1 refused, 2 usage, 3
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -154,3 +157,95 @@ def test_another_user_is_refused_with_exit_3(served: Served) -> None:
     done = ctl("status", "--socket", str(served.socket), user=nobody)
     assert done.returncode == 3
     assert "permission denied" in done.stderr
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = 20) -> Any:
+    """``check()``'s first true value, asked again until ``timeout`` (the server's ring and
+    figures change on their own; it offers no event to wait on from outside)."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+    return value
+
+
+def test_history_gives_the_servers_figures_as_json_and_as_a_table(served: Served) -> None:
+    socket = str(served.socket)
+    arguments = ("history", "--socket", socket, "--seconds", "60", "--step", "1")
+    # The server keeps a sample a second from its start; the simulator publishes 50 a second.
+
+    def with_events() -> Any:
+        found = ctl_json(*arguments)
+        return found if sum(found["in_per_s"]) > 0 else None
+
+    history = until(with_events, "a second with events in the server's history")
+    assert history["step"] == 1 and history["capacity"] == 3600
+    points = len(history["time"])
+    assert 1 <= points <= 60
+    for series in ("in_per_s", "out_per_s", "connections", "dropped", "gaps", "recovered"):
+        assert len(history[series]) == points
+    table = ctl(*arguments)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["time", "in/s", "out/s"]
+    assert re.fullmatch(r"\d+ rows of 1 s \(the server keeps 3600 s\)", lines[-1]), lines[-1]
+    assert len(lines) == int(lines[-1].split()[0]) + 2  # the header, the rows, the summary
+    usage = ctl("history", "--socket", socket, "--seconds", "7200")
+    assert usage.returncode == 2 and "seconds must be from 1 to 3600" in usage.stderr
+
+
+def test_events_page_back_through_the_servers_ring(served: Served) -> None:
+    socket = str(served.socket)
+    with subscribed(served.url, ["BTC.trade"]):
+        pass  # a connection opened and closed
+
+    def closed_last() -> Any:
+        page = ctl_json("events", "--socket", socket, "--limit", "2")
+        kinds = [event["kind"] for event in page["events"]]
+        return page if kinds == ["conn_open", "conn_close"] else None
+
+    opened, closed = until(closed_last, "the connection's open and close events")["events"]
+    assert opened["conn"] == closed["conn"] and opened["seq"] < closed["seq"]
+    older = ctl_json("events", "--socket", socket, "--limit", "5", "--before", str(opened["seq"]))
+    assert older["events"] and all(event["seq"] < opened["seq"] for event in older["events"])
+    table = ctl("events", "--socket", socket, "--limit", "2")
+    assert table.returncode == 0, table.stderr
+    assert "conn_close" in table.stdout and opened["conn"] in table.stdout
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[tuple[Path, str]]:
+    """``odin serve --workers 2`` (embedded NATS, the simulator in worker 0): the directory of
+    its control sockets and its WebSocket URL."""
+    args = ["serve", "--workers", "2", "--port", "0", "--simulate", "--rate", "50"]
+    with odin_process(args) as odin:
+        odin.follow()
+        url = odin.wait_for("workers_ready")["websocket"][0]
+        yield Path(odin.wait_for("control_listening")["path"]).parent, url
+
+
+def test_a_channel_tap_follows_every_worker_of_a_host(host: tuple[Path, str]) -> None:
+    directory, url = host
+    with contextlib.ExitStack() as clients:
+
+        def on_both_workers() -> Any:
+            """One more client; the clients of each worker, once both have some."""
+            clients.enter_context(subscribed(url, ["BTC.*"]))
+            listed = ctl_json("connections", "--dir", str(directory))
+            totals = {entry["socket"]: entry["result"]["total"] for entry in listed}
+            return totals if len(totals) == 2 and all(totals.values()) else None
+
+        workers = until(on_both_workers, "clients on both workers (the kernel spreads them)")
+        done = ctl("tap", "--channel", "BTC.*", "--count", "60", "--json", "--dir", str(directory))
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert len(lines) == 60
+        assert {line["socket"] for line in lines} == set(workers)
+        assert all(line["channel"].startswith("BTC.") and line["seq"] > 0 for line in lines)
+        # A connection is on one worker: tapped there, named or not.
+        conn = lines[0]["conn"]
+        one = ctl("tap", "--conn", conn, "--count", "1", "--json", "--dir", str(directory))
+        assert one.returncode == 0, one.stderr
+        assert [json.loads(line)["socket"] for line in one.stdout.splitlines()] == [
+            lines[0]["socket"]
+        ]

@@ -506,6 +506,14 @@ class FakeServer:
                 return encode_result(request_id, Draining(len(data.connections), 30.0))
             case Reload():
                 return self._reload(request_id)
+            case Tap(conn="", channel=channel, rate=rate):
+                # The reply, then a frame of the channel to each of this server's connections.
+                frames = [
+                    TapLine(1, BASE_TIME + 1, info.id, '{"seq":41}', 10, channel=channel, seq=41)
+                    for info in data.connections
+                ]
+                tail = b"".join(encode_tap(frame) for frame in frames)
+                return encode_result(request_id, TapStarted(1, "", channel, rate, 256)) + tail
             case Tap(conn=conn, rate=rate):
                 if self._find(conn) is None:
                     return encode_error(request_id, ErrorCode.NOT_FOUND, f"no connection {conn}")

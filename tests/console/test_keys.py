@@ -17,9 +17,10 @@ from textual.widgets import DataTable, Input, Static, TabbedContent
 
 import odin_fanout.console as console_package
 from odin_fanout.console.app import ConsoleApp
-from odin_fanout.console.commands import COMMANDS, CONNECTIONS, bound_keys
+from odin_fanout.console.commands import CHANNELS, COMMANDS, CONNECTIONS, bound_keys
 from odin_fanout.console.screens.confirm import KickScreen
 from odin_fanout.console.screens.help import HelpScreen, help_sections
+from odin_fanout.console.widgets.channels import ChannelsView
 from odin_fanout.console.widgets.connections import ConnectionsView
 from odin_fanout.control.protocol import Kick, ListConnections
 from tests.console.conftest import ServerFactory
@@ -230,7 +231,12 @@ def _subclasses(cls: type[Widget]) -> list[type[Widget]]:
 
 def test_each_command_is_an_action_with_a_key() -> None:
     for command in COMMANDS:
-        cls = ConnectionsView if command.target == CONNECTIONS else ConsoleApp
+        views: dict[str | None, type[DOMNode]] = {
+            CONNECTIONS: ConnectionsView,
+            CHANNELS: ChannelsView,
+            None: ConsoleApp,
+        }
+        cls = views[command.target]
         name = command.action.split("(")[0]
         assert callable(getattr(cls, f"action_{name}", None)), command
         assert bound_keys(cls, command.action), command

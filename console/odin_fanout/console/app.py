@@ -172,7 +172,7 @@ class ConsoleApp(App[None]):
                     self.selected_client, self.selected_label, id="connections-view"
                 )
             with TabPane("3 Channels", id="channels"):
-                yield ChannelsView(self.selected_client, id="channels-view")
+                yield ChannelsView(self.selected_client, self.host_clients, id="channels-view")
             with TabPane("4 Events", id="events"):
                 yield EventLog(self.model, id="events-view")
         # Compact, without the palette's hint (ctrl+p still opens it): at 80 columns the
@@ -318,6 +318,20 @@ class ConsoleApp(App[None]):
         if self.selected is None or self.selected not in self.clients:
             return None
         return self.selected, self.clients[self.selected]
+
+    def host_clients(self) -> list[ControlClient]:
+        """The links to every server of the selected one's host that serve clients (its
+        workers, each with its own), up; the selected server alone when it runs alone."""
+        view = self.selected_view()
+        if view is None:
+            return []
+        keys = [self.selected] if view.host_pid is None else [
+            key
+            for key, other in self.model.servers.items()
+            if other.host_pid == view.host_pid and not other.is_supervisor
+        ]  # fmt: skip
+        clients = [self.clients[key] for key in keys if key in self.clients]
+        return [client for client in clients if client.status.up]
 
     def selected_label(self) -> str:
         view = self.selected_view()

@@ -34,6 +34,7 @@ class Command:
 
 
 CONNECTIONS: Final = "#connections-view"
+CHANNELS: Final = "#channels-view"
 
 COMMANDS: Final[tuple[Command, ...]] = (
     Command("Overview", "figures and rates of every server", "show_tab('overview')"),
@@ -50,6 +51,9 @@ COMMANDS: Final[tuple[Command, ...]] = (
     ),
     Command("Inspect the selected connection", "in full", "inspect", CONNECTIONS, "connections"),
     Command("Tap the selected connection", "its frames, live", "tap", CONNECTIONS, "connections"),
+    Command(
+        "Tap the selected channel", "its frames on every worker, live", "tap", CHANNELS, "channels"
+    ),
     Command("Help", "every key", "help"),
     Command("Quit", "leave the console", "quit"),
 )

@@ -17,6 +17,7 @@ from textual.widgets import Static
 from odin_fanout.console.screens.confirm import ConfirmScreen, KickScreen, ReloadScreen
 from odin_fanout.console.screens.detail import DetailScreen
 from odin_fanout.console.screens.tap import TapScreen
+from odin_fanout.console.widgets.channels import ChannelsView
 from odin_fanout.console.widgets.connections import ConnectionsView
 from odin_fanout.console.widgets.cursor import CursorTable
 from odin_fanout.console.widgets.events import EventLog
@@ -46,6 +47,7 @@ def help_sections(everywhere: Sequence[BindingType]) -> list[tuple[str, Sequence
         ("tables, events", CursorTable.BINDINGS),
         ("connections, channels", PagedTable.BINDINGS),
         ("connections", ConnectionsView.BINDINGS),
+        ("channels", ChannelsView.BINDINGS),
         ("events", EventLog.BINDINGS),
         ("connection detail", DetailScreen.BINDINGS),
         ("tap", TapScreen.BINDINGS),

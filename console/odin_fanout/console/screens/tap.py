@@ -1,35 +1,43 @@
-"""A connection's frames, live, as the server's ``tap`` sends them: ``t`` on the connections
-table. The log keeps the last ``MAX_LINES``; closing the screen stops the tap."""
+"""A connection's or a channel's frames, live, as the servers' ``tap`` sends them: ``t`` on the
+connections table (the server that has the connection) or on the channels table (every worker
+of the selected server's host: each serves its own clients, and their lines are merged, each
+named by its connection, whose id starts with its server's instance). The log keeps the last
+``MAX_LINES``; closing the screen stops the taps."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import ClassVar, Final
 
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import RichLog, Static
+from textual.worker import Worker
 
 from odin_fanout.console.client import ControlClient, NotConnected, RequestFailed
 from odin_fanout.control.protocol import Tap, TapLine
 
 MAX_LINES: Final = 1000
 RATE: Final = 20
-"""Frames a second the console asks for: what a person can read; the rest is counted."""
+"""Frames a second the console asks each server for: what a person can read; the rest is
+counted."""
 
 
-def tap_text(line: TapLine) -> str:
-    """One line as the log shows it: time, position, skipped count, the frame's text."""
+def tap_text(line: TapLine, conn: bool = False) -> str:
+    """One line as the log shows it: time, (with ``conn``, the connection,) position, skipped
+    count, the frame's text."""
     stamp = time.strftime("%H:%M:%S", time.localtime(line.time))
     stamp += f".{int(line.time * 1000) % 1000:03d}"
     skipped = f" (skipped {line.skipped})" if line.skipped else ""
     if line.closed is not None:
         closed = line.closed
-        return f"{stamp}{skipped} closed {closed.code} {closed.reason!r} ({closed.why})"
-    where = f" {line.channel}" if line.channel else ""
+        who = f" {line.conn}" if conn else ""
+        return f"{stamp}{who}{skipped} closed {closed.code} {closed.reason!r} ({closed.why})"
+    where = f" {line.conn}" if conn else ""
+    where += f" {line.channel}" if line.channel else ""
     if line.seq:
         where += f"#{line.seq}"
     cut = f" [cut at {len(line.text)} of {line.bytes} bytes]" if line.truncated else ""
@@ -39,44 +47,57 @@ def tap_text(line: TapLine) -> str:
 class TapScreen(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,t", "close", "Stop the tap")]
 
-    def __init__(self, client: ControlClient, conn: str) -> None:
+    def __init__(self, clients: list[ControlClient], *, conn: str = "", channel: str = "") -> None:
         super().__init__()
-        self.client = client
-        self.conn = conn
-        self.number: int | None = None
-        """The tap's number from the server's reply: lines of any other are not ours."""
-        self._early: list[TapLine] = []
-        """Lines read before the reply reached us (the reply comes first, but its waiter
-        resumes later), at most MAX_LINES."""
+        self.clients = clients
+        self.command = Tap(conn=conn, channel=channel, rate=RATE)
+        self.numbers: dict[ControlClient, int] = {}
+        """Each server's tap number from its reply: lines of any other are not ours."""
+        self._early: dict[ControlClient, list[TapLine]] = {client: [] for client in clients}
+        """Lines read before a reply reached us (the reply comes first, but its waiter
+        resumes later), at most MAX_LINES a server."""
+
+    @property
+    def what(self) -> str:
+        return self.command.conn or self.command.channel
 
     def compose(self) -> ComposeResult:
+        servers = len(self.clients)
+        where = f" on {servers} servers" if servers > 1 else ""
         with Vertical(classes="dialog help"):
-            yield Static(f"[b]tap {self.conn}[/b]  (esc stops)", id="tap-title")
+            yield Static(f"[b]tap {self.what}[/b]{where}  (esc stops)", id="tap-title")
             yield RichLog(id="tap-log", max_lines=MAX_LINES, wrap=True, markup=False)
 
     def on_mount(self) -> None:
-        self._start()
+        for client in self.clients:
+            self._start(client)
 
-    @work(group="tap", exclusive=True)
-    async def _start(self) -> None:
+    def _start(self, client: ControlClient) -> Worker[None]:
+        # The coroutine is made when the worker runs: one cancelled first leaves none behind.
+        return self.run_worker(functools.partial(self._tap, client), group="tap")
+
+    async def _tap(self, client: ControlClient) -> None:
         log = self.query_one(RichLog)
         try:
-            started = await self.client.tap(Tap(conn=self.conn, rate=RATE), self._line)
+            started = await client.tap(self.command, lambda line: self._line(client, line))
         except (NotConnected, RequestFailed) as exc:
-            log.write(f"tap {self.conn} failed: {exc}")
+            log.write(f"tap {self.what} on {client.path.name} failed: {exc}")
             return
-        self.number = started.tap
-        early, self._early = self._early, []
+        self.numbers[client] = started.tap
+        early, self._early[client] = self._early[client], []
         for line in early:
-            self._line(line)
+            self._line(client, line)
 
-    def _line(self, line: TapLine) -> None:
-        if self.number is None:
-            if len(self._early) < MAX_LINES:
-                self._early.append(line)
-        elif line.tap == self.number:
-            self.query_one(RichLog).write(tap_text(line))
+    def _line(self, client: ControlClient, line: TapLine) -> None:
+        number = self.numbers.get(client)
+        if number is None:
+            if len(self._early[client]) < MAX_LINES:
+                self._early[client].append(line)
+        elif line.tap == number:
+            # A channel's frames come from many connections: each line names its own.
+            self.query_one(RichLog).write(tap_text(line, conn=bool(self.command.channel)))
 
     async def action_close(self) -> None:
-        await self.client.untap()
+        for client in self.clients:
+            await client.untap()
         self.dismiss()

@@ -1,11 +1,16 @@
-"""The selected server's channels: subscribers, publication rate, position, history held."""
+"""The selected server's channels: subscribers, publication rate, position, history held;
+tapped from here (on every worker of the server's host)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
+
+from textual.binding import Binding, BindingType
 
 from odin_fanout.console import format
 from odin_fanout.console.client import ControlClient
+from odin_fanout.console.screens.tap import TapScreen
 from odin_fanout.console.widgets.tables import PAGE_SIZE, Column, PagedTable, Query
 from odin_fanout.control.protocol import ChannelInfo, ListChannels, Page
 
@@ -19,10 +24,17 @@ COLUMNS: list[Column[ChannelInfo]] = [
 
 
 class ChannelsView(PagedTable[ChannelInfo]):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("t", "tap", "Tap")]
+
     def __init__(
-        self, client: Callable[[], tuple[str, ControlClient] | None], *, id: str | None = None
+        self,
+        client: Callable[[], tuple[str, ControlClient] | None],
+        tap_clients: Callable[[], list[ControlClient]],
+        *,
+        id: str | None = None,
     ) -> None:
         super().__init__(COLUMNS, sort="subscribers", client=client, noun="channels", id=id)
+        self._tap_clients = tap_clients
 
     async def fetch(self, client: ControlClient, query: Query) -> Page[ChannelInfo]:
         command = ListChannels(
@@ -36,3 +48,11 @@ class ChannelsView(PagedTable[ChannelInfo]):
 
     def row_key(self, item: ChannelInfo) -> str:
         return item.name
+
+    def action_tap(self) -> None:
+        chosen = self.selected()
+        clients = self._tap_clients()
+        if chosen is None or not clients:
+            self.notify("no channel selected", severity="warning")
+            return
+        self.app.push_screen(TapScreen(clients, channel=chosen.name))

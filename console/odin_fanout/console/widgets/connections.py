@@ -143,4 +143,4 @@ class ConnectionsView(PagedTable[ConnectionInfo]):
         if chosen is None or client is None:
             self.notify("no connection selected", severity="warning")
             return
-        self.app.push_screen(TapScreen(client[1], chosen.id))
+        self.app.push_screen(TapScreen([client[1]], conn=chosen.id))

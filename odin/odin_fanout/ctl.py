@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import math
 import selectors
 import socket
 import sys
@@ -357,7 +358,7 @@ def _command(args: argparse.Namespace) -> Command | None:
         case "inspect":
             return Inspect(args.id)
         case "history":
-            step = args.step or max(1, -(-args.seconds // 30))
+            step = args.step or math.ceil(args.seconds / 30)
             return History(args.seconds, step)
         case "events":
             return ListEvents(args.before, args.limit)
@@ -658,8 +659,8 @@ def _tap(args: argparse.Namespace, command: Command | None, out: TextIO, err: Te
         except Unreachable as exc:
             print(f"odin ctl: {exc}", file=err)
             return EX_UNREACHABLE
-        except Refused as exc:
-            print(f"odin ctl: {exc}", file=err)
+        except Refused as exc:  # refused when asked: the last server asked
+            print(f"odin ctl: {link.path}: {exc}", file=err)
             return EX_REFUSED
         except KeyboardInterrupt:
             return EX_OK

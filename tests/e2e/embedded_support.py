@@ -26,6 +26,12 @@ def nats_servers_under(directory: Path) -> list[int]:
     return pids
 
 
+def in_process_table(pid: int) -> bool:
+    """Whether ``pid`` is still an entry of the process table: running, or a zombie that no
+    one has reaped."""
+    return Path(f"/proc/{pid}").exists()
+
+
 def running(pid: int, directory: Path) -> bool:
     return pid in nats_servers_under(directory)
 

@@ -32,7 +32,13 @@ from odin_fanout.broker.embedded import (
     write_state,
 )
 from odin_fanout.logs import get_logger
-from tests.e2e.embedded_support import kill_leftovers, running, stopped, wait_until_gone
+from tests.e2e.embedded_support import (
+    in_process_table,
+    kill_leftovers,
+    running,
+    stopped,
+    wait_until_gone,
+)
 from tests.helpers import capture_logs
 
 pytestmark = [pytest.mark.trio, pytest.mark.slow]
@@ -210,6 +216,8 @@ async def test_a_second_user_joins_and_takes_over_when_the_first_leaves(layout: 
             await third.stop()
     assert "nats_embedded_stopped" in events(logs)
     assert not running(state.pid, layout.directory.parent)
+    # Started by the first user in this process, stopped by the second: reaped, not a zombie.
+    assert not in_process_table(state.pid)
     assert not layout.state.exists()
 
 

@@ -298,14 +298,18 @@ class _Server:
     returncode: int | None = None
 
     def alive(self) -> bool:
-        if not self.child:
-            return is_running(self.pid, self.config)
         if self.returncode is not None:
             return False
         try:
             done, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            done, status = self.pid, 0
+            if not self.child:
+                # Another process's: /proc is all there is to look at.
+                return is_running(self.pid, self.config)
+            done, status = self.pid, 0  # reaped already, by an adopter in this process
+        # This process's child: started here, or adopted from another broker of this process
+        # that left it running. Reaped here once it has exited (only its parent can, and an
+        # exiting process loses its command line before it can be reaped).
         if done == 0:
             return True
         self.returncode = os.waitstatus_to_exitcode(status)

@@ -585,17 +585,17 @@ class _Run:
               file=self.out)  # fmt: skip
 
     def _events(self, page: EventPage) -> None:
+        if not page.events:
+            print("no events", file=self.out)
+            return
         rows = [
             [str(event.seq), _clock(event.time), event.kind, event.conn or "-",
              " ".join(f"{key}={value}" for key, value in event.detail.items())]
             for event in page.events
         ]  # fmt: skip
         _table(self.out, ["pos", "time", "kind", "conn", "detail"], rows)
-        if page.events:
-            older = f"older: --before {page.events[0].seq}" if page.more else "no older events"
-            print(f"{len(rows)} events; {older}", file=self.out)
-        else:
-            print("no events", file=self.out)
+        older = f"older: --before {page.events[0].seq}" if page.more else "no older events"
+        print(f"{len(rows)} events; {older}", file=self.out)
 
 
 def _clock(unix: float, seconds: bool = False) -> str:

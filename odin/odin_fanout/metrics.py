@@ -280,15 +280,16 @@ class Metrics:
             "Event deliveries to subscribers (one publication to N subscribers counts N).",
             registry=r,
         )
-        dropped = Counter(
+        self.deliveries_dropped = Counter(
             "odin_deliveries_dropped",
-            "Event deliveries not made, by reason (conflated: replaced by a newer message "
-            "of the same channel; slow_consumer: the connection was closed as slow).",
+            "Event deliveries not made, by reason: conflated (replaced by a newer message of "
+            "the same channel), or why the connection was closed with them still queued (as "
+            "odin_connections_closed_total: slow_consumer, idle, operator, rate_limit, ...).",
             ["reason"],
             registry=r,
         )
-        self.dropped_conflated = dropped.labels("conflated")
-        self.dropped_slow = dropped.labels("slow_consumer")
+        self.dropped_conflated = self.deliveries_dropped.labels("conflated")
+        self.deliveries_dropped.labels("slow_consumer")  # shown at 0 from the start
         slow = Counter(
             "odin_slow_consumers",
             "Times a connection's outbound queue filled, by the action taken.",

@@ -293,6 +293,24 @@ async def test_a_slow_consumer_closed_gets_no_notice_past_the_events_it_lost() -
         assert harness.sample("odin_deliveries_dropped_total", reason="slow_consumer") == 6
 
 
+async def test_events_dropped_at_another_close_are_counted_under_its_reason() -> None:
+    """A connection closed with events still queued for another reason than slowness (here a
+    message over the size limit): the events are counted under that reason, not as a slow
+    consumer's."""
+    config = make_config(**SMALL_QUEUE)
+    async with lockstep_server(config) as harness:
+        client = await subscribed_and_stuck(harness)
+        publish(harness, 4)  # queued behind the one on its way: within the queue's bound
+        await settled()
+        await client.send({"type": "ping", "pad": "x" * 20_000})  # over the 16 KiB limit
+        messages = await client.read_until(lambda m: False)
+        assert messages[-1] == {"type": "<close>", "code": 1009}
+        assert events_of(messages) == [1]
+        assert harness.sample("odin_deliveries_dropped_total", reason="message_too_big") == 4
+        assert harness.sample("odin_deliveries_dropped_total", reason="slow_consumer") == 0
+        assert harness.sample("odin_slow_consumers_total", action="closed") == 0
+
+
 async def test_conflation_merges_the_channel_s_notices_into_one_in_order() -> None:
     config = make_config(**SMALL_QUEUE, **{"connection.slow_consumer_policy": "conflate"})
     async with lockstep_server(config) as harness:

@@ -257,7 +257,7 @@ class Connection:
             # once the peer's close came: the answer to it is queued and must go.
             dropped = self.writer.outbox.discard_events()
             self.dropped += dropped
-            self.context.metrics.dropped_slow.inc(dropped)
+            self.context.metrics.deliveries_dropped.labels(label).inc(dropped)
         if reconnect_after_ms is not None and self.v1 and self.socket.open:
             hint = text_frame(encode(Reconnect(after_ms=reconnect_after_ms, reason=reason)))
             self.socket.send(hint)

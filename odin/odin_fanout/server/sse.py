@@ -375,7 +375,7 @@ class SseConnection(Connection):
         if discard_queue:
             dropped = self.writer.outbox.discard_events()
             self.dropped += dropped
-            self.context.metrics.dropped_slow.inc(dropped)
+            self.context.metrics.deliveries_dropped.labels(label).inc(dropped)
         if reconnect_after_ms is not None:
             self.send_message(Reconnect(after_ms=reconnect_after_ms, reason=reason))
             self.writer.offer(retry_block(reconnect_after_ms), force=True)

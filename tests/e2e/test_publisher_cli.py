@@ -1,5 +1,5 @@
-"""``python -m publisher`` as a real process: configuration sources and their precedence,
-credentials masked, bad values refused with 78, and a clean stop on SIGTERM."""
+"""``python -m odin_fanout.publisher`` as a real process: configuration sources and their
+precedence, credentials masked, bad values refused with 78, and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""``python -m stress run`` as an operator runs it: against an Odin started here it passes
-with every check, against a server that skips an event it fails, and it refuses to load a
+"""``python -m odin_fanout.stress run`` as an operator runs it: against an Odin started here it
+passes with every check, against a server that skips an event it fails, and it refuses to load a
 remote host unless told."""
 
 from __future__ import annotations

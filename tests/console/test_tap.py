@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from textual.widgets import RichLog, Static
 
-from odin_fanout.console.screens.tap import TapScreen, tap_text
+from odin_fanout.console.screens.tap import TapScreen
 from odin_fanout.control.protocol import Tap, TapClosed, TapLine, Untap
+from odin_fanout.control.text import tap_text
 from tests.console.conftest import ServerFactory
 from tests.console.demo import supervisor_data
 from tests.console.test_app import SIZE, console, first_connection, row_keys, table, wait_until

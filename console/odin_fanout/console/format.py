@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from typing import Final
 
 from odin_fanout.control.protocol import Snapshot
+from odin_fanout.control.text import clock as clock  # the console shows times as ctl does
 
 
 def count(value: int) -> str:
@@ -58,10 +58,6 @@ def nbytes(value: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-def clock(unix_time: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(unix_time))
 
 
 def span(first: float, last: float) -> str:

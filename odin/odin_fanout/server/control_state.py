@@ -259,13 +259,10 @@ async def snapshot(context: ServerContext, rates: Rates) -> Snapshot:
         deliveries=value("odin_deliveries_total"),
         in_per_s=round(rates.in_per_s, 2),
         out_per_s=round(rates.out_per_s, 2),
-        dropped={
-            **by("odin_deliveries_dropped_total", ("conflated", "slow_consumer")),
-            **{  # and any other reason a connection was closed with events queued
-                labels[0]: int(count)
-                for (name, labels), count in samples.items()
-                if name == "odin_deliveries_dropped_total" and count
-            },
+        dropped={  # conflated, slow_consumer, and why any other close dropped events
+            labels[0]: int(count)
+            for (name, labels), count in samples.items()
+            if name == "odin_deliveries_dropped_total"
         },
         gaps=by("odin_gaps_total", GAP_REASONS),
         slow_consumers=by("odin_slow_consumers_total", ("closed", "conflated")),

@@ -7,7 +7,6 @@ named by its connection, whose id starts with its server's instance). The log ke
 from __future__ import annotations
 
 import functools
-import time
 from typing import ClassVar, Final
 
 from textual.app import ComposeResult
@@ -19,29 +18,12 @@ from textual.worker import Worker
 
 from odin_fanout.console.client import ControlClient, NotConnected, RequestFailed
 from odin_fanout.control.protocol import Tap, TapLine
+from odin_fanout.control.text import tap_text
 
 MAX_LINES: Final = 1000
 RATE: Final = 20
 """Frames a second the console asks each server for: what a person can read; the rest is
 counted."""
-
-
-def tap_text(line: TapLine, conn: bool = False) -> str:
-    """One line as the log shows it: time, (with ``conn``, the connection,) position, skipped
-    count, the frame's text."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(line.time))
-    stamp += f".{int(line.time * 1000) % 1000:03d}"
-    skipped = f" (skipped {line.skipped})" if line.skipped else ""
-    if line.closed is not None:
-        closed = line.closed
-        who = f" {line.conn}" if conn else ""
-        return f"{stamp}{who}{skipped} closed {closed.code} {closed.reason!r} ({closed.why})"
-    where = f" {line.conn}" if conn else ""
-    where += f" {line.channel}" if line.channel else ""
-    if line.seq:
-        where += f"#{line.seq}"
-    cut = f" [cut at {len(line.text)} of {line.bytes} bytes]" if line.truncated else ""
-    return f"{stamp}{where}{skipped} {line.text}{cut}"
 
 
 class TapScreen(ModalScreen[None]):
